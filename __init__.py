@@ -1,0 +1,147 @@
+"""branchwise: agentic reasoning and test-time scaling.
+
+A planner turns a query into a DAG of tool calls and reasoning threads; an async executor runs each node as soon
+as its inputs exist; reasoning threads are test-time-scaling strategies whose traces stream out of an embedded
+vLLM engine, are scored while they grow, and are aborted inside the engine when they stop paying, all under one
+compute budget.
+
+``import branchwise`` is light: public names are loaded on first use, and vllm/torch only when an engine starts.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+__version__ = "0.1.0"
+
+# public name -> module that defines it
+_EXPORTS: dict[str, str] = {
+    "Engine": "branchwise.engine",
+    "GenerationRequest": "branchwise.engine",
+    "Generation": "branchwise.engine",
+    "Completion": "branchwise.engine",
+    "Delta": "branchwise.engine",
+    "ChatMessage": "branchwise.engine",
+    "StructuredOutput": "branchwise.engine",
+    "TokenLogprob": "branchwise.engine",
+    "CallUsage": "branchwise.engine",
+    "Capabilities": "branchwise.engine",
+    "create_engine": "branchwise.engine",
+    "register_backend": "branchwise.engine",
+    "available_backends": "branchwise.engine",
+    "ScriptedEngine": "branchwise.engine.testing",
+    "ScriptedResponse": "branchwise.engine.testing",
+    "FunctionEngine": "branchwise.engine.testing",
+    "MODELS": "branchwise.engine.models",
+    "pull_model": "branchwise.engine.models",
+    "resolve_model": "branchwise.engine.models",
+    "arithmetic_problems": "branchwise.evals.arithmetic",
+}
+_RENAMES = {"pull_model": "pull"}
+_ERRORS = (
+    "BranchwiseError",
+    "BudgetExhausted",
+    "ConfigError",
+    "EngineError",
+    "EngineRequestError",
+    "EngineTimeout",
+    "EngineUnavailable",
+    "MissingDependencyError",
+    "ModelProvisionError",
+    "PlanError",
+    "RateLimited",
+    "RequestValidationError",
+    "ToolError",
+    "UnknownNameError",
+)
+_EXPORTS.update(dict.fromkeys(_ERRORS, "branchwise.errors"))
+
+__all__ = [
+    "MODELS",
+    "BranchwiseError",
+    "BudgetExhausted",
+    "CallUsage",
+    "Capabilities",
+    "ChatMessage",
+    "Completion",
+    "ConfigError",
+    "Delta",
+    "Engine",
+    "EngineError",
+    "EngineRequestError",
+    "EngineTimeout",
+    "EngineUnavailable",
+    "FunctionEngine",
+    "Generation",
+    "GenerationRequest",
+    "MissingDependencyError",
+    "ModelProvisionError",
+    "PlanError",
+    "RateLimited",
+    "RequestValidationError",
+    "ScriptedEngine",
+    "ScriptedResponse",
+    "StructuredOutput",
+    "TokenLogprob",
+    "ToolError",
+    "UnknownNameError",
+    "__version__",
+    "arithmetic_problems",
+    "available_backends",
+    "create_engine",
+    "pull_model",
+    "register_backend",
+    "resolve_model",
+]
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'branchwise' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), _RENAMES.get(name, name))
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return list(__all__)
+
+
+if TYPE_CHECKING:
+    from .engine import (
+        CallUsage,
+        Capabilities,
+        ChatMessage,
+        Completion,
+        Delta,
+        Engine,
+        Generation,
+        GenerationRequest,
+        StructuredOutput,
+        TokenLogprob,
+        available_backends,
+        create_engine,
+        register_backend,
+    )
+    from .engine.models import MODELS, resolve_model
+    from .engine.models import pull as pull_model
+    from .engine.testing import FunctionEngine, ScriptedEngine, ScriptedResponse
+    from .errors import (
+        BranchwiseError,
+        BudgetExhausted,
+        ConfigError,
+        EngineError,
+        EngineRequestError,
+        EngineTimeout,
+        EngineUnavailable,
+        MissingDependencyError,
+        ModelProvisionError,
+        PlanError,
+        RateLimited,
+        RequestValidationError,
+        ToolError,
+        UnknownNameError,
+    )
+    from .evals.arithmetic import arithmetic_problems

@@ -1,0 +1,198 @@
+"""The `Engine` base class: one small interface every backend implements.
+
+A backend implements `Engine._stream` (required) and may override `Engine._generate` when it has a cheaper
+non-streaming path. The public `generate` and `stream` wrap them to meter every call (prompt and completion
+tokens, latency, time to first token) and report a `CallUsage` to the usage hooks when the call ends, however
+it ends: finished, failed, or cancelled. Optional abilities raise `NotImplementedError`.
+
+Cancellation contract: cancelling the task that consumes `stream` (or closing the stream early, e.g. leaving an
+``async with contextlib.aclosing(engine.stream(req))`` block) must abort the request inside the backend.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from abc import ABC, abstractmethod
+from collections.abc import AsyncGenerator, Callable
+from types import TracebackType
+from typing import Self
+
+from .types import CallUsage, Capabilities, Completion, Delta, FinishReason, Generation, GenerationRequest, TokenLogprob
+
+__all__ = ["CallMeter", "Engine", "UsageHook", "assemble"]
+
+logger = logging.getLogger(__name__)
+
+UsageHook = Callable[[GenerationRequest, CallUsage], None]
+"""Called once per engine call when it ends, with the request and what the call cost."""
+
+
+class CallMeter:
+    """Per-call counters a backend fills in while it runs (only the prompt token count is its job)."""
+
+    __slots__ = ("completion_tokens", "first_token_at", "prompt_tokens", "started_at")
+
+    def __init__(self) -> None:
+        self.started_at = time.perf_counter()
+        self.prompt_tokens = 0
+        self.completion_tokens = 0
+        self.first_token_at: float | None = None
+
+    def usage(self, request: GenerationRequest, *, aborted: bool = False, error: str | None = None) -> CallUsage:
+        now = time.perf_counter()
+        ttft = None if self.first_token_at is None else self.first_token_at - self.started_at
+        return CallUsage(
+            prompt_tokens=self.prompt_tokens,
+            completion_tokens=self.completion_tokens,
+            latency_s=now - self.started_at,
+            ttft_s=ttft,
+            num_samples=request.n,
+            aborted=aborted,
+            error=error,
+        )
+
+
+def assemble(n: int, deltas: list[Delta]) -> tuple[Completion, ...]:
+    """Join the deltas of a stream into one `Completion` per sample index (0..n-1)."""
+    texts: list[list[str]] = [[] for _ in range(n)]
+    ids: list[list[int]] = [[] for _ in range(n)]
+    lps: list[list[TokenLogprob] | None] = [None] * n
+    finish: list[FinishReason] = ["abort"] * n
+    for d in deltas:
+        texts[d.index].append(d.text)
+        ids[d.index].extend(d.token_ids)
+        if d.logprobs is not None:
+            bucket = lps[d.index]
+            if bucket is None:
+                bucket = lps[d.index] = []
+            bucket.extend(d.logprobs)
+        if d.finish_reason is not None:
+            finish[d.index] = d.finish_reason
+    return tuple(
+        Completion(
+            index=i,
+            text="".join(texts[i]),
+            token_ids=tuple(ids[i]),
+            logprobs=None if lps[i] is None else tuple(lps[i] or ()),
+            finish_reason=finish[i],
+        )
+        for i in range(n)
+    )
+
+
+class Engine(ABC):
+    """A text-generation backend.
+
+    Attributes:
+        backend: registry name of the backend ("vllm", "openai", "test", ...).
+        model: the model it serves.
+    """
+
+    backend: str = "base"
+
+    def __init__(self, *, model: str = "") -> None:
+        self.model = model
+        self._usage_hooks: list[UsageHook] = []
+
+    # -- public API -------------------------------------------------------------------------------------------
+    @property
+    @abstractmethod
+    def capabilities(self) -> Capabilities:
+        """What this backend supports."""
+
+    def add_usage_hook(self, hook: UsageHook) -> Callable[[], None]:
+        """Register ``hook`` to receive every call's `CallUsage`; returns a function that removes it."""
+        self._usage_hooks.append(hook)
+        return lambda: self._usage_hooks.remove(hook) if hook in self._usage_hooks else None
+
+    async def generate(self, request: GenerationRequest) -> Generation:
+        """Run ``request`` to completion and return all its samples."""
+        meter = CallMeter()
+        try:
+            completions = await self._generate(request, meter)
+        except BaseException as err:
+            self._report(request, meter, err)
+            raise
+        usage = meter.usage(request)
+        self._emit(request, usage)
+        return Generation(
+            request=request, completions=completions, prompt_tokens=meter.prompt_tokens, usage=usage, model=self.model
+        )
+
+    async def stream(self, request: GenerationRequest) -> AsyncGenerator[Delta, None]:
+        """Yield `Delta` increments of every sample as they are generated.
+
+        Deltas of different samples interleave; each sample's last delta carries its ``finish_reason``.
+        Cancelling the consumer, or closing the generator early, aborts the request in the backend.
+        """
+        meter = CallMeter()
+        try:
+            # aclosing: an early close of this generator must close the backend's at once (that is the abort),
+            # not whenever the garbage collector gets to it.
+            async with contextlib.aclosing(self._stream(request, meter)) as deltas:
+                async for delta in deltas:
+                    if delta.token_ids:
+                        if meter.first_token_at is None:
+                            meter.first_token_at = time.perf_counter()
+                        meter.completion_tokens += len(delta.token_ids)
+                    yield delta
+        except BaseException as err:
+            self._report(request, meter, err)
+            raise
+        self._emit(request, meter.usage(request))
+
+    async def start(self) -> None:  # noqa: B027 - optional hook, empty by default
+        """Prepare the backend (load weights, open connections). Optional: the first request does it lazily."""
+
+    async def aclose(self) -> None:  # noqa: B027 - optional hook, empty by default
+        """Release the backend's resources. Idempotent."""
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.aclose()
+
+    # -- for backends -----------------------------------------------------------------------------------------
+    @abstractmethod
+    def _stream(self, request: GenerationRequest, meter: CallMeter) -> AsyncGenerator[Delta, None]:
+        """Backend streaming implementation; must set ``meter.prompt_tokens``.
+
+        Token counting and time to first token are done by the caller from the yielded deltas.
+        """
+
+    async def _generate(self, request: GenerationRequest, meter: CallMeter) -> tuple[Completion, ...]:
+        """Backend non-streaming implementation; by default collects `_stream`.
+
+        Overrides must set ``meter.prompt_tokens``, ``meter.completion_tokens`` and ``meter.first_token_at``
+        when known.
+        """
+        collected: list[Delta] = []
+        async with contextlib.aclosing(self._stream(request, meter)) as deltas:
+            async for delta in deltas:
+                if delta.token_ids:
+                    if meter.first_token_at is None:
+                        meter.first_token_at = time.perf_counter()
+                    meter.completion_tokens += len(delta.token_ids)
+                collected.append(delta)
+        return assemble(request.n, collected)
+
+    def _report(self, request: GenerationRequest, meter: CallMeter, err: BaseException) -> None:
+        # GeneratorExit is an early close by the consumer: an abort, like cancellation.
+        aborted = isinstance(err, (asyncio.CancelledError, GeneratorExit, KeyboardInterrupt))
+        self._emit(request, meter.usage(request, aborted=aborted, error=None if aborted else type(err).__name__))
+
+    def _emit(self, request: GenerationRequest, usage: CallUsage) -> None:
+        for hook in list(self._usage_hooks):
+            try:
+                hook(request, usage)
+            except Exception:  # a broken observer must not break generation
+                logger.exception("usage hook %r failed", hook)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(model={self.model!r})"

@@ -1,0 +1,493 @@
+"""`VLLMEngine`: vLLM's AsyncLLM embedded in the caller's process.
+
+The engine starts lazily on first use (or with ``await engine.start()``) in a worker thread, so the event loop
+keeps running while weights load. vLLM runs its engine core in a child process; on CPU it forces the ``spawn``
+start method, which would re-run the user's main script in the child (the reason vLLM scripts need an
+``if __name__ == "__main__":`` guard). `VLLMEngine` hides the main module from multiprocessing while the core
+starts, so user scripts need no guard: the child only imports vLLM.
+
+Cancelling the task that consumes `stream` (or closing the stream) aborts the vLLM request. `n` samples go to
+vLLM as one request so the prompt's KV cache is shared; prefix caching is on by default.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import gc
+import logging
+import os
+import sys
+import threading
+import uuid
+from collections.abc import AsyncGenerator, Iterator, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from ..errors import (
+    ConfigError,
+    EngineError,
+    EngineRequestError,
+    EngineTimeout,
+    EngineUnavailable,
+    ModelProvisionError,
+)
+from .base import CallMeter, Engine
+from .models import DEFAULT_MODEL, resolve_model
+from .types import Capabilities, Completion, Delta, FinishReason, GenerationRequest, TokenLogprob
+
+if TYPE_CHECKING:
+    from vllm.v1.engine.async_llm import AsyncLLM
+
+__all__ = ["EngineState", "VLLMEngine"]
+
+logger = logging.getLogger(__name__)
+
+_FINISH: dict[str | None, FinishReason] = {"stop": "stop", "length": "length", "abort": "abort"}
+# multiprocessing reads the main module's identity when it spawns; serialise our temporary edit of it.
+_MAIN_LOCK = threading.Lock()
+
+
+@dataclass(frozen=True)
+class EngineState:
+    """A snapshot of vLLM's own bookkeeping, for checking that aborted work really left the engine.
+
+    Attributes:
+        unfinished_requests: requests the front-end output processor still tracks.
+        core_has_work: the engine core's scheduler still holds running or waiting requests.
+        num_running: running requests in the last scheduler stats vLLM reported.
+        num_waiting: waiting requests in the last scheduler stats vLLM reported.
+        kv_cache_usage: fraction of the KV cache in use in the last scheduler stats.
+        prefix_cache_hits: prompt tokens served from the prefix cache so far.
+        prefix_cache_queries: prompt tokens looked up in the prefix cache so far.
+    """
+
+    unfinished_requests: int
+    core_has_work: bool
+    num_running: int
+    num_waiting: int
+    kv_cache_usage: float
+    prefix_cache_hits: int
+    prefix_cache_queries: int
+
+    @property
+    def idle(self) -> bool:
+        return self.unfinished_requests == 0 and not self.core_has_work
+
+
+@contextlib.contextmanager
+def _main_hidden_from_spawn() -> Iterator[None]:
+    """Stop multiprocessing's spawn from re-importing ``__main__`` in vLLM's child processes."""
+    main = sys.modules.get("__main__")
+    if main is None:
+        yield
+        return
+    with _MAIN_LOCK:
+        had_file = hasattr(main, "__file__")
+        saved_file = getattr(main, "__file__", None)
+        saved_spec = getattr(main, "__spec__", None)
+        main.__spec__ = None
+        if had_file:
+            del main.__file__
+        try:
+            yield
+        finally:
+            main.__spec__ = saved_spec
+            if had_file:
+                main.__file__ = saved_file
+
+
+def _on_cpu() -> bool:
+    from vllm.platforms import current_platform
+
+    return bool(current_platform.is_cpu())
+
+
+class VLLMEngine(Engine):
+    """vLLM's AsyncLLM, embedded.
+
+    Args:
+        model: a registered model name (default ``smollm2-135m-instruct``, provisioned offline on first use),
+            a local Hugging Face folder, a ``.gguf`` file, or a hub id.
+        enable_prefix_caching: reuse the KV cache of shared prompt prefixes (beams, n samples, few-shot).
+        enforce_eager: skip graph compilation. None means True on CPU (starts in ~10 s instead of ~90 s,
+            ~20% slower afterwards) and vLLM's default elsewhere.
+        max_model_len: context length; None takes the model's.
+        dtype: weights/activation dtype ("auto", "bfloat16", "float16", "float32").
+        kv_cache_gib: KV cache size in GiB. On CPU it sets ``VLLM_CPU_KVCACHE_SPACE`` (default 2) before
+            the engine starts; on GPU use ``gpu_memory_utilization`` instead.
+        gpu_memory_utilization: fraction of GPU memory vLLM may use (GPU only).
+        tensor_parallel_size: GPUs per model replica for tensor parallelism.
+        pipeline_parallel_size: pipeline stages.
+        speculative_config: vLLM speculative decoding config, e.g.
+            ``{"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 4}``.
+        seed: engine-level sampling seed.
+        max_num_seqs: cap on sequences batched together.
+        engine_args: any other `vllm.AsyncEngineArgs` field, passed through unchanged.
+    """
+
+    backend = "vllm"
+
+    def __init__(
+        self,
+        model: str = DEFAULT_MODEL,
+        *,
+        enable_prefix_caching: bool = True,
+        enforce_eager: bool | None = None,
+        max_model_len: int | None = None,
+        dtype: str = "auto",
+        kv_cache_gib: float | None = None,
+        gpu_memory_utilization: float | None = None,
+        tensor_parallel_size: int = 1,
+        pipeline_parallel_size: int = 1,
+        speculative_config: Mapping[str, Any] | None = None,
+        seed: int = 0,
+        max_num_seqs: int | None = None,
+        engine_args: Mapping[str, Any] | None = None,
+    ) -> None:
+        super().__init__(model=model)
+        if tensor_parallel_size < 1 or pipeline_parallel_size < 1:
+            raise ConfigError("tensor_parallel_size and pipeline_parallel_size must be >= 1")
+        if kv_cache_gib is not None and kv_cache_gib <= 0:
+            raise ConfigError(f"kv_cache_gib must be > 0, got {kv_cache_gib}")
+        if gpu_memory_utilization is not None and not 0 < gpu_memory_utilization <= 1:
+            raise ConfigError(f"gpu_memory_utilization must be in (0, 1], got {gpu_memory_utilization}")
+        if max_model_len is not None and max_model_len < 16:
+            raise ConfigError(f"max_model_len must be >= 16, got {max_model_len}")
+        self._options: dict[str, Any] = {
+            "enable_prefix_caching": enable_prefix_caching,
+            "max_model_len": max_model_len,
+            "dtype": dtype,
+            "gpu_memory_utilization": gpu_memory_utilization,
+            "tensor_parallel_size": tensor_parallel_size,
+            "pipeline_parallel_size": pipeline_parallel_size,
+            "speculative_config": dict(speculative_config) if speculative_config else None,
+            "seed": seed,
+            "max_num_seqs": max_num_seqs,
+        }
+        self._options.update(engine_args or {})
+        self._enforce_eager = enforce_eager
+        self._kv_cache_gib = kv_cache_gib
+        self._llm: AsyncLLM | None = None
+        self._tokenizer: Any = None
+        self._capabilities: Capabilities | None = None
+        self._start_lock = asyncio.Lock()
+        self._closed = False
+        self._last_stats: Any = None
+        self._core_idle = asyncio.Event()  # set while vLLM's last scheduler stats showed no running/waiting request
+        self.model_path: str | None = None
+
+    # -- lifecycle --------------------------------------------------------------------------------------------
+    @property
+    def started(self) -> bool:
+        return self._llm is not None
+
+    @property
+    def engine_args(self) -> dict[str, Any]:
+        """The vLLM engine arguments (after `start`, including the resolved model path and eager mode)."""
+        return {k: v for k, v in self._options.items() if v is not None}
+
+    async def start(self) -> None:
+        """Provision the model and start vLLM (idempotent; also done lazily by the first request)."""
+        if self._llm is not None:
+            return
+        async with self._start_lock:
+            if self._llm is not None:
+                return
+            if self._closed:
+                raise EngineUnavailable("this VLLMEngine was closed")
+            await asyncio.to_thread(self._build)
+
+    def _build(self) -> None:
+        # Runs in a worker thread. It stores the engine on self instead of returning it: some module that vLLM
+        # imports lazily keeps a traceback whose frames chain back to this one, and a returned AsyncLLM would
+        # stay referenced from those frames' locals after `aclose`.
+        try:
+            from vllm.engine.arg_utils import AsyncEngineArgs
+            from vllm.v1.engine.async_llm import AsyncLLM
+            from vllm.v1.metrics.loggers import StatLoggerBase
+        except ImportError as err:
+            from ..errors import MissingDependencyError
+            from . import vllm_install_hint
+
+            raise MissingDependencyError("VLLMEngine", "vllm", vllm_install_hint()) from err
+        self.model_path = resolve_model(self.model)
+        on_cpu = _on_cpu()
+        if on_cpu:
+            os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(
+                self._kv_cache_gib or os.environ.get("VLLM_CPU_KVCACHE_SPACE") or 2
+            )
+        elif self._kv_cache_gib is not None:
+            self._options.setdefault("kv_cache_memory_bytes", int(self._kv_cache_gib * 2**30))
+        eager = self._enforce_eager if self._enforce_eager is not None else (True if on_cpu else None)
+        self._options["enforce_eager"] = eager
+        self._options["model"] = self.model_path
+        self._options.setdefault("served_model_name", self.model)
+        engine = self
+
+        class _StatsTap(StatLoggerBase):  # receives vLLM's own scheduler stats after every engine step
+            def __init__(self, vllm_config: Any, engine_index: int = 0) -> None:
+                pass
+
+            def record(self, scheduler_stats: Any, iteration_stats: Any, *args: Any, **kwargs: Any) -> None:
+                if scheduler_stats is not None:
+                    engine._on_stats(scheduler_stats)
+
+            def log_engine_initialized(self) -> None:
+                pass
+
+        try:
+            args = AsyncEngineArgs(**self.engine_args)
+        except TypeError as err:
+            raise ConfigError(f"invalid vLLM engine argument: {err}") from err
+        logger.info("starting vLLM for %s (%s)", self.model, self.model_path)
+        try:
+            with _main_hidden_from_spawn():
+                self._llm = AsyncLLM.from_engine_args(args, stat_loggers=[_StatsTap])
+        except (ConfigError, ModelProvisionError):
+            raise
+        except Exception as err:
+            raise EngineUnavailable(f"vLLM failed to start for model {self.model!r}: {err}") from err
+        self._tokenizer = self._llm.get_tokenizer()
+        cfg = self._llm.model_config
+        self._capabilities = Capabilities(
+            streaming=True,
+            logprobs=True,
+            max_top_logprobs=int(getattr(cfg, "max_logprobs", 20) or 20),
+            structured_output=True,
+            chat=getattr(self._tokenizer, "chat_template", None) is not None,
+            per_request_seed=True,
+            prefix_caching=bool(self._options.get("enable_prefix_caching")),
+            abort=True,
+            max_model_len=int(cfg.max_model_len),
+            extra={"platform": "cpu" if on_cpu else "gpu", "model_path": self.model_path},
+        )
+
+    async def aclose(self) -> None:
+        """Shut vLLM down and release its processes. Idempotent."""
+        self._closed = True
+        llm, self._llm = self._llm, None
+        if llm is None:
+            return
+        # Stop the output handler first: shutting the core down under it would log a spurious EngineDeadError.
+        handler = llm.output_handler
+        if handler is not None and not handler.done():
+            handler.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await handler
+        await asyncio.to_thread(llm.shutdown)
+        # AsyncLLM sits in reference cycles; collect it now, while vLLM's module globals still exist, so its
+        # __del__ (which calls shutdown again) does not fail noisily at interpreter exit.
+        del llm, handler
+        gc.collect()
+
+    @property
+    def capabilities(self) -> Capabilities:
+        if self._capabilities is None:
+            # Before start: what the backend supports in general; details such as context length come later.
+            return Capabilities(structured_output=True, prefix_caching=bool(self._options["enable_prefix_caching"]))
+        return self._capabilities
+
+    # -- requests ---------------------------------------------------------------------------------------------
+    def render(self, request: GenerationRequest) -> str:
+        """The prompt text vLLM receives: the raw prompt, or the chat messages rendered with the chat template."""
+        if request.prompt is not None:
+            return request.prompt
+        assert request.messages is not None and self._tokenizer is not None
+        try:
+            rendered = self._tokenizer.apply_chat_template(
+                [m.to_dict() for m in request.messages],
+                tokenize=False,
+                add_generation_prompt=not request.continue_final_message,
+                continue_final_message=request.continue_final_message,
+            )
+        except Exception as err:  # jinja errors, missing template
+            raise EngineRequestError(f"cannot render chat messages with the model's template: {err}") from err
+        return str(rendered)
+
+    def _sampling_params(self, request: GenerationRequest, *, delta: bool) -> Any:
+        from vllm.sampling_params import RequestOutputKind, SamplingParams, StructuredOutputsParams
+
+        structured = None
+        if request.structured is not None:
+            s = request.structured
+            structured = StructuredOutputsParams(
+                json=dict(s.json_schema) if s.json_schema is not None else None,
+                regex=s.regex,
+                choice=list(s.choices) if s.choices is not None else None,
+            )
+        return SamplingParams(
+            n=request.n,
+            temperature=request.temperature,
+            top_p=request.top_p,
+            top_k=request.top_k or 0,
+            min_p=request.min_p,
+            max_tokens=request.max_tokens,
+            min_tokens=request.min_tokens,
+            stop=list(request.stop) or None,
+            seed=request.seed,
+            logprobs=request.logprobs,
+            ignore_eos=request.ignore_eos,
+            presence_penalty=request.presence_penalty,
+            frequency_penalty=request.frequency_penalty,
+            repetition_penalty=request.repetition_penalty,
+            structured_outputs=structured,
+            output_kind=RequestOutputKind.DELTA if delta else RequestOutputKind.FINAL_ONLY,
+        )
+
+    async def _submit(self, request: GenerationRequest, *, delta: bool) -> AsyncGenerator[Any, None]:
+        """Start a vLLM request and yield its RequestOutputs; aborts it if the consumer goes away."""
+        await self.start()
+        llm = self._llm
+        if llm is None:
+            raise EngineUnavailable("this VLLMEngine was closed")
+        prompt: Any = {"prompt": self.render(request)}  # a vllm TextPrompt
+        params = self._sampling_params(request, delta=delta)
+        request_id = uuid.uuid4().hex
+        # Chat templates already contain the special tokens; adding BOS again would change the prompt.
+        tok_kwargs = {"add_special_tokens": False} if request.messages is not None else None
+        finished = False
+        try:
+            outputs = llm.generate(prompt, params, request_id, tokenization_kwargs=tok_kwargs)
+            async with contextlib.aclosing(outputs):
+                async for out in outputs:
+                    finished = out.finished
+                    yield out
+        except (asyncio.CancelledError, GeneratorExit, EngineError):
+            raise
+        except ValueError as err:  # vLLM's validation of the prompt / params (e.g. prompt too long)
+            raise EngineRequestError(f"vLLM rejected the request: {err}") from err
+        except Exception as err:
+            raise EngineError(f"vLLM failed: {type(err).__name__}: {err}") from err
+        finally:
+            if not finished and self._llm is not None:
+                # vLLM aborts on cancellation itself, but not when the generator is closed from a different
+                # path (e.g. an exception in our own mapping code); aborting twice is harmless.
+                await self._llm.abort(request_id)
+
+    async def _stream(self, request: GenerationRequest, meter: CallMeter) -> AsyncGenerator[Delta, None]:
+        want_lp = request.logprobs is not None
+        top_k = request.logprobs or 0
+        async with contextlib.aclosing(self._submit(request, delta=True)) as outputs:
+            async for out in outputs:
+                if not meter.prompt_tokens and out.prompt_token_ids is not None:
+                    meter.prompt_tokens = len(out.prompt_token_ids)
+                for c in out.outputs:
+                    ids = tuple(c.token_ids)
+                    yield Delta(
+                        index=c.index,
+                        text=c.text,
+                        token_ids=ids,
+                        logprobs=_map_logprobs(ids, c.logprobs, top_k) if want_lp else None,
+                        finish_reason=None if c.finish_reason is None else _FINISH.get(c.finish_reason, "stop"),
+                    )
+
+    async def _generate(self, request: GenerationRequest, meter: CallMeter) -> tuple[Completion, ...]:
+        want_lp = request.logprobs is not None
+        top_k = request.logprobs or 0
+        final = None
+        async with contextlib.aclosing(self._submit(request, delta=False)) as outputs:
+            async for out in outputs:
+                final = out
+        if final is None:
+            raise EngineError("vLLM returned no output")
+        meter.prompt_tokens = len(final.prompt_token_ids or ())
+        completions = []
+        for c in sorted(final.outputs, key=lambda c: c.index):
+            ids = tuple(c.token_ids)
+            completions.append(
+                Completion(
+                    index=c.index,
+                    text=c.text,
+                    token_ids=ids,
+                    logprobs=_map_logprobs(ids, c.logprobs, top_k) if want_lp else None,
+                    finish_reason=_FINISH.get(c.finish_reason, "stop"),
+                    stop_reason=c.stop_reason,
+                )
+            )
+        meter.completion_tokens = sum(len(c.token_ids) for c in completions)
+        metrics = getattr(final, "metrics", None)
+        first = getattr(metrics, "first_token_latency", None)
+        if first:
+            meter.first_token_at = meter.started_at + float(first)
+        return tuple(completions)
+
+    # -- introspection ----------------------------------------------------------------------------------------
+    async def engine_state(self) -> EngineState:
+        """vLLM's own view of outstanding work: front-end request tracking and the core scheduler's state."""
+        llm = self._llm
+        if llm is None:
+            raise EngineUnavailable("the engine is not running")
+        # Sent on the same ordered channel as aborts, so it is answered after every abort issued before it.
+        has_work = bool(await llm.engine_core.call_utility_async("has_work"))
+        stats = self._last_stats
+        prefix = getattr(stats, "prefix_cache_stats", None)
+        return EngineState(
+            unfinished_requests=int(llm.get_num_unfinished_requests()),
+            core_has_work=has_work,
+            num_running=int(getattr(stats, "num_running_reqs", 0)),
+            num_waiting=int(getattr(stats, "num_waiting_reqs", 0)),
+            kv_cache_usage=float(getattr(stats, "kv_cache_usage", 0.0)),
+            prefix_cache_hits=int(getattr(prefix, "hits", 0)),
+            prefix_cache_queries=int(getattr(prefix, "queries", 0)),
+        )
+
+    def _on_stats(self, stats: Any) -> None:
+        # Called by vLLM's output handler in the event loop after every engine step.
+        self._last_stats = stats
+        if stats.num_running_reqs == 0 and stats.num_waiting_reqs == 0:
+            self._core_idle.set()
+        else:
+            self._core_idle.clear()
+
+    async def wait_idle(self, timeout: float = 30.0) -> EngineState:
+        """Wait until vLLM's scheduler reports no running or waiting request and the front end tracks none.
+
+        After an abort the engine core takes one more step to release the request; its scheduler stats from
+        that step are what this waits for. Raises `EngineTimeout` if work remains after ``timeout`` seconds.
+        """
+        llm = self._llm
+        if llm is None:
+            raise EngineUnavailable("the engine is not running")
+        try:
+            async with asyncio.timeout(timeout):
+                while True:
+                    await self._core_idle.wait()
+                    if llm.get_num_unfinished_requests() == 0:
+                        return await self.engine_state()
+                    self._core_idle.clear()  # stale: a request was added since; wait for the next report
+        except TimeoutError:
+            state = await self.engine_state()
+            raise EngineTimeout(f"vLLM still has work after {timeout} s: {state}") from None
+
+    def count_tokens(self, text: str) -> int:
+        """Number of tokens ``text`` encodes to (the engine must be started)."""
+        if self._tokenizer is None:
+            raise EngineUnavailable("start the engine before counting tokens")
+        return len(self._tokenizer.encode(text, add_special_tokens=False))
+
+
+def _map_logprobs(ids: tuple[int, ...], raw: Any, top_k: int) -> tuple[TokenLogprob, ...]:
+    """vLLM gives one {token_id: Logprob(logprob, rank, decoded_token)} dict per position."""
+    if not raw:
+        return ()
+    result = []
+    for tid, options in zip(ids, raw, strict=False):
+        chosen = options.get(tid)
+        top: tuple[tuple[str, float], ...] = ()
+        if top_k:
+            ranked = sorted((lp for lp in options.values() if lp.rank is not None and lp.rank <= top_k), key=_rank)
+            top = tuple((lp.decoded_token or "", float(lp.logprob)) for lp in ranked)
+        result.append(
+            TokenLogprob(
+                token_id=tid,
+                token=(chosen.decoded_token or "") if chosen is not None else "",
+                logprob=float(chosen.logprob) if chosen is not None else float("-inf"),
+                top=top,
+            )
+        )
+    return tuple(result)
+
+
+def _rank(lp: Any) -> int:
+    return int(lp.rank)

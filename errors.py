@@ -1,0 +1,171 @@
+"""The branchwise exception tree.
+
+Two families, so callers can tell "you asked for something wrong" from "something failed while running":
+
+```
+BranchwiseError
+├── ConfigError                 usage errors: bad arguments, specs, names (fail before any work starts)
+│   ├── RequestValidationError  an invalid GenerationRequest field
+│   ├── UnknownNameError        a registry lookup with no match (carries "did you mean" suggestions)
+│   ├── MissingDependencyError  an optional dependency is not installed (carries the install command)
+│   └── PlanError               an invalid plan (names the node and field)
+├── ModelProvisionError         a model could not be downloaded, verified or converted
+├── EngineError                 runtime failures of an engine backend
+│   ├── EngineUnavailable       the backend cannot be reached or started
+│   ├── EngineTimeout           a request exceeded its hard time limit
+│   ├── RateLimited             the backend kept answering 429 after all retries
+│   └── EngineRequestError      the backend rejected the request (HTTP 4xx, invalid output, ...)
+├── BudgetExhausted             a Budget cap was reached
+└── ToolError                   a tool call failed
+```
+
+Backend exceptions are translated at the boundary with ``raise ... from err`` so the cause stays visible.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+__all__ = [
+    "BranchwiseError",
+    "BudgetExhausted",
+    "ConfigError",
+    "EngineError",
+    "EngineRequestError",
+    "EngineTimeout",
+    "EngineUnavailable",
+    "MissingDependencyError",
+    "ModelProvisionError",
+    "PlanError",
+    "RateLimited",
+    "RequestValidationError",
+    "ToolError",
+    "UnknownNameError",
+]
+
+
+class BranchwiseError(Exception):
+    """Base class of every error raised by branchwise."""
+
+
+class ConfigError(BranchwiseError, ValueError):
+    """A usage error: invalid arguments, configuration or names. Raised before any work starts."""
+
+
+class RequestValidationError(ConfigError):
+    """A `GenerationRequest` field is invalid.
+
+    Attributes:
+        field: the offending field name.
+    """
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"invalid request field {field!r}: {message}")
+        self.field = field
+
+
+class UnknownNameError(ConfigError, KeyError):
+    """A name was looked up in a registry and not found.
+
+    Attributes:
+        kind: what was looked up (e.g. "engine backend", "model").
+        name: the name that was asked for.
+        suggestions: close matches among the registered names.
+    """
+
+    def __init__(self, kind: str, name: str, known: Sequence[str]) -> None:
+        import difflib
+
+        self.kind = kind
+        self.name = name
+        known = list(known)
+        self.suggestions = difflib.get_close_matches(name, known, n=3, cutoff=0.6)
+        if not self.suggestions and name:
+            # A short or truncated name ("smolm") is far from the long one in full; compare the prefixes.
+            heads = {k[: len(name) + 1]: k for k in known}
+            self.suggestions = [heads[h] for h in difflib.get_close_matches(name, list(heads), n=3, cutoff=0.6)]
+        hint = f" Did you mean {' or '.join(map(repr, self.suggestions))}?" if self.suggestions else ""
+        message = f"unknown {kind} {name!r}.{hint} Known: {', '.join(sorted(known)) or '(none)'}."
+        super().__init__(message)
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0])
+
+
+class MissingDependencyError(ConfigError, ImportError):
+    """An optional dependency needed for the requested feature is not installed.
+
+    Attributes:
+        package: the missing distribution.
+        install: the command that installs it.
+    """
+
+    def __init__(self, feature: str, package: str, install: str) -> None:
+        super().__init__(f"{feature} needs the {package!r} package, which is not installed. Install it with: {install}")
+        self.package = package
+        self.install = install
+
+
+class PlanError(ConfigError):
+    """A plan is invalid.
+
+    Attributes:
+        node: the plan node at fault, if any.
+        field: the node field at fault, if any.
+    """
+
+    def __init__(self, message: str, *, node: str | None = None, field: str | None = None) -> None:
+        where = ""
+        if node is not None:
+            where = f"node {node}" + (f", field {field!r}" if field else "") + ": "
+        super().__init__(where + message)
+        self.node = node
+        self.field = field
+
+
+class ModelProvisionError(BranchwiseError):
+    """A model could not be obtained: download, checksum or conversion failed."""
+
+
+class EngineError(BranchwiseError):
+    """A runtime failure inside an engine backend."""
+
+
+class EngineUnavailable(EngineError):
+    """The backend cannot be reached or could not start."""
+
+
+class EngineTimeout(EngineError):
+    """A request exceeded its hard time limit."""
+
+
+class RateLimited(EngineError):
+    """The backend kept rate-limiting (HTTP 429) after every retry."""
+
+
+class EngineRequestError(EngineError):
+    """The backend rejected a request or returned something unusable.
+
+    Attributes:
+        status_code: the HTTP status, when the backend is an HTTP server.
+    """
+
+    def __init__(self, message: str, *, status_code: int | None = None) -> None:
+        super().__init__(message)
+        self.status_code = status_code
+
+
+class BudgetExhausted(BranchwiseError):
+    """A Budget cap was reached. ``cap`` names which one."""
+
+    def __init__(self, cap: str, message: str | None = None) -> None:
+        super().__init__(message or f"budget exhausted: {cap}")
+        self.cap = cap
+
+
+class ToolError(BranchwiseError):
+    """A tool call failed. ``tool`` names the tool."""
+
+    def __init__(self, tool: str, message: str) -> None:
+        super().__init__(f"tool {tool!r} failed: {message}")
+        self.tool = tool

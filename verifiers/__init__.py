@@ -1,0 +1,86 @@
+"""Verifiers: answer extraction, grading (math equivalence, QA EM/F1, yes/no) and confidence from logprobs.
+
+Nothing here imports math-verify at import time: `MathGrader` runs it in worker processes on first use.
+"""
+
+from __future__ import annotations
+
+from .confidence import (
+    LOGPROB_FLOOR,
+    ConfidenceMetric,
+    ConfidenceTracker,
+    token_confidence,
+    trace_confidence,
+)
+from .extraction import (
+    DEFAULT_RULES,
+    AnswerExtractor,
+    Extraction,
+    ExtractionRule,
+    extract_all_boxed,
+    extract_answer,
+    extract_answer_is,
+    extract_boxed,
+    extract_gsm8k,
+    extract_last_number,
+    normalize_number,
+    parse_number,
+)
+from .grading import (
+    BaseGrader,
+    GoldAnswer,
+    GradeResult,
+    Grader,
+    GraderPoolError,
+    MathGrader,
+    NumericGrader,
+    QAGrader,
+    TimeoutProcessPool,
+    YesNoGrader,
+    available_graders,
+    close_default_pool,
+    default_math_pool,
+    get_grader,
+    math_verify_equal,
+    normalize_qa_answer,
+    qa_exact_match,
+    qa_f1,
+)
+
+__all__ = [
+    "DEFAULT_RULES",
+    "LOGPROB_FLOOR",
+    "AnswerExtractor",
+    "BaseGrader",
+    "ConfidenceMetric",
+    "ConfidenceTracker",
+    "Extraction",
+    "ExtractionRule",
+    "GoldAnswer",
+    "GradeResult",
+    "Grader",
+    "GraderPoolError",
+    "MathGrader",
+    "NumericGrader",
+    "QAGrader",
+    "TimeoutProcessPool",
+    "YesNoGrader",
+    "available_graders",
+    "close_default_pool",
+    "default_math_pool",
+    "extract_all_boxed",
+    "extract_answer",
+    "extract_answer_is",
+    "extract_boxed",
+    "extract_gsm8k",
+    "extract_last_number",
+    "get_grader",
+    "math_verify_equal",
+    "normalize_number",
+    "normalize_qa_answer",
+    "parse_number",
+    "qa_exact_match",
+    "qa_f1",
+    "token_confidence",
+    "trace_confidence",
+]
