@@ -200,6 +200,10 @@ class GenerationRequest:
         _check_number("temperature", self.temperature)
         if self.temperature < 0:
             raise RequestValidationError("temperature", f"must be >= 0, got {self.temperature}")
+        if self.temperature == 0 and self.n > 1:
+            raise RequestValidationError(
+                "n", f"greedy decoding (temperature 0) gives identical samples; got n={self.n}"
+            )
         _check_number("top_p", self.top_p)
         if not 0 < self.top_p <= 1:
             raise RequestValidationError("top_p", f"must be in (0, 1], got {self.top_p}")

@@ -174,6 +174,8 @@ class VLLMEngine(Engine):
         self._start_lock = asyncio.Lock()
         self._closed = False
         self._last_stats: Any = None
+        self._prefix_hits = 0
+        self._prefix_queries = 0
         self._core_idle = asyncio.Event()  # set while vLLM's last scheduler stats showed no running/waiting request
         self.model_path: str | None = None
 
@@ -342,7 +344,10 @@ class VLLMEngine(Engine):
         if llm is None:
             raise EngineUnavailable("this VLLMEngine was closed")
         prompt: Any = {"prompt": self.render(request)}  # a vllm TextPrompt
-        params = self._sampling_params(request, delta=delta)
+        try:
+            params = self._sampling_params(request, delta=delta)
+        except Exception as err:  # vLLM's own validation of the parameters
+            raise EngineRequestError(f"vLLM rejected the sampling parameters: {err}") from err
         request_id = uuid.uuid4().hex
         # Chat templates already contain the special tokens; adding BOS again would change the prompt.
         tok_kwargs = {"add_special_tokens": False} if request.messages is not None else None
@@ -355,9 +360,12 @@ class VLLMEngine(Engine):
                     yield out
         except (asyncio.CancelledError, GeneratorExit, EngineError):
             raise
-        except ValueError as err:  # vLLM's validation of the prompt / params (e.g. prompt too long)
-            raise EngineRequestError(f"vLLM rejected the request: {err}") from err
         except Exception as err:
+            from vllm.exceptions import VLLMClientError
+
+            # Client errors are vLLM's validation of this request (e.g. a prompt longer than the context).
+            if isinstance(err, (VLLMClientError, ValueError)):
+                raise EngineRequestError(f"vLLM rejected the request: {err}") from err
             raise EngineError(f"vLLM failed: {type(err).__name__}: {err}") from err
         finally:
             if not finished and self._llm is not None:
@@ -421,20 +429,23 @@ class VLLMEngine(Engine):
         # Sent on the same ordered channel as aborts, so it is answered after every abort issued before it.
         has_work = bool(await llm.engine_core.call_utility_async("has_work"))
         stats = self._last_stats
-        prefix = getattr(stats, "prefix_cache_stats", None)
         return EngineState(
             unfinished_requests=int(llm.get_num_unfinished_requests()),
             core_has_work=has_work,
             num_running=int(getattr(stats, "num_running_reqs", 0)),
             num_waiting=int(getattr(stats, "num_waiting_reqs", 0)),
             kv_cache_usage=float(getattr(stats, "kv_cache_usage", 0.0)),
-            prefix_cache_hits=int(getattr(prefix, "hits", 0)),
-            prefix_cache_queries=int(getattr(prefix, "queries", 0)),
+            prefix_cache_hits=self._prefix_hits,
+            prefix_cache_queries=self._prefix_queries,
         )
 
     def _on_stats(self, stats: Any) -> None:
         # Called by vLLM's output handler in the event loop after every engine step.
         self._last_stats = stats
+        prefix = getattr(stats, "prefix_cache_stats", None)
+        if prefix is not None:  # per-step counts; keep running totals
+            self._prefix_hits += int(prefix.hits)
+            self._prefix_queries += int(prefix.queries)
         if stats.num_running_reqs == 0 and stats.num_waiting_reqs == 0:
             self._core_idle.set()
         else:
@@ -453,9 +464,11 @@ class VLLMEngine(Engine):
             async with asyncio.timeout(timeout):
                 while True:
                     await self._core_idle.wait()
-                    if llm.get_num_unfinished_requests() == 0:
-                        return await self.engine_state()
-                    self._core_idle.clear()  # stale: a request was added since; wait for the next report
+                    state = await self.engine_state()
+                    if state.idle:
+                        return state
+                    # Stale report (work was added or released since): wait for the core's next step.
+                    self._core_idle.clear()
         except TimeoutError:
             state = await self.engine_state()
             raise EngineTimeout(f"vLLM still has work after {timeout} s: {state}") from None

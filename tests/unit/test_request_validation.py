@@ -24,6 +24,7 @@ from branchwise.errors import ConfigError, RequestValidationError
         ({"prompt": "a", "n": True}, "n"),
         ({"prompt": "a", "temperature": -0.1}, "temperature"),
         ({"prompt": "a", "temperature": float("nan")}, "temperature"),
+        ({"prompt": "a", "temperature": 0, "n": 2}, "n"),
         ({"prompt": "a", "top_p": 0.0}, "top_p"),
         ({"prompt": "a", "top_p": 1.5}, "top_p"),
         ({"prompt": "a", "top_k": 0}, "top_k"),
