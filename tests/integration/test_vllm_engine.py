@@ -134,8 +134,9 @@ async def test_closing_stream_early_aborts_in_vllm(vllm_engine: VLLMEngine) -> N
 async def test_cancelling_generate_task_aborts(vllm_engine: VLLMEngine) -> None:
     req = GenerationRequest(prompt="Write a long story:", n=2, max_tokens=1500, ignore_eos=True)
     task = asyncio.create_task(vllm_engine.generate(req))
-    while (await vllm_engine.engine_state()).unfinished_requests == 0:
-        await asyncio.sleep(0.05)  # waiting for vLLM to admit the request; there is no event for it
+    # vLLM offers no event for "request admitted": poll its own request count.
+    while (await vllm_engine.engine_state()).unfinished_requests == 0:  # noqa: ASYNC110
+        await asyncio.sleep(0.05)
     task.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await task

@@ -6,8 +6,9 @@ import importlib.util
 import subprocess
 import sys
 
-import branchwise
 import pytest
+
+import branchwise
 from branchwise.engine import Engine, available_backends, create_engine, register_backend
 from branchwise.engine.testing import FunctionEngine, ScriptedEngine
 from branchwise.errors import ConfigError, MissingDependencyError, UnknownNameError

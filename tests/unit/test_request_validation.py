@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+
 from branchwise.engine import ChatMessage, GenerationRequest, StructuredOutput
 from branchwise.errors import ConfigError, RequestValidationError
 

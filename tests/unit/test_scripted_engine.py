@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 
 import pytest
+
 from branchwise.engine import CallUsage, GenerationRequest
 from branchwise.engine.testing import FunctionEngine, ScriptedEngine, ScriptedResponse, tokenize
 
