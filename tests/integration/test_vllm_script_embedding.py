@@ -46,7 +46,7 @@ def test_unguarded_script_with_ngram_speculative_decoding(tmp_path: Path) -> Non
     script.write_text(SCRIPT)
     env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1")
     proc = subprocess.run(
-        [sys.executable, str(script)], capture_output=True, text=True, timeout=380, env=env, cwd=tmp_path
+        [sys.executable, str(script)], capture_output=True, text=True, timeout=380, env=env, cwd=tmp_path, check=False
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert proc.stdout.count("top-level code ran") == 1
