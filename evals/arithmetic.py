@@ -38,18 +38,18 @@ class ArithmeticProblem:
     steps: tuple[str, ...]
 
 
-# A step takes (rng, current total, item) and returns (sentence, new total, worked line).
+# A step takes (rng, current total, item) and returns (sentence with a {who} slot, new total, worked line).
 _Step = Callable[[random.Random, int, str], tuple[str, int, str]]
 
 
 def _buys(rng: random.Random, total: int, item: str) -> tuple[str, int, str]:
     k = rng.randint(2, 15)
-    return f"Then they get {k} more {item}.", total + k, f"{total} + {k} = {total + k}"
+    return f"Then {{who}} gets {k} more {item}.", total + k, f"{total} + {k} = {total + k}"
 
 
 def _gives(rng: random.Random, total: int, item: str) -> tuple[str, int, str]:
     k = rng.randint(1, max(1, total - 1))
-    return f"They give away {k} {item}.", total - k, f"{total} - {k} = {total - k}"
+    return f"{{who}} gives away {k} {item}.", total - k, f"{total} - {k} = {total - k}"
 
 
 def _multiplies(rng: random.Random, total: int, item: str) -> tuple[str, int, str]:
@@ -63,14 +63,14 @@ def _shares(rng: random.Random, total: int, item: str) -> tuple[str, int, str]:
     if not divisors:
         return _buys(rng, total, item)
     d = rng.choice(divisors)
-    sentence = f"They split the {item} equally among {d} friends and keep one share."
+    sentence = f"{{who}} splits the {item} equally among {d} friends and keeps one share."
     return sentence, total // d, f"{total} / {d} = {total // d}"
 
 
 def _boxes(rng: random.Random, total: int, item: str) -> tuple[str, int, str]:
     boxes, per_box = rng.randint(2, 5), rng.randint(2, 9)
     extra = boxes * per_box
-    sentence = f"They buy {boxes} boxes with {per_box} {item} in each box."
+    sentence = f"{{who}} buys {boxes} boxes with {per_box} {item} in each box."
     return sentence, total + extra, f"{total} + {boxes} x {per_box} = {total + extra}"
 
 
@@ -99,7 +99,7 @@ def arithmetic_problems(
         worked = []
         for _ in range(level):
             sentence, total, line = rng.choice(_STEPS)(rng, total, item)
-            sentences.append(sentence.replace("They", name).replace("they", name))
+            sentences.append(sentence.format(who=name))
             worked.append(line)
         sentences.append(f"How many {item} does {name} have now?")
         problems.append(

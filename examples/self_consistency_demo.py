@@ -16,13 +16,14 @@ import asyncio
 import time
 from collections import Counter
 
-import branchwise as bw
-from branchwise.evals.arithmetic import ArithmeticProblem
-from branchwise.verifiers import AnswerExtractor
 from rich.console import Console
 from rich.table import Table
 
-PROMPT = "Solve this problem step by step. End with 'The answer is N.' where N is a number.\n\n{question}"
+import branchwise as bw
+from branchwise.evals.arithmetic import ArithmeticProblem
+from branchwise.verifiers import AnswerExtractor
+
+PROMPT = "Solve this problem step by step, then finish with: The answer is <number>.\n\n{question}"
 
 
 async def solve(engine: bw.Engine, problem: ArithmeticProblem, n: int, extractor: AnswerExtractor) -> dict[str, object]:

@@ -1,0 +1,236 @@
+"""Engine-layer overhead: branchwise engines versus the raw clients they wrap, same workload, same process.
+
+Part 1 (embedded): one vLLM AsyncLLM serves both sides. "raw" drives it directly (``AsyncLLM.generate`` with
+DELTA outputs); "branchwise" drives it through `VLLMEngine.stream` (request validation, prompt rendering, delta
+mapping, usage metering). Part 2 (HTTP): a local ``vllm serve`` on 127.0.0.1; "raw" is a plain httpx streaming
+client for ``/v1/completions``; "branchwise" is `OpenAIEngine.stream`. Rounds alternate raw and branchwise so
+machine noise hits both; the ratio of their throughputs is the figure (target: >= 0.97).
+
+Workload: P prompts x n samples x T tokens with ignore_eos, all prompts concurrently.
+
+    python benchmarks/engine_overhead.py [--quick] [--skip-http]
+
+Prints a table, then one JSON line with the figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import httpx
+from rich.console import Console
+from rich.table import Table
+
+from branchwise.engine import GenerationRequest
+from branchwise.engine.models import pull
+from branchwise.engine.vllm_engine import VLLMEngine
+
+MODEL = "smollm2-135m-instruct"
+
+
+def prompts(count: int) -> list[str]:
+    return [f"Story {i}: once upon a time, in a village by the sea," for i in range(count)]
+
+
+async def timed(run: Callable[[], Awaitable[int]]) -> tuple[int, float]:
+    started = time.perf_counter()
+    tokens = await run()
+    return tokens, time.perf_counter() - started
+
+
+# -- embedded --------------------------------------------------------------------------------------------------
+async def raw_vllm(engine: VLLMEngine, texts: list[str], n: int, tokens: int) -> int:
+    from vllm.sampling_params import RequestOutputKind, SamplingParams
+
+    llm = engine._llm
+    assert llm is not None
+    params = SamplingParams(
+        n=n, max_tokens=tokens, ignore_eos=True, temperature=0.8, output_kind=RequestOutputKind.DELTA
+    )
+
+    async def one(text: str) -> int:
+        count = 0
+        async for out in llm.generate({"prompt": text}, params, uuid.uuid4().hex):
+            for c in out.outputs:
+                count += len(c.token_ids)
+        return count
+
+    return sum(await asyncio.gather(*(one(t) for t in texts)))
+
+
+async def ours_vllm(engine: VLLMEngine, texts: list[str], n: int, tokens: int) -> int:
+    async def one(text: str) -> int:
+        request = GenerationRequest(prompt=text, n=n, max_tokens=tokens, ignore_eos=True, temperature=0.8)
+        count = 0
+        async for delta in engine.stream(request):
+            count += len(delta.token_ids)
+        return count
+
+    return sum(await asyncio.gather(*(one(t) for t in texts)))
+
+
+# -- HTTP ------------------------------------------------------------------------------------------------------
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def start_server(port: int) -> subprocess.Popen[bytes]:
+    path = str(pull(MODEL))
+    cmd = [
+        sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", path, "--served-model-name", MODEL,
+        "--host", "127.0.0.1", "--port", str(port), "--enforce-eager", "--max-model-len", "1024",
+        "--disable-log-requests",
+    ]  # fmt: skip
+    env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE=os.environ.get("VLLM_CPU_KVCACHE_SPACE", "2"))
+    return subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+async def wait_ready(base: str, proc: subprocess.Popen[bytes], deadline_s: float = 300) -> None:
+    async with httpx.AsyncClient() as client:
+        end = time.monotonic() + deadline_s
+        while time.monotonic() < end:
+            if proc.poll() is not None:
+                raise RuntimeError(f"vllm serve exited with {proc.returncode}")
+            try:
+                if (await client.get(f"{base}/models")).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            await asyncio.sleep(1.0)
+    raise TimeoutError("vllm serve did not become ready")
+
+
+async def raw_http(client: httpx.AsyncClient, base: str, texts: list[str], n: int, tokens: int) -> int:
+    async def one(text: str) -> int:
+        body = {
+            "model": MODEL, "prompt": text, "n": n, "max_tokens": tokens, "ignore_eos": True, "temperature": 0.8,
+            "stream": True, "stream_options": {"include_usage": True},
+        }  # fmt: skip
+        count = 0
+        async with client.stream("POST", f"{base}/completions", json=body) as response:
+            response.raise_for_status()
+            async for line in response.aiter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                chunk = json.loads(line[6:])
+                usage = chunk.get("usage")
+                if usage:
+                    count = int(usage["completion_tokens"])
+        return count
+
+    return sum(await asyncio.gather(*(one(t) for t in texts)))
+
+
+async def ours_http(engine: Any, texts: list[str], n: int, tokens: int) -> int:
+    async def one(text: str) -> int:
+        request = GenerationRequest(prompt=text, n=n, max_tokens=tokens, ignore_eos=True, temperature=0.8)
+        count = 0
+        async for delta in engine.stream(request):
+            count += len(delta.token_ids)
+        return count
+
+    return sum(await asyncio.gather(*(one(t) for t in texts)))
+
+
+async def alternate(
+    label: str, raw: Callable[[], Awaitable[int]], ours: Callable[[], Awaitable[int]], rounds: int
+) -> dict[str, Any]:
+    await raw()  # warm-up both paths (first-request compilation, connection setup)
+    await ours()
+    raw_tps, ours_tps = [], []
+    for i in range(rounds):
+        order = [("raw", raw), ("ours", ours)] if i % 2 == 0 else [("ours", ours), ("raw", raw)]
+        for name, fn in order:
+            tokens, seconds = await timed(fn)
+            (raw_tps if name == "raw" else ours_tps).append(tokens / seconds)
+    raw_med, ours_med = statistics.median(raw_tps), statistics.median(ours_tps)
+    return {
+        "path": label,
+        "raw_tok_s": round(raw_med, 1),
+        "branchwise_tok_s": round(ours_med, 1),
+        "ratio": round(ours_med / raw_med, 4),
+        "raw_rounds": [round(x, 1) for x in raw_tps],
+        "branchwise_rounds": [round(x, 1) for x in ours_tps],
+    }
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="small workload, 2 rounds")
+    parser.add_argument("--prompts", type=int, default=16)
+    parser.add_argument("--n", type=int, default=8)
+    parser.add_argument("--tokens", type=int, default=128)
+    parser.add_argument("--rounds", type=int, default=4)
+    parser.add_argument("--skip-http", action="store_true", help="only the embedded comparison")
+    args = parser.parse_args()
+    if args.quick:
+        args.prompts, args.n, args.tokens, args.rounds = 4, 4, 32, 2
+    texts = prompts(args.prompts)
+    results = []
+
+    engine = VLLMEngine(MODEL, max_model_len=1024)
+    await engine.start()
+    try:
+        results.append(
+            await alternate(
+                "embedded: VLLMEngine.stream vs AsyncLLM.generate",
+                lambda: raw_vllm(engine, texts, args.n, args.tokens),
+                lambda: ours_vllm(engine, texts, args.n, args.tokens),
+                args.rounds,
+            )
+        )
+    finally:
+        await engine.aclose()
+
+    if not args.skip_http:
+        from branchwise.engine.openai_engine import OpenAIEngine
+
+        port = free_port()
+        base = f"http://127.0.0.1:{port}/v1"
+        proc = start_server(port)
+        try:
+            await wait_ready(base, proc)
+            limits = httpx.Limits(max_connections=256, max_keepalive_connections=256)
+            async with httpx.AsyncClient(timeout=600, limits=limits) as client, OpenAIEngine(MODEL, base) as oai:
+                results.append(
+                    await alternate(
+                        "HTTP: OpenAIEngine.stream vs raw httpx SSE",
+                        lambda: raw_http(client, base, texts, args.n, args.tokens),
+                        lambda: ours_http(oai, texts, args.n, args.tokens),
+                        args.rounds,
+                    )
+                )
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+    table = Table(
+        title=f"engine overhead: {args.prompts} prompts x n={args.n} x {args.tokens} tokens, {args.rounds} rounds"
+    )
+    for column in ("path", "raw tok/s", "branchwise tok/s", "ratio"):
+        table.add_column(column)
+    for r in results:
+        table.add_row(r["path"], str(r["raw_tok_s"]), str(r["branchwise_tok_s"]), f"{r['ratio']:.3f}")
+    Console().print(table)
+    workload = {"prompts": args.prompts, "n": args.n, "tokens": args.tokens, "rounds": args.rounds}
+    print(json.dumps({"benchmark": "engine_overhead", "model": MODEL, "workload": workload, "results": results}))
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
