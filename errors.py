@@ -15,6 +15,8 @@ BranchwiseError
 │   ├── EngineTimeout           a request exceeded its hard time limit
 │   ├── RateLimited             the backend kept answering 429 after all retries
 │   └── EngineRequestError      the backend rejected the request (HTTP 4xx, invalid output, ...)
+├── GraderPoolError             the grading worker pool cannot run items
+│   └── WorkerCrashError        one item killed its worker every time it ran
 ├── BudgetExhausted             a Budget cap was reached
 └── ToolError                   a tool call failed
 ```
@@ -34,6 +36,7 @@ __all__ = [
     "EngineRequestError",
     "EngineTimeout",
     "EngineUnavailable",
+    "GraderPoolError",
     "MissingDependencyError",
     "ModelProvisionError",
     "PlanError",
@@ -41,6 +44,7 @@ __all__ = [
     "RequestValidationError",
     "ToolError",
     "UnknownNameError",
+    "WorkerCrashError",
 ]
 
 
@@ -153,6 +157,14 @@ class EngineRequestError(EngineError):
     def __init__(self, message: str, *, status_code: int | None = None) -> None:
         super().__init__(message)
         self.status_code = status_code
+
+
+class GraderPoolError(BranchwiseError):
+    """The grading worker pool cannot run items: it failed to start, or was closed under them."""
+
+
+class WorkerCrashError(GraderPoolError):
+    """One item killed its worker process every time it ran (a crash, not a timeout)."""
 
 
 class BudgetExhausted(BranchwiseError):

@@ -17,13 +17,12 @@ import contextlib
 import gc
 import logging
 import os
-import sys
-import threading
 import uuid
-from collections.abc import AsyncGenerator, Iterator, Mapping
+from collections.abc import AsyncGenerator, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from .._processes import main_hidden_from_spawn
 from ..errors import (
     ConfigError,
     EngineError,
@@ -44,8 +43,6 @@ __all__ = ["EngineState", "VLLMEngine"]
 logger = logging.getLogger(__name__)
 
 _FINISH: dict[str | None, FinishReason] = {"stop": "stop", "length": "length", "abort": "abort"}
-# multiprocessing reads the main module's identity when it spawns; serialise our temporary edit of it.
-_MAIN_LOCK = threading.Lock()
 
 
 @dataclass(frozen=True)
@@ -73,28 +70,6 @@ class EngineState:
     @property
     def idle(self) -> bool:
         return self.unfinished_requests == 0 and not self.core_has_work
-
-
-@contextlib.contextmanager
-def _main_hidden_from_spawn() -> Iterator[None]:
-    """Stop multiprocessing's spawn from re-importing ``__main__`` in vLLM's child processes."""
-    main = sys.modules.get("__main__")
-    if main is None:
-        yield
-        return
-    with _MAIN_LOCK:
-        had_file = hasattr(main, "__file__")
-        saved_file = getattr(main, "__file__", None)
-        saved_spec = getattr(main, "__spec__", None)
-        main.__spec__ = None
-        if had_file:
-            del main.__file__
-        try:
-            yield
-        finally:
-            main.__spec__ = saved_spec
-            if had_file:
-                main.__file__ = saved_file
 
 
 def _on_cpu() -> bool:
@@ -244,7 +219,7 @@ class VLLMEngine(Engine):
             raise ConfigError(f"invalid vLLM engine argument: {err}") from err
         logger.info("starting vLLM for %s (%s)", self.model, self.model_path)
         try:
-            with _main_hidden_from_spawn():
+            with main_hidden_from_spawn():
                 self._llm = AsyncLLM.from_engine_args(args, stat_loggers=[_StatsTap])
         except (ConfigError, ModelProvisionError):
             raise

@@ -47,8 +47,8 @@ ExtractionRule = Callable[[str], str | None]
 # "/denominator". The lookbehind keeps us from starting inside a word ("x2"), a decimal ("3.5" -> "5") or a
 # fraction ("3/4" -> "4"); a minus directly after a word or bracket is subtraction, not a sign ("5-3" -> "3").
 _NUMBER_RE = re.compile(
-    r"(?<![\w.,/)\]}])-?(?:\d{1,3}(?:,\d{3})+(?!\d)|\d+)(?:\.\d+)?(?:/\d+(?:\.\d+)?)?"
-    r"|(?<![\w.,/)\]}])-?\.\d+"
+    r"(?<![\w./)\]}])-?(?:\d{1,3}(?:,\d{3})+(?!\d)|\d+)(?:\.\d+)?(?:/\d+(?:\.\d+)?)?"
+    r"|(?<![\w./)\]}])-?\.\d+"
 )
 _BOX_RE = re.compile(r"\\(?:boxed|fbox)\b\s*")
 _GSM8K_RE = re.compile(r"####[ \t]*([^\n]*)")
@@ -149,10 +149,11 @@ def _format_fraction(value: Fraction) -> str:
 
 
 def normalize_number(text: str) -> str | None:
-    """Canonical text of a number: "1,000" -> "1000", "12.50" -> "12.5", "$3" -> "3", "6/4" -> "3/2".
+    """Canonical text of a number: "1,000" -> "1000", "12.50" -> "12.5", "$3" -> "3", "3/4" -> "0.75".
 
-    Integers print without a decimal point, terminating decimals in shortest form, other rationals as a
-    reduced "p/q". Accepts everything `parse_number` accepts (a percent sign is dropped).
+    Integers print without a decimal point, other values with a terminating decimal expansion as that
+    decimal in shortest form, the rest as a reduced "p/q" ("2/6" -> "1/3"). Equal values therefore get equal
+    text. Accepts everything `parse_number` accepts (a percent sign is dropped).
 
     Returns:
         The canonical string, or None when the text is not a plain number.
@@ -283,7 +284,7 @@ DEFAULT_RULES: tuple[str, ...] = ("boxed", "gsm8k", "answer_is", "last_number")
 
 
 class AnswerExtractor:
-    """Finds the final answer in generated text by trying rules in order; the first that matches wins.
+    r"""Finds the final answer in generated text by trying rules in order; the first that matches wins.
 
     Args:
         rules: rule names ("boxed", "gsm8k", "answer_is", "last_number") and/or callables mapping text to

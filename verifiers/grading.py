@@ -24,6 +24,7 @@ import asyncio
 import collections
 import concurrent.futures
 import contextlib
+import functools
 import importlib.util
 import logging
 import math
@@ -38,9 +39,10 @@ from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from fractions import Fraction
-from typing import Any, ClassVar, Literal, Protocol, TypeVar, runtime_checkable
+from typing import Any, Literal, Protocol, TypeVar, runtime_checkable
 
-from ..errors import BranchwiseError, ConfigError, MissingDependencyError, UnknownNameError
+from .._processes import main_hidden_from_spawn
+from ..errors import ConfigError, GraderPoolError, MissingDependencyError, UnknownNameError, WorkerCrashError
 from .extraction import parse_number
 
 __all__ = [
@@ -53,11 +55,13 @@ __all__ = [
     "NumericGrader",
     "QAGrader",
     "TimeoutProcessPool",
+    "WorkerCrashError",
     "YesNoGrader",
     "available_graders",
     "close_default_pool",
     "default_math_pool",
     "get_grader",
+    "init_math_worker",
     "math_verify_equal",
     "normalize_qa_answer",
     "qa_exact_match",
@@ -69,10 +73,6 @@ logger = logging.getLogger(__name__)
 T = TypeVar("T")
 GoldAnswer = str | Sequence[str]
 """One accepted answer, or several (any of them counts as a match)."""
-
-
-class GraderPoolError(BranchwiseError):
-    """The grading worker pool could not start, or a worker kept dying on an item."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,7 +130,7 @@ class BaseGrader(ABC):
     await a worker process instead.
     """
 
-    name: ClassVar[str] = ""
+    name: str = ""
 
     @abstractmethod
     def grade_sync(self, prediction: str | None, gold: GoldAnswer) -> GradeResult:
@@ -152,8 +152,8 @@ class BaseGrader(ABC):
         """Grade many (prediction, gold) pairs, blocking; results in input order."""
         return [self.grade_sync(p, g) for p, g in pairs]
 
-    def close(self) -> None:
-        """Release resources (a no-op unless the grader owns a worker pool)."""
+    def close(self) -> None:  # noqa: B027 - an optional hook, deliberately a no-op by default
+        """Release resources held by the grader (nothing, for the cheap graders)."""
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
@@ -164,7 +164,7 @@ class BaseGrader(ABC):
 
 
 class NumericGrader(BaseGrader):
-    """Compares numbers: exactly as rationals, else within tolerance.
+    """Compares numbers: exactly as rationals, else (unless both are integers) within tolerance.
 
     Understands "1,000", "-3.5", "3/4", ``\\frac{3}{4}``, "$12", "1e-3". A percent sign on either side is
     read both ways ("50%" matches 50 and 0.5), since models and datasets disagree on which is meant.
@@ -194,9 +194,14 @@ class NumericGrader(BaseGrader):
         return (value,)
 
     def close_enough(self, a: Fraction, b: Fraction) -> bool:
-        """Exact equality, or `math.isclose` within the tolerances."""
+        """Exact equality, or `math.isclose` within the tolerances when either value is not an integer.
+
+        Two integers must be equal: a relative tolerance would otherwise accept 7,000,001 for 7,000,000.
+        """
         if a == b:
             return True
+        if a.denominator == 1 and b.denominator == 1:
+            return False
         try:
             return math.isclose(float(a), float(b), rel_tol=self.rel_tol, abs_tol=self.abs_tol)
         except OverflowError:  # beyond float range: only exact equality counts
@@ -279,8 +284,9 @@ class TimeoutProcessPool:
             threads (and possibly an inference engine) that must not be forked.
         initializer: a picklable function run once in each new worker (imports, warm-up).
         startup_timeout: seconds allowed for a new pool's workers to start and initialise.
-        max_attempts: how often an item is retried when its worker dies under it (it is retried when
-            another item's timeout kills the pool, or the worker crashes) before it fails.
+        max_attempts: how many times an item may be running when its worker crashes before it fails with
+            `WorkerCrashError` (a crash breaks the whole pool, so every running item takes a strike; items
+            killed because *another* item timed out are rerun without one).
     """
 
     def __init__(
@@ -289,7 +295,7 @@ class TimeoutProcessPool:
         *,
         start_method: Literal["forkserver", "spawn"] | None = None,
         initializer: Callable[[], object] | None = None,
-        startup_timeout: float = 120.0,
+        startup_timeout: float = 60.0,
         max_attempts: int = 3,
     ) -> None:
         if max_workers < 1:
@@ -319,9 +325,11 @@ class TimeoutProcessPool:
 
     def worker_pids(self) -> list[int]:
         """Process ids of the current workers (empty when no pool is running)."""
-        pool = self._pool
-        processes: dict[int, Any] = getattr(pool, "_processes", None) or {}
-        return sorted(processes)
+        processes: dict[int, Any] = getattr(self._pool, "_processes", None) or {}
+        try:
+            return sorted(processes)
+        except RuntimeError:  # the executor changed its process table while we read it
+            return []
 
     def submit(self, fn: Callable[..., T], *args: Any, timeout: float) -> concurrent.futures.Future[T]:
         """Run ``fn(*args)`` in a worker; the future fails with `TimeoutError` after ``timeout`` seconds.
@@ -404,8 +412,13 @@ class TimeoutProcessPool:
                     self._start(job, running)
         except BaseException as err:  # the supervisor must never die silently with callers waiting
             logger.exception("grading pool supervisor failed")
-            for job in running.values():
-                _settle(job.result, error=GraderPoolError(f"grading pool supervisor failed: {err!r}"))
+            with self._cond:
+                stranded = list(running.values()) + list(self._queue)
+                self._queue.clear()
+                self._thread = None  # the next submit starts a fresh supervisor
+            failure = GraderPoolError(f"grading pool supervisor failed: {err!r}")
+            for job in stranded:
+                _settle(job.result, error=failure)
             raise
         finally:
             for job in running.values():
@@ -420,10 +433,15 @@ class TimeoutProcessPool:
             self.max_workers, mp_context=context, initializer=self._initializer
         )
         self._pool = pool
-        # One warm-up call per worker, submitted back to back so that every worker is spawned and initialised
-        # before any item's clock starts.
-        warm = [pool.submit(_worker_ready) for _ in range(self.max_workers)]
-        done, not_done = concurrent.futures.wait(warm, timeout=self._startup_timeout)
+        try:
+            # One warm-up call per worker, submitted back to back so that every worker is spawned and
+            # initialised before any item's clock starts.
+            with main_hidden_from_spawn():  # workers need library code only, not the user's script
+                warm = [pool.submit(_worker_ready) for _ in range(self.max_workers)]
+            done, not_done = concurrent.futures.wait(warm, timeout=self._startup_timeout)
+        except Exception as err:  # e.g. starting processes while this process is itself bootstrapping
+            self._discard_pool(kill=True, count=False)
+            raise GraderPoolError(f"grading worker pool failed to start: {err!r}") from err
         failure = next((f.exception() for f in done if f.exception() is not None), None)
         if not_done or failure is not None:
             self._discard_pool(kill=True, count=False)
@@ -448,11 +466,12 @@ class TimeoutProcessPool:
             with contextlib.suppress(OSError, ValueError, AttributeError, AssertionError):
                 process.join(timeout=5.0)
 
-    def _retry(self, job: _Job, cause: BaseException | None) -> None:
-        job.attempts += 1
+    def _retry(self, job: _Job, cause: BaseException | None, *, count: bool = True) -> None:
         job.deadline = math.inf
+        if count:
+            job.attempts += 1
         if job.attempts >= self._max_attempts:
-            err = GraderPoolError(f"a worker died under this item {job.attempts} times")
+            err = WorkerCrashError(f"a worker died under this item {job.attempts} times")
             err.__cause__ = cause
             _settle(job.result, error=err)
             return
@@ -503,14 +522,16 @@ class TimeoutProcessPool:
         expired = [(f, job) for f, job in running.items() if job.deadline <= now]
         if not expired:
             return
-        for future, job in expired:
+        for future, _job in expired:
             del running[future]
-            logger.warning("grading item timed out after %.3gs; killing its worker", job.timeout)
-            _settle(job.result, error=TimeoutError(f"grading timed out after {job.timeout}s"))
-        for job in running.values():  # innocent bystanders: they die with the pool, so run them again
-            self._retry(job, None)
+        for job in running.values():  # innocent bystanders die with the pool: run them again, no strike
+            self._retry(job, None, count=False)
         running.clear()
+        # Kill before reporting, so a caller that sees the timeout knows the stuck worker is gone.
         self._discard_pool(kill=True)
+        for _future, job in expired:
+            logger.warning("grading item timed out after %.3gs; its worker was killed", job.timeout)
+            _settle(job.result, error=TimeoutError(f"grading timed out after {job.timeout}s"))
 
     def __repr__(self) -> str:
         return f"TimeoutProcessPool(max_workers={self.max_workers}, start_method={self.start_method!r})"
@@ -520,14 +541,18 @@ class TimeoutProcessPool:
 # math-verify
 
 
-def _init_math_worker() -> None:
-    """Worker initializer: import math-verify and warm its parsers, quiet its per-call warnings."""
+def init_math_worker() -> None:
+    """Worker initializer for math-verify pools: import and warm up its parsers, quiet its warnings.
+
+    Pass it as ``initializer`` when building your own `TimeoutProcessPool` for a `MathGrader`, so the
+    first item's time limit is not spent importing sympy.
+    """
     for name in ("math_verify", "latex2sympy2_extended"):
         logging.getLogger(name).setLevel(logging.ERROR)
     from math_verify import parse, verify
 
-    verify(parse("\\boxed{\\frac{1}{2}}", parsing_timeout=None), parse("\\boxed{0.5}", parsing_timeout=None),
-           timeout_seconds=None)  # fmt: skip
+    half = parse("\\boxed{\\frac{1}{2}}", parsing_timeout=None)
+    verify(half, parse("\\boxed{0.5}", parsing_timeout=None), timeout_seconds=None)
 
 
 def _boxed(answer: str) -> str:
@@ -557,7 +582,7 @@ def math_verify_equal(prediction: str, golds: tuple[str, ...]) -> bool:
     return False
 
 
-_default_pool: TimeoutProcessPool | None = None
+_default_pools: dict[str, TimeoutProcessPool] = {}  # "math" -> the shared pool, created on first use
 _default_pool_lock = threading.Lock()
 
 
@@ -566,18 +591,18 @@ def default_math_pool() -> TimeoutProcessPool:
 
     One worker on machines with up to 3 cores, two above that.
     """
-    global _default_pool
     with _default_pool_lock:
-        if _default_pool is None:
+        pool = _default_pools.get("math")
+        if pool is None:
             workers = 2 if (os.cpu_count() or 1) >= 4 else 1
-            _default_pool = TimeoutProcessPool(workers, initializer=_init_math_worker)
-        return _default_pool
+            pool = _default_pools["math"] = TimeoutProcessPool(workers, initializer=init_math_worker)
+        return pool
 
 
 def close_default_pool() -> None:
     """Stop the shared math-verify workers (they restart on the next use)."""
     with _default_pool_lock:
-        pool = _default_pool
+        pool = _default_pools.get("math")
     if pool is not None:
         pool.close()
 
@@ -608,10 +633,17 @@ class MathGrader(BaseGrader):
         verify_fn: the picklable module-level function run in the worker as ``verify_fn(prediction, golds)``
             (default `math_verify_equal`); a seam for tests and alternative checkers.
 
+    Raises:
+        MissingDependencyError: (on first use) math-verify is not installed.
+        GraderPoolError: (from grading calls) the worker pool could not start or was closed under the item;
+            an infrastructure failure is raised, never reported as a wrong answer. An item that merely
+            crashes its worker is graded wrong with detail "error: worker crashed".
+
     Note:
         `grade` awaits the worker without blocking the event loop. `grade_sync`, `grade_many` and
         `equivalent` block their thread: call them from worker threads or synchronous code, never from
-        inside a running event loop.
+        inside a running event loop. Workers start with forkserver/spawn but do not re-import the user's main
+        module, so scripts need no ``if __name__ == "__main__":`` guard.
     """
 
     name = "math"
@@ -681,7 +713,9 @@ class MathGrader(BaseGrader):
         if not self._checked_dependency:
             if importlib.util.find_spec("math_verify") is None:
                 raise MissingDependencyError(
-                    "MathGrader", "math-verify", "pip install 'math-verify[antlr4_13_2]'  (or: pip install branchwise[grading])"
+                    "MathGrader",
+                    "math-verify",
+                    "pip install 'math-verify[antlr4_13_2]'  (or: pip install branchwise[grading])",
                 )
             self._checked_dependency = True
 
@@ -706,7 +740,13 @@ class MathGrader(BaseGrader):
             raise
 
         def finish(done: concurrent.futures.Future[bool]) -> None:
-            result = self._verdict(done)
+            try:
+                result = self._verdict(done)
+            except GraderPoolError as err:  # the pool cannot grade at all: fail loudly, never "wrong"
+                with self._lock:
+                    self._inflight.pop(key, None)
+                _settle(out, error=err)
+                return
             if result.detail in ("math-verify", "timeout"):
                 self._remember(key, result)
             with self._lock:
@@ -718,11 +758,19 @@ class MathGrader(BaseGrader):
 
     @staticmethod
     def _verdict(done: concurrent.futures.Future[bool]) -> GradeResult:
+        """The item's verdict; raises `GraderPoolError` when the pool itself failed."""
         if done.cancelled():
-            return GradeResult(False, 0.0, "error: cancelled")
+            raise GraderPoolError("the grading pool was closed before this item ran")
         err = done.exception()
         if isinstance(err, TimeoutError):
             return GradeResult(False, 0.0, "timeout")
+        if isinstance(err, WorkerCrashError):  # this item's own fault: it is wrong, the pool is fine
+            logger.warning("an answer crashed its grading worker: %s", err)
+            return GradeResult(False, 0.0, "error: worker crashed")
+        if isinstance(err, GraderPoolError):
+            raise err
+        if isinstance(err, concurrent.futures.CancelledError):
+            raise GraderPoolError("the grading pool was closed while this item ran") from err
         if err is not None:
             logger.warning("math-verify failed: %r", err)
             return GradeResult(False, 0.0, f"error: {type(err).__name__}: {err}")
@@ -775,6 +823,7 @@ class MathGrader(BaseGrader):
 _ARTICLES_RE = re.compile(r"\b(a|an|the)\b")
 
 
+@functools.lru_cache(maxsize=65536)
 def normalize_qa_answer(text: str) -> str:
     """SQuAD normalisation: lowercase, drop punctuation (any Unicode punctuation), articles and extra spaces."""
     lowered = text.lower()
@@ -787,10 +836,7 @@ def qa_exact_match(prediction: str, gold: str) -> bool:
     return normalize_qa_answer(prediction) == normalize_qa_answer(gold)
 
 
-def qa_f1(prediction: str, gold: str) -> float:
-    """SQuAD token F1 between normalised answers (1.0 if both normalise to nothing)."""
-    pred_tokens = normalize_qa_answer(prediction).split()
-    gold_tokens = normalize_qa_answer(gold).split()
+def _token_f1(pred_tokens: list[str], gold_tokens: list[str]) -> float:
     if not pred_tokens or not gold_tokens:
         return float(pred_tokens == gold_tokens)
     common = collections.Counter(pred_tokens) & collections.Counter(gold_tokens)
@@ -800,6 +846,11 @@ def qa_f1(prediction: str, gold: str) -> float:
     precision = overlap / len(pred_tokens)
     recall = overlap / len(gold_tokens)
     return 2 * precision * recall / (precision + recall)
+
+
+def qa_f1(prediction: str, gold: str) -> float:
+    """SQuAD token F1 between normalised answers (1.0 if both normalise to nothing)."""
+    return _token_f1(normalize_qa_answer(prediction).split(), normalize_qa_answer(gold).split())
 
 
 class QAGrader(BaseGrader):
@@ -823,10 +874,12 @@ class QAGrader(BaseGrader):
         if prediction is None:
             return _NO_ANSWER
         golds = _as_golds(gold)
-        em = any(qa_exact_match(prediction, g) for g in golds)
-        f1 = max(qa_f1(prediction, g) for g in golds)
-        if em:
+        pred = normalize_qa_answer(prediction)
+        normalized = [normalize_qa_answer(g) for g in golds]
+        if pred in normalized:
             return GradeResult(True, 1.0, "exact match")
+        pred_tokens = pred.split()
+        f1 = max(_token_f1(pred_tokens, g.split()) for g in normalized)
         correct = self.f1_threshold is not None and f1 >= self.f1_threshold
         return GradeResult(correct, f1, f"f1={f1:.3f}")
 
@@ -861,7 +914,7 @@ class YesNoGrader(BaseGrader):
         self.letters = (letters[0].lower(), letters[1].lower())
 
     def label(self, text: str) -> Literal["yes", "no"] | None:
-        """"yes", "no" or None when the text is neither."""
+        """ "yes", "no" or None when the text is neither."""
         s = text.strip().lower().replace("*", "").strip()
         choice = _CHOICE_RE.match(s)
         letter = (choice.group(1) or choice.group(2)) if choice is not None else None
