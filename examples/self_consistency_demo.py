@@ -21,7 +21,7 @@ from rich.table import Table
 
 import branchwise as bw
 from branchwise.evals.arithmetic import ArithmeticProblem
-from branchwise.verifiers import AnswerExtractor
+from branchwise.verifiers import AnswerExtractor, normalize_number
 
 PROMPT = "Solve this problem step by step, then finish with: The answer is <number>.\n\n{question}"
 
@@ -34,7 +34,8 @@ async def solve(engine: bw.Engine, problem: ArithmeticProblem, n: int, extractor
         max_tokens=256,
     )
     generation = await engine.generate(request)
-    answers = [extractor.extract(c.text) for c in generation.completions]
+    # Normalised numbers vote together: "1,000", "1000" and "1000.0" are one answer.
+    answers = [normalize_number(a) or a if (a := extractor.extract(c.text)) else None for c in generation.completions]
     votes = Counter(a for a in answers if a is not None)
     majority, count = votes.most_common(1)[0] if votes else (None, 0)
     return {
