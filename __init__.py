@@ -30,6 +30,8 @@ _EXPORTS: dict[str, str] = {
     "create_engine": "branchwise.engine",
     "register_backend": "branchwise.engine",
     "available_backends": "branchwise.engine",
+    "VLLMEngine": "branchwise.engine.vllm_engine",
+    "OpenAIEngine": "branchwise.engine.openai_engine",
     "ScriptedEngine": "branchwise.engine.testing",
     "ScriptedResponse": "branchwise.engine.testing",
     "FunctionEngine": "branchwise.engine.testing",
@@ -48,12 +50,14 @@ _ERRORS = (
     "EngineTimeout",
     "EngineUnavailable",
     "MissingDependencyError",
+    "GraderPoolError",
     "ModelProvisionError",
     "PlanError",
     "RateLimited",
     "RequestValidationError",
     "ToolError",
     "UnknownNameError",
+    "WorkerCrashError",
 )
 _EXPORTS.update(dict.fromkeys(_ERRORS, "branchwise.errors"))
 
@@ -75,8 +79,10 @@ __all__ = [
     "FunctionEngine",
     "Generation",
     "GenerationRequest",
+    "GraderPoolError",
     "MissingDependencyError",
     "ModelProvisionError",
+    "OpenAIEngine",
     "PlanError",
     "RateLimited",
     "RequestValidationError",
@@ -86,6 +92,8 @@ __all__ = [
     "TokenLogprob",
     "ToolError",
     "UnknownNameError",
+    "VLLMEngine",
+    "WorkerCrashError",
     "__version__",
     "arithmetic_problems",
     "available_backends",
@@ -127,7 +135,9 @@ if TYPE_CHECKING:
     )
     from .engine.models import MODELS, resolve_model
     from .engine.models import pull as pull_model
+    from .engine.openai_engine import OpenAIEngine
     from .engine.testing import FunctionEngine, ScriptedEngine, ScriptedResponse
+    from .engine.vllm_engine import VLLMEngine
     from .errors import (
         BranchwiseError,
         BudgetExhausted,
@@ -136,6 +146,7 @@ if TYPE_CHECKING:
         EngineRequestError,
         EngineTimeout,
         EngineUnavailable,
+        GraderPoolError,
         MissingDependencyError,
         ModelProvisionError,
         PlanError,
@@ -143,5 +154,6 @@ if TYPE_CHECKING:
         RequestValidationError,
         ToolError,
         UnknownNameError,
+        WorkerCrashError,
     )
     from .evals.arithmetic import arithmetic_problems

@@ -78,3 +78,8 @@ def test_public_api_lazy_exports() -> None:
     assert "create_engine" in dir(branchwise)
     with pytest.raises(AttributeError):
         branchwise.does_not_exist  # noqa: B018
+
+
+def test_every_public_name_resolves() -> None:
+    missing = [name for name in branchwise.__all__ if not hasattr(branchwise, name)]
+    assert missing == []
