@@ -39,6 +39,10 @@ _EXPORTS: dict[str, str] = {
     "pull_model": "branchwise.engine.models",
     "resolve_model": "branchwise.engine.models",
     "arithmetic_problems": "branchwise.evals.arithmetic",
+    "Budget": "branchwise.orchestrator.budget",
+    "BudgetedEngine": "branchwise.orchestrator.budget",
+    "CostModel": "branchwise.orchestrator.budget",
+    "Usage": "branchwise.orchestrator.budget",
 }
 _RENAMES = {"pull_model": "pull"}
 _ERRORS = (
@@ -64,12 +68,15 @@ _EXPORTS.update(dict.fromkeys(_ERRORS, "branchwise.errors"))
 __all__ = [
     "MODELS",
     "BranchwiseError",
+    "Budget",
     "BudgetExhausted",
+    "BudgetedEngine",
     "CallUsage",
     "Capabilities",
     "ChatMessage",
     "Completion",
     "ConfigError",
+    "CostModel",
     "Delta",
     "Engine",
     "EngineError",
@@ -92,6 +99,7 @@ __all__ = [
     "TokenLogprob",
     "ToolError",
     "UnknownNameError",
+    "Usage",
     "VLLMEngine",
     "WorkerCrashError",
     "__version__",
@@ -157,3 +165,4 @@ if TYPE_CHECKING:
         WorkerCrashError,
     )
     from .evals.arithmetic import arithmetic_problems
+    from .orchestrator.budget import Budget, BudgetedEngine, CostModel, Usage

@@ -132,12 +132,8 @@ class Engine(ABC):
         try:
             # aclosing: an early close of this generator must close the backend's at once (that is the abort),
             # not whenever the garbage collector gets to it.
-            async with contextlib.aclosing(self._stream(request, meter)) as deltas:
+            async with contextlib.aclosing(self._metered(request, meter)) as deltas:
                 async for delta in deltas:
-                    if delta.token_ids:
-                        if meter.first_token_at is None:
-                            meter.first_token_at = time.perf_counter()
-                        meter.completion_tokens += len(delta.token_ids)
                     yield delta
         except BaseException as err:
             self._report(request, meter, err)
@@ -173,14 +169,24 @@ class Engine(ABC):
         when known.
         """
         collected: list[Delta] = []
+        async with contextlib.aclosing(self._metered(request, meter)) as deltas:
+            async for delta in deltas:
+                collected.append(delta)
+        return assemble(request.n, collected)
+
+    async def _metered(self, request: GenerationRequest, meter: CallMeter) -> AsyncGenerator[Delta, None]:
+        """`_stream` with completion tokens and time to first token counted into ``meter`` (no hooks called).
+
+        For the public methods and for engine wrappers (e.g. a budget) that report to this engine's hooks
+        themselves with `_report` / `_emit`.
+        """
         async with contextlib.aclosing(self._stream(request, meter)) as deltas:
             async for delta in deltas:
                 if delta.token_ids:
                     if meter.first_token_at is None:
                         meter.first_token_at = time.perf_counter()
                     meter.completion_tokens += len(delta.token_ids)
-                collected.append(delta)
-        return assemble(request.n, collected)
+                yield delta
 
     def _report(self, request: GenerationRequest, meter: CallMeter, err: BaseException) -> None:
         # GeneratorExit is an early close by the consumer: an abort, like cancellation.
