@@ -1,1 +1,41 @@
-"""search."""
+"""Test-time-scaling strategies over the `Engine` interface, one algorithm a module, resolved by name."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..errors import UnknownNameError
+from .base import Candidate, PromptTemplate, Result, SearchContext, Strategy, TraceNode, TraceTree
+from .best_of_n import BestOfN
+from .self_consistency import SelfConsistency
+from .single import Single
+
+__all__ = [
+    "BestOfN",
+    "Candidate",
+    "PromptTemplate",
+    "Result",
+    "SearchContext",
+    "SelfConsistency",
+    "Single",
+    "Strategy",
+    "TraceNode",
+    "TraceTree",
+    "available_strategies",
+    "get_strategy",
+]
+
+_STRATEGIES: dict[str, type[Strategy]] = {cls.name: cls for cls in (Single, SelfConsistency, BestOfN)}
+
+
+def available_strategies() -> list[str]:
+    return sorted(_STRATEGIES)
+
+
+def get_strategy(name: str, **params: Any) -> Strategy:
+    """Build a strategy by name, e.g. ``get_strategy("self_consistency", n=16)``."""
+    try:
+        cls = _STRATEGIES[name]
+    except KeyError:
+        raise UnknownNameError("strategy", name, list(_STRATEGIES)) from None
+    return cls(**params)

@@ -1,0 +1,121 @@
+"""Sampling traces through the budget, recording each one in the trace tree, and voting over their answers."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..engine.types import FinishReason, TokenLogprob
+from ..errors import BudgetExhausted
+from ..verifiers.confidence import ConfidenceMetric, trace_confidence
+from ..verifiers.grading import BaseGrader
+from .base import Candidate, SearchContext, TraceNode, TraceTree
+
+__all__ = ["SampledTrace", "candidates_of", "cluster_votes", "pick_answer", "sample"]
+
+
+@dataclass
+class SampledTrace:
+    """A trace sampled by `sample`: its tree node, text and per-token logprobs (when requested)."""
+
+    node: TraceNode
+    text: str = ""
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    finish_reason: FinishReason | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.node.status == "finished"
+
+
+async def sample(
+    ctx: SearchContext,
+    question: str,
+    tree: TraceTree,
+    *,
+    n: int,
+    kind: str = "sample",
+    **overrides: Any,
+) -> tuple[list[SampledTrace], bool]:
+    """Draw ``n`` traces for ``question`` in one engine request (the prompt's KV cache is shared).
+
+    Deltas are streamed, so when the budget runs out mid-way the samples that had already finished are kept
+    and the unfinished ones are closed with status "budget". Answers are extracted from finished samples.
+
+    Returns:
+        The traces in sample order, and whether the budget stopped the request.
+    """
+    traces = [SampledTrace(tree.open(kind)) for _ in range(n)]
+    pieces: list[list[str]] = [[] for _ in range(n)]
+    exhausted = False
+    try:
+        request = ctx.request(question, n=n, **overrides)
+        async with contextlib.aclosing(ctx.llm.stream(request)) as deltas:
+            async for delta in deltas:
+                trace = traces[delta.index]
+                pieces[delta.index].append(delta.text)
+                trace.node.tokens += len(delta.token_ids)
+                if delta.logprobs:
+                    trace.logprobs.extend(delta.logprobs)
+                if delta.finish_reason is not None:
+                    trace.finish_reason = delta.finish_reason
+    except BudgetExhausted:
+        exhausted = True
+    for trace, parts in zip(traces, pieces, strict=True):
+        trace.text = trace.node.text = "".join(parts)
+        trace.node.finish_reason = trace.finish_reason
+        if trace.finish_reason in ("stop", "length"):
+            trace.node.answer = ctx.extractor.extract(trace.text)
+            tree.close(trace.node, "finished")
+        else:
+            tree.close(trace.node, "budget", detail="cut by the budget before it finished")
+    return traces, exhausted
+
+
+async def cluster_votes(weighted: Sequence[tuple[str, float]], grader: BaseGrader) -> dict[str, float]:
+    """Sum weights per answer cluster; answers the grader deems equivalent share a cluster.
+
+    The first answer seen represents its cluster. Identical strings skip the grader.
+    """
+    clusters: dict[str, float] = {}
+    for answer, weight in weighted:
+        if answer in clusters:
+            clusters[answer] += weight
+            continue
+        for representative in clusters:
+            if await grader.aequivalent(representative, answer):
+                clusters[representative] += weight
+                break
+        else:
+            clusters[answer] = weight
+    return clusters
+
+
+def pick_answer(votes: dict[str, float]) -> str | None:
+    """The answer with the most weight; ties go to the answer seen first."""
+    best, best_weight = None, -math.inf
+    for answer, weight in votes.items():
+        if weight > best_weight:
+            best, best_weight = answer, weight
+    return best
+
+
+def candidates_of(
+    traces: Sequence[SampledTrace], *, confidence: ConfidenceMetric | None = None, window: int = 2048
+) -> list[Candidate]:
+    """Candidates from the finished traces; with ``confidence``, each gets that trace confidence (recorded in
+    the trace tree too)."""
+    result = []
+    for trace in traces:
+        if not trace.finished:
+            continue
+        value = None
+        if confidence is not None:
+            value = trace_confidence(trace.logprobs, confidence, window=window)
+            if value is not None:
+                trace.node.scores[f"confidence_{confidence}"] = value
+        result.append(Candidate(trace.node.answer, trace.text, trace.node.id, trace.node.tokens, confidence=value))
+    return result

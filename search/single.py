@@ -1,0 +1,32 @@
+"""`single`: one trace, greedy or sampled — the baseline every other strategy is measured against."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .base import Result, SearchContext, Strategy, TraceTree
+from .sampling import candidates_of, sample
+
+__all__ = ["Single"]
+
+
+class Single(Strategy):
+    """One sample.
+
+    Args:
+        greedy: decode greedily (temperature 0) instead of sampling at the context's temperature.
+    """
+
+    name = "single"
+
+    def __init__(self, *, greedy: bool = True) -> None:
+        self.greedy = greedy
+
+    async def run(self, problem: str, ctx: SearchContext) -> Result:
+        tree = TraceTree()
+        overrides: dict[str, Any] = {"temperature": 0.0} if self.greedy else {}
+        traces, exhausted = await sample(ctx, problem, tree, n=1, **overrides)
+        candidates = candidates_of(traces)
+        answer = candidates[0].answer if candidates else None
+        votes = {answer: 1.0} if answer is not None else {}
+        return Result(self.name, answer, candidates, votes, tree, ctx.usage(), budget_exhausted=exhausted)
