@@ -75,7 +75,7 @@ async def test_confidence_weighted_vote_can_overturn_majority() -> None:
     assert weighted.answer == "42"
     assert engine.calls[1].logprobs is not None
     assert engine.calls[1].logprobs >= 2
-    sure = [c for c in weighted.candidates if c.answer == "42"][0]
+    sure = next(c for c in weighted.candidates if c.answer == "42")
     assert sure.confidence is not None
     assert weighted.trace.nodes[sure.trace_id].scores["confidence_mean"] == sure.confidence
 
