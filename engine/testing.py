@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import math
 import re
 import zlib
 from collections import deque
@@ -175,7 +176,12 @@ class _SimulatedEngine(Engine):
         if request.logprobs is None:
             return None
         lp = response.logprob(sample, pos)
-        top = tuple([(piece, lp)] + [(f"<alt{k}>", lp - k) for k in range(1, request.logprobs)])
+        # The alternatives share the probability mass the sampled token leaves, as in a real distribution:
+        # a confident token (logprob near 0) has very unlikely alternatives, an unsure one has close rivals.
+        k = max(request.logprobs, 1)
+        rest = max(1.0 - math.exp(lp), 1e-9) / max(k - 1, 1)
+        alt = max(math.log(rest), -20.0)
+        top = tuple([(piece, lp)] + [(f"<alt{i}>", alt) for i in range(1, k)])
         return (TokenLogprob(_token_id(piece), piece, lp, top[: request.logprobs]),)
 
     async def aclose(self) -> None:

@@ -7,12 +7,14 @@ from typing import Any
 from ..errors import UnknownNameError
 from .base import Candidate, PromptTemplate, Result, SearchContext, Strategy, TraceNode, TraceTree
 from .best_of_n import BestOfN
+from .deepconf import DeepConf
 from .self_consistency import SelfConsistency
 from .single import Single
 
 __all__ = [
     "BestOfN",
     "Candidate",
+    "DeepConf",
     "PromptTemplate",
     "Result",
     "SearchContext",
@@ -25,7 +27,7 @@ __all__ = [
     "get_strategy",
 ]
 
-_STRATEGIES: dict[str, type[Strategy]] = {cls.name: cls for cls in (Single, SelfConsistency, BestOfN)}
+_STRATEGIES: dict[str, type[Strategy]] = {cls.name: cls for cls in (Single, SelfConsistency, BestOfN, DeepConf)}
 
 
 def available_strategies() -> list[str]:

@@ -4,17 +4,25 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..engine.types import FinishReason, TokenLogprob
-from ..errors import BudgetExhausted
+from ..engine.types import Delta, FinishReason, GenerationRequest, TokenLogprob
+from ..errors import BudgetExhausted, ConfigError
 from ..verifiers.confidence import ConfidenceMetric, trace_confidence
 from ..verifiers.grading import BaseGrader
 from .base import Candidate, SearchContext, TraceNode, TraceTree
 
-__all__ = ["SampledTrace", "candidates_of", "cluster_votes", "pick_answer", "sample"]
+__all__ = [
+    "DeltaCheck",
+    "SampledTrace",
+    "candidates_of",
+    "cluster_votes",
+    "pick_answer",
+    "sample",
+    "stream_trace",
+]
 
 
 @dataclass
@@ -119,3 +127,46 @@ def candidates_of(
                 trace.node.scores[f"confidence_{confidence}"] = value
         result.append(Candidate(trace.node.answer, trace.text, trace.node.id, trace.node.tokens, confidence=value))
     return result
+
+
+DeltaCheck = Callable[[SampledTrace, Delta], str | None]
+"""Called after each delta of a trace; returns the name of a pruning rule to abort the trace, else None."""
+
+
+async def stream_trace(
+    ctx: SearchContext, request: GenerationRequest, trace: SampledTrace, tree: TraceTree, check: DeltaCheck
+) -> SampledTrace:
+    """Stream one single-sample request into ``trace``, aborting it inside the engine when ``check`` says so.
+
+    The trace ends "finished", "pruned" (by the rule ``check`` named, after the tokens it had), or "budget".
+    `BudgetExhausted` is not raised: the trace records it.
+    """
+    if request.n != 1:
+        raise ConfigError("stream_trace streams one sample; use sample() for n > 1")
+    pieces: list[str] = []
+    rule = None
+    try:
+        async with contextlib.aclosing(ctx.llm.stream(request)) as deltas:
+            async for delta in deltas:
+                pieces.append(delta.text)
+                trace.node.tokens += len(delta.token_ids)
+                if delta.logprobs:
+                    trace.logprobs.extend(delta.logprobs)
+                if delta.finish_reason is not None:
+                    trace.finish_reason = delta.finish_reason
+                    break
+                rule = check(trace, delta)
+                if rule is not None:
+                    break  # leaving the block closes the stream: the engine aborts the request
+    except BudgetExhausted:
+        pass
+    trace.text = trace.node.text = "".join(pieces)
+    trace.node.finish_reason = trace.finish_reason
+    if trace.finish_reason in ("stop", "length"):
+        trace.node.answer = ctx.extractor.extract(trace.text)
+        tree.close(trace.node, "finished")
+    elif rule is not None:
+        tree.close(trace.node, "pruned", rule=rule, detail=f"aborted after {trace.node.tokens} tokens")
+    else:
+        tree.close(trace.node, "budget", detail="cut by the budget before it finished")
+    return trace
