@@ -78,6 +78,16 @@ def _on_cpu() -> bool:
     return bool(current_platform.is_cpu())
 
 
+def _cpu_has_fast_bf16() -> bool:
+    """Whether the CPU computes bf16 natively (AVX512-BF16 or AMX); without it bf16 is emulated, and slow."""
+    try:
+        with open("/proc/cpuinfo") as fh:
+            flags = fh.read()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
 class VLLMEngine(Engine):
     """vLLM's AsyncLLM, embedded.
 
@@ -88,7 +98,8 @@ class VLLMEngine(Engine):
         enforce_eager: skip graph compilation. None means True on CPU (starts in ~10 s instead of ~90 s,
             ~20% slower afterwards) and vLLM's default elsewhere.
         max_model_len: context length; None takes the model's.
-        dtype: weights/activation dtype ("auto", "bfloat16", "float16", "float32").
+        dtype: weights/activation dtype ("auto", "bfloat16", "float16", "float32"). On a CPU without native
+            bf16 (no AVX512-BF16 / AMX), "auto" means float32, which is several times faster there.
         kv_cache_gib: KV cache size in GiB. On CPU it sets ``VLLM_CPU_KVCACHE_SPACE`` (default 2) before
             the engine starts; on GPU use ``gpu_memory_utilization`` instead.
         gpu_memory_utilization: fraction of GPU memory vLLM may use (GPU only).
@@ -198,6 +209,9 @@ class VLLMEngine(Engine):
             self._options.setdefault("kv_cache_memory_bytes", int(self._kv_cache_gib * 2**30))
         eager = self._enforce_eager if self._enforce_eager is not None else (True if on_cpu else None)
         self._options["enforce_eager"] = eager
+        if on_cpu and self._options["dtype"] == "auto" and not _cpu_has_fast_bf16():
+            # Measured here (no AVX512-BF16): SmolLM2-135M decodes ~4x faster in float32 than in bf16.
+            self._options["dtype"] = "float32"
         self._options["model"] = self.model_path
         self._options.setdefault("served_model_name", self.model)
         engine = self
