@@ -5,17 +5,21 @@ from __future__ import annotations
 from typing import Any
 
 from ..errors import UnknownNameError
+from .adaptive import Adaptive
 from .base import Candidate, PromptTemplate, Result, SearchContext, Strategy, TraceNode, TraceTree
 from .best_of_n import BestOfN
 from .deepconf import DeepConf
+from .prune import Prune
 from .self_consistency import SelfConsistency
 from .single import Single
 
 __all__ = [
+    "Adaptive",
     "BestOfN",
     "Candidate",
     "DeepConf",
     "PromptTemplate",
+    "Prune",
     "Result",
     "SearchContext",
     "SelfConsistency",
@@ -27,7 +31,9 @@ __all__ = [
     "get_strategy",
 ]
 
-_STRATEGIES: dict[str, type[Strategy]] = {cls.name: cls for cls in (Single, SelfConsistency, BestOfN, DeepConf)}
+_STRATEGIES: dict[str, type[Strategy]] = {
+    cls.name: cls for cls in (Single, SelfConsistency, BestOfN, DeepConf, Prune, Adaptive)
+}
 
 
 def available_strategies() -> list[str]:
