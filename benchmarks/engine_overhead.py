@@ -92,7 +92,7 @@ def start_server(port: int) -> subprocess.Popen[bytes]:
     cmd = [
         sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", path, "--served-model-name", MODEL,
         "--host", "127.0.0.1", "--port", str(port), "--enforce-eager", "--max-model-len", "1024",
-        "--disable-log-requests",
+        "--distributed-executor-backend", "uni",
     ]  # fmt: skip
     env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE=os.environ.get("VLLM_CPU_KVCACHE_SPACE", "2"))
     return subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -175,25 +175,28 @@ async def main() -> None:
     parser.add_argument("--tokens", type=int, default=128)
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--skip-http", action="store_true", help="only the embedded comparison")
+    parser.add_argument("--skip-embedded", action="store_true", help="only the HTTP comparison")
     args = parser.parse_args()
     if args.quick:
         args.prompts, args.n, args.tokens, args.rounds = 4, 4, 32, 2
     texts = prompts(args.prompts)
     results = []
 
-    engine = VLLMEngine(MODEL, max_model_len=1024)
-    await engine.start()
-    try:
-        results.append(
-            await alternate(
-                "embedded: VLLMEngine.stream vs AsyncLLM.generate",
-                lambda: raw_vllm(engine, texts, args.n, args.tokens),
-                lambda: ours_vllm(engine, texts, args.n, args.tokens),
-                args.rounds,
+    if not args.skip_embedded:
+        engine = VLLMEngine(MODEL, max_model_len=1024)
+        await engine.start()
+        try:
+            results.append(
+                await alternate(
+                    "embedded: VLLMEngine.stream vs AsyncLLM.generate",
+                    lambda: raw_vllm(engine, texts, args.n, args.tokens),
+                    lambda: ours_vllm(engine, texts, args.n, args.tokens),
+                    args.rounds,
+                )
             )
-        )
-    finally:
-        await engine.aclose()
+            print(f"partial: {json.dumps(results[-1])}", flush=True)  # kept even if the HTTP part fails
+        finally:
+            await engine.aclose()
 
     if not args.skip_http:
         from branchwise.engine.openai_engine import OpenAIEngine
