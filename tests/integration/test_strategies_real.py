@@ -1,0 +1,51 @@
+"""Strategies on the real embedded engine: they run end to end, prune inside vLLM, and leave it idle."""
+
+from __future__ import annotations
+
+import pytest
+
+from branchwise.engine.vllm_engine import VLLMEngine
+from branchwise.evals.arithmetic import arithmetic_problems
+from branchwise.orchestrator.budget import Budget
+from branchwise.search import Adaptive, BestOfN, DeepConf, Prune, SearchContext, SelfConsistency, Single, Strategy
+
+pytestmark = [pytest.mark.engine, pytest.mark.asyncio(loop_scope="session"), pytest.mark.timeout(300)]
+
+PROBLEM = arithmetic_problems(1, seed=5, levels=(1,))[0]
+
+
+@pytest.mark.parametrize(
+    "strategy",
+    [
+        Single(),
+        SelfConsistency(n=4),
+        SelfConsistency(n=4, voting="confidence"),
+        BestOfN(n=3),
+        DeepConf(n=6, warmup=2, window=16, keep=0.9, consensus=None),
+        Prune(n=4, interval=16, min_tokens=16),
+        Adaptive(probe=2, stages=(4,)),
+    ],
+    ids=lambda s: s.name,
+)
+async def test_strategy_runs_on_real_engine(vllm_engine: VLLMEngine, strategy: Strategy) -> None:
+    budget = Budget()
+    ctx = SearchContext(engine=vllm_engine, budget=budget, max_tokens=96, temperature=0.8)
+    result = await strategy.run(PROBLEM.question, ctx)
+    assert result.strategy == strategy.name
+    assert len(result.trace) >= 1
+    assert result.usage.completion_tokens == budget.usage.completion_tokens > 0
+    assert result.usage.calls >= 1
+    assert all(n.status in ("finished", "pruned") for n in result.trace.nodes)
+    assert sum(n.tokens for n in result.trace.nodes) == result.usage.completion_tokens
+    for node in result.trace.pruned():
+        assert node.pruned_by
+    assert (await vllm_engine.wait_idle(timeout=30)).idle  # pruned traces were aborted inside vLLM
+
+
+async def test_budget_cap_on_real_engine(vllm_engine: VLLMEngine) -> None:
+    budget = Budget(max_completion_tokens=150)
+    ctx = SearchContext(engine=vllm_engine, budget=budget, max_tokens=200, temperature=0.8)
+    result = await DeepConf(n=8, warmup=2, window=16, consensus=None).run(PROBLEM.question, ctx)
+    assert budget.usage.completion_tokens <= 150 + 8  # at most one delta per in-flight sample past the cap
+    assert result.budget_exhausted or budget.usage.completion_tokens <= 150
+    assert (await vllm_engine.wait_idle(timeout=30)).idle
