@@ -43,10 +43,11 @@ def prompts(count: int) -> list[str]:
     return [f"Story {i}: once upon a time, in a village by the sea," for i in range(count)]
 
 
-async def timed(run: Callable[[], Awaitable[int]]) -> tuple[int, float]:
-    started = time.perf_counter()
+async def timed(run: Callable[[], Awaitable[int]]) -> tuple[int, float, float]:
+    """Tokens, wall seconds and this process's CPU seconds (the client side's own cost) of one run."""
+    started, cpu = time.perf_counter(), time.process_time()
     tokens = await run()
-    return tokens, time.perf_counter() - started
+    return tokens, time.perf_counter() - started, time.process_time() - cpu
 
 
 # -- embedded --------------------------------------------------------------------------------------------------
@@ -150,20 +151,25 @@ async def alternate(
 ) -> dict[str, Any]:
     await raw()  # warm-up both paths (first-request compilation, connection setup)
     await ours()
-    raw_tps, ours_tps = [], []
+    tps: dict[str, list[float]] = {"raw": [], "ours": []}
+    cpu_us: dict[str, list[float]] = {"raw": [], "ours": []}
     for i in range(rounds):
         order = [("raw", raw), ("ours", ours)] if i % 2 == 0 else [("ours", ours), ("raw", raw)]
         for name, fn in order:
-            tokens, seconds = await timed(fn)
-            (raw_tps if name == "raw" else ours_tps).append(tokens / seconds)
-    raw_med, ours_med = statistics.median(raw_tps), statistics.median(ours_tps)
+            tokens, seconds, cpu = await timed(fn)
+            tps[name].append(tokens / seconds)
+            cpu_us[name].append(cpu / tokens * 1e6)
+    raw_med, ours_med = statistics.median(tps["raw"]), statistics.median(tps["ours"])
     return {
         "path": label,
         "raw_tok_s": round(raw_med, 1),
         "branchwise_tok_s": round(ours_med, 1),
         "ratio": round(ours_med / raw_med, 4),
-        "raw_rounds": [round(x, 1) for x in raw_tps],
-        "branchwise_rounds": [round(x, 1) for x in ours_tps],
+        "raw_rounds": [round(x, 1) for x in tps["raw"]],
+        "branchwise_rounds": [round(x, 1) for x in tps["ours"]],
+        # Client-process CPU per generated token: the overhead itself, much less noisy than throughput here.
+        "raw_client_cpu_us_per_token": round(statistics.median(cpu_us["raw"]), 1),
+        "branchwise_client_cpu_us_per_token": round(statistics.median(cpu_us["ours"]), 1),
     }
 
 
@@ -226,10 +232,11 @@ async def main() -> None:
     table = Table(
         title=f"engine overhead: {args.prompts} prompts x n={args.n} x {args.tokens} tokens, {args.rounds} rounds"
     )
-    for column in ("path", "raw tok/s", "branchwise tok/s", "ratio"):
+    for column in ("path", "raw tok/s", "branchwise tok/s", "ratio", "client CPU us/token raw / branchwise"):
         table.add_column(column)
     for r in results:
-        table.add_row(r["path"], str(r["raw_tok_s"]), str(r["branchwise_tok_s"]), f"{r['ratio']:.3f}")
+        cpu = f"{r['raw_client_cpu_us_per_token']} / {r['branchwise_client_cpu_us_per_token']}"
+        table.add_row(r["path"], str(r["raw_tok_s"]), str(r["branchwise_tok_s"]), f"{r['ratio']:.3f}", cpu)
     Console().print(table)
     workload = {"prompts": args.prompts, "n": args.n, "tokens": args.tokens, "rounds": args.rounds}
     print(json.dumps({"benchmark": "engine_overhead", "model": MODEL, "workload": workload, "results": results}))
