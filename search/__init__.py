@@ -9,17 +9,21 @@ from .adaptive import Adaptive
 from .base import Candidate, PromptTemplate, Result, SearchContext, Strategy, TraceNode, TraceTree
 from .best_of_n import BestOfN
 from .deepconf import DeepConf
+from .pdr import PDR
 from .prune import Prune
+from .refine import Refine
 from .self_consistency import SelfConsistency
 from .single import Single
 
 __all__ = [
+    "PDR",
     "Adaptive",
     "BestOfN",
     "Candidate",
     "DeepConf",
     "PromptTemplate",
     "Prune",
+    "Refine",
     "Result",
     "SearchContext",
     "SelfConsistency",
@@ -32,7 +36,7 @@ __all__ = [
 ]
 
 _STRATEGIES: dict[str, type[Strategy]] = {
-    cls.name: cls for cls in (Single, SelfConsistency, BestOfN, DeepConf, Prune, Adaptive)
+    cls.name: cls for cls in (Single, SelfConsistency, BestOfN, DeepConf, Prune, Adaptive, Refine, PDR)
 }
 
 

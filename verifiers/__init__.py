@@ -1,4 +1,5 @@
-"""Verifiers: answer extraction, grading (math equivalence, QA EM/F1, yes/no) and confidence from logprobs.
+"""Verifiers: answer extraction, grading (math equivalence, QA EM/F1, yes/no), confidence from logprobs,
+redundancy judges, step scorers and a generative (GenRM-style) verifier.
 
 Nothing here imports math-verify at import time: `MathGrader` runs it in worker processes on first use.
 """
@@ -26,6 +27,7 @@ from .extraction import (
     normalize_number,
     parse_number,
 )
+from .genrm import GenerativeVerifier, VerificationResult, parse_verdict
 from .grading import (
     BaseGrader,
     GoldAnswer,
@@ -58,6 +60,7 @@ __all__ = [
     "ConfidenceTracker",
     "Extraction",
     "ExtractionRule",
+    "GenerativeVerifier",
     "GoldAnswer",
     "GradeResult",
     "Grader",
@@ -66,6 +69,7 @@ __all__ = [
     "NumericGrader",
     "QAGrader",
     "TimeoutProcessPool",
+    "VerificationResult",
     "WorkerCrashError",
     "YesNoGrader",
     "available_graders",
@@ -83,6 +87,7 @@ __all__ = [
     "normalize_number",
     "normalize_qa_answer",
     "parse_number",
+    "parse_verdict",
     "qa_exact_match",
     "qa_f1",
     "token_confidence",
