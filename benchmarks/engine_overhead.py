@@ -93,7 +93,7 @@ def start_server(port: int) -> subprocess.Popen[bytes]:
     cmd = [
         sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", path, "--served-model-name", MODEL,
         "--host", "127.0.0.1", "--port", str(port), "--enforce-eager", "--max-model-len", "1024",
-        "--distributed-executor-backend", "uni",
+        "--distributed-executor-backend", "uni", "--dtype", "float32",  # float32: no native bf16 on these CPUs
     ]  # fmt: skip
     env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE=os.environ.get("VLLM_CPU_KVCACHE_SPACE", "2"))
     return subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
