@@ -8,7 +8,8 @@ BranchwiseError
 │   ├── RequestValidationError  an invalid GenerationRequest field
 │   ├── UnknownNameError        a registry lookup with no match (carries "did you mean" suggestions)
 │   ├── MissingDependencyError  an optional dependency is not installed (carries the install command)
-│   └── PlanError               an invalid plan (names the node and field)
+│   ├── PlanError               an invalid plan (names the node and field)
+│   └── DatasetError            a benchmark file is missing, malformed or fails its checksum (names file/line)
 ├── ModelProvisionError         a model could not be downloaded, verified or converted
 ├── EngineError                 runtime failures of an engine backend
 │   ├── EngineUnavailable       the backend cannot be reached or started
@@ -32,6 +33,7 @@ __all__ = [
     "BranchwiseError",
     "BudgetExhausted",
     "ConfigError",
+    "DatasetError",
     "EngineError",
     "EngineRequestError",
     "EngineTimeout",
@@ -125,6 +127,21 @@ class PlanError(ConfigError):
         super().__init__(where + message)
         self.node = node
         self.field = field
+
+
+class DatasetError(ConfigError):
+    """A benchmark data set cannot be used: missing, unreadable, malformed, or failing its sha256 check.
+
+    Attributes:
+        source: the file or URL at fault.
+        line: the 1-based line number of a malformed row, if any.
+    """
+
+    def __init__(self, source: str, message: str, *, line: int | None = None) -> None:
+        where = f"{source}:{line}" if line is not None else source
+        super().__init__(f"{where}: {message}")
+        self.source = source
+        self.line = line
 
 
 class ModelProvisionError(BranchwiseError):
