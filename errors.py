@@ -20,6 +20,9 @@ BranchwiseError
 │   └── WorkerCrashError        one item killed its worker every time it ran
 ├── BudgetExhausted             a Budget cap was reached
 └── ToolError                   a tool call failed
+    ├── ToolArgumentError       the arguments do not match the tool's signature or schema (names the field)
+    ├── ToolTimeout             a tool exceeded its time limit
+    └── SandboxViolation        sandboxed code hit a limit or a forbidden operation (names the limit)
 ```
 
 Backend exceptions are translated at the boundary with ``raise ... from err`` so the cause stays visible.
@@ -44,7 +47,10 @@ __all__ = [
     "PlanError",
     "RateLimited",
     "RequestValidationError",
+    "SandboxViolation",
+    "ToolArgumentError",
     "ToolError",
+    "ToolTimeout",
     "UnknownNameError",
     "WorkerCrashError",
 ]
@@ -198,3 +204,33 @@ class ToolError(BranchwiseError):
     def __init__(self, tool: str, message: str) -> None:
         super().__init__(f"tool {tool!r} failed: {message}")
         self.tool = tool
+
+
+class ToolArgumentError(ToolError):
+    """The arguments of a tool call do not fit the tool: unknown, missing, duplicated or invalid.
+
+    Attributes:
+        field: the offending argument name, if one can be named.
+    """
+
+    def __init__(self, tool: str, message: str, *, field: str | None = None) -> None:
+        where = f"argument {field!r}: " if field else ""
+        super().__init__(tool, where + message)
+        self.field = field
+
+
+class ToolTimeout(ToolError):
+    """A tool call exceeded its time limit."""
+
+
+class SandboxViolation(ToolError):
+    """Sandboxed code hit a resource limit or attempted a forbidden operation.
+
+    Attributes:
+        limit: which limit or rule: ``cpu_time``, ``wall_time``, ``memory``, ``processes``, ``output``,
+            ``file_size``, ``network``, ``filesystem`` or ``forbidden``.
+    """
+
+    def __init__(self, tool: str, limit: str, message: str) -> None:
+        super().__init__(tool, f"{limit} limit: {message}" if limit else message)
+        self.limit = limit
