@@ -19,10 +19,13 @@ BranchwiseError
 ├── GraderPoolError             the grading worker pool cannot run items
 │   └── WorkerCrashError        one item killed its worker every time it ran
 ├── BudgetExhausted             a Budget cap was reached
-└── ToolError                   a tool call failed
-    ├── ToolArgumentError       the arguments do not match the tool's signature or schema (names the field)
-    ├── ToolTimeout             a tool exceeded its time limit
-    └── SandboxViolation        sandboxed code hit a limit or a forbidden operation (names the limit)
+├── ToolError                   a tool call failed
+│   ├── ToolArgumentError       the arguments do not match the tool's signature or schema (names the field)
+│   ├── ToolTimeout             a tool exceeded its time limit
+│   └── SandboxViolation        sandboxed code hit a limit or a forbidden operation (names the limit)
+└── ExecutionError              a plan run failed while executing
+    ├── NodeFailedError         a node failed under the fail-fast policy (names the node; cause chained)
+    └── NodeTimeoutError        a node exceeded its per-attempt time limit
 ```
 
 Backend exceptions are translated at the boundary with ``raise ... from err`` so the cause stays visible.
@@ -41,8 +44,11 @@ __all__ = [
     "EngineRequestError",
     "EngineTimeout",
     "EngineUnavailable",
+    "ExecutionError",
     "GraderPoolError",
     "MissingDependencyError",
+    "NodeFailedError",
+    "NodeTimeoutError",
     "ModelProvisionError",
     "PlanError",
     "RateLimited",
@@ -234,3 +240,39 @@ class SandboxViolation(ToolError):
     def __init__(self, tool: str, limit: str, message: str) -> None:
         super().__init__(tool, f"{limit} limit: {message}" if limit else message)
         self.limit = limit
+
+
+class ExecutionError(BranchwiseError):
+    """A plan run failed while executing (as opposed to `PlanError`, an invalid plan)."""
+
+
+class NodeFailedError(ExecutionError):
+    """A plan node failed and the fail-fast policy stopped the run; the node's error is the ``__cause__``.
+
+    Attributes:
+        node: the node id.
+        name: the node's tool name ("think" for a thought).
+        error: the node's exception.
+    """
+
+    def __init__(self, node: int, name: str, error: BaseException) -> None:
+        super().__init__(f"node {node} ({name}) failed: {type(error).__name__}: {error}")
+        self.node = node
+        self.name = name
+        self.error = error
+
+
+class NodeTimeoutError(ExecutionError):
+    """A plan node exceeded its per-attempt time limit.
+
+    Attributes:
+        node: the node id.
+        name: the node's tool name.
+        timeout_s: the limit.
+    """
+
+    def __init__(self, node: int, name: str, timeout_s: float) -> None:
+        super().__init__(f"node {node} ({name}) timed out after {timeout_s:g} s")
+        self.node = node
+        self.name = name
+        self.timeout_s = timeout_s
