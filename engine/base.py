@@ -61,6 +61,7 @@ def assemble(n: int, deltas: list[Delta]) -> tuple[Completion, ...]:
     ids: list[list[int]] = [[] for _ in range(n)]
     lps: list[list[TokenLogprob] | None] = [None] * n
     finish: list[FinishReason] = ["abort"] * n
+    stops: list[str | int | None] = [None] * n
     for d in deltas:
         texts[d.index].append(d.text)
         ids[d.index].extend(d.token_ids)
@@ -71,6 +72,7 @@ def assemble(n: int, deltas: list[Delta]) -> tuple[Completion, ...]:
             bucket.extend(d.logprobs)
         if d.finish_reason is not None:
             finish[d.index] = d.finish_reason
+            stops[d.index] = d.stop_reason
     return tuple(
         Completion(
             index=i,
@@ -78,6 +80,7 @@ def assemble(n: int, deltas: list[Delta]) -> tuple[Completion, ...]:
             token_ids=tuple(ids[i]),
             logprobs=None if lps[i] is None else tuple(lps[i] or ()),
             finish_reason=finish[i],
+            stop_reason=stops[i],
         )
         for i in range(n)
     )

@@ -582,7 +582,10 @@ class OpenAIEngine(Engine):
                             if not (text or token_ids or finish):
                                 continue  # role announcements, keep-alives
                             counted[index] += len(token_ids)
-                            delta = Delta(index, text, token_ids, logprobs, finish)
+                            stop = choice.get("stop_reason") if finish is not None else None
+                            delta = Delta(
+                                index, text, token_ids, logprobs, finish, stop if isinstance(stop, (str, int)) else None
+                            )
                             if finish is not None:
                                 finished[index] = True
                                 if approx[index]:
@@ -614,7 +617,7 @@ class OpenAIEngine(Engine):
                 d = held[index]
                 if extra[index]:
                     ids = (*d.token_ids, *(PLACEHOLDER_TOKEN_ID,) * extra[index])
-                    d = Delta(d.index, d.text, ids, d.logprobs, d.finish_reason)
+                    d = Delta(d.index, d.text, ids, d.logprobs, d.finish_reason, d.stop_reason)
                 yield d
 
     async def _read_whole(
@@ -627,7 +630,7 @@ class OpenAIEngine(Engine):
             raise _Retryable(EngineUnavailable(f"connection to {url} lost: {_describe(err)}")) from err
         completions, meter.prompt_tokens = _parse_whole(content, url, call)
         for c in completions:
-            yield Delta(c.index, c.text, c.token_ids, c.logprobs, c.finish_reason)
+            yield Delta(c.index, c.text, c.token_ids, c.logprobs, c.finish_reason, c.stop_reason)
 
     # -- slots, balancing, retries ----------------------------------------------------------------------------
     def _get_client(self) -> httpx.AsyncClient:

@@ -142,16 +142,16 @@ class _SimulatedEngine(Engine):
         delay = self.token_delay if response.token_delay is None else response.token_delay
         plans = []
         for i in range(request.n):
-            tokens, reason, _ = _cut(response.texts[i % len(response.texts)], request)
-            plans.append((tokens, reason or response.finish_reason))
+            tokens, reason, stop_hit = _cut(response.texts[i % len(response.texts)], request)
+            plans.append((tokens, reason or response.finish_reason, stop_hit))
         self.active += 1
         finished = False
         try:
-            longest = max((len(t) for t, _ in plans), default=0)
+            longest = max((len(t) for t, _, _ in plans), default=0)
             for pos in range(max(longest, 1)):
                 if delay:
                     await asyncio.sleep(delay)
-                for i, (tokens, reason) in enumerate(plans):
+                for i, (tokens, reason, stop_hit) in enumerate(plans):
                     if pos >= len(tokens) and not (pos == 0 and not tokens):
                         continue
                     piece = tokens[pos] if tokens else ""
@@ -162,6 +162,7 @@ class _SimulatedEngine(Engine):
                         token_ids=(_token_id(piece),) if piece else (),
                         logprobs=self._logprobs(request, response, i, pos, piece) if piece else None,
                         finish_reason=reason if last else None,
+                        stop_reason=stop_hit if last else None,
                     )
             finished = True
         finally:

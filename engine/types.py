@@ -275,6 +275,8 @@ class Delta:
         token_ids: the new token ids.
         logprobs: per-token logprobs of the new tokens, if requested.
         finish_reason: set on the sample's last delta.
+        stop_reason: on the last delta, the stop string or token that ended the sample, when the backend
+            reports one (None for end of sequence or when unknown).
     """
 
     index: int
@@ -282,6 +284,7 @@ class Delta:
     token_ids: tuple[int, ...] = ()
     logprobs: tuple[TokenLogprob, ...] | None = None
     finish_reason: FinishReason | None = None
+    stop_reason: str | int | None = None
 
 
 @dataclass(frozen=True, slots=True)

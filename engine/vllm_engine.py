@@ -377,6 +377,7 @@ class VLLMEngine(Engine):
                         token_ids=ids,
                         logprobs=_map_logprobs(ids, c.logprobs, top_k) if want_lp else None,
                         finish_reason=None if c.finish_reason is None else _FINISH.get(c.finish_reason, "stop"),
+                        stop_reason=c.stop_reason if c.finish_reason is not None else None,
                     )
 
     async def _generate(self, request: GenerationRequest, meter: CallMeter) -> tuple[Completion, ...]:

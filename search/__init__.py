@@ -7,8 +7,10 @@ from typing import Any
 from ..errors import UnknownNameError
 from .adaptive import Adaptive
 from .base import Candidate, PromptTemplate, Result, SearchContext, Strategy, TraceNode, TraceTree
+from .beam import Beam
 from .best_of_n import BestOfN
 from .deepconf import DeepConf
+from .dvts import DVTS
 from .pdr import PDR
 from .prune import Prune
 from .refine import Refine
@@ -16,8 +18,10 @@ from .self_consistency import SelfConsistency
 from .single import Single
 
 __all__ = [
+    "DVTS",
     "PDR",
     "Adaptive",
+    "Beam",
     "BestOfN",
     "Candidate",
     "DeepConf",
@@ -36,7 +40,7 @@ __all__ = [
 ]
 
 _STRATEGIES: dict[str, type[Strategy]] = {
-    cls.name: cls for cls in (Single, SelfConsistency, BestOfN, DeepConf, Prune, Adaptive, Refine, PDR)
+    cls.name: cls for cls in (Single, SelfConsistency, BestOfN, DeepConf, Prune, Adaptive, Refine, PDR, Beam, DVTS)
 }
 
 

@@ -1,5 +1,5 @@
 """Verifiers: answer extraction, grading (math equivalence, QA EM/F1, yes/no), confidence from logprobs,
-redundancy judges, step scorers and a generative (GenRM-style) verifier.
+redundancy judges, step scorers (process reward) and a generative (GenRM-style) verifier.
 
 Nothing here imports math-verify at import time: `MathGrader` runs it in worker processes on first use.
 """
@@ -50,28 +50,51 @@ from .grading import (
     qa_exact_match,
     qa_f1,
 )
+from .step_scorers import (
+    AGGREGATES,
+    EmbeddedPoolingClient,
+    GenerativeJudgeScorer,
+    HTTPPoolingClient,
+    JudgeTemplate,
+    PoolingClient,
+    ScriptedStepScorer,
+    StepScorer,
+    VLLMRewardModelScorer,
+    aggregate,
+    yes_probability,
+)
 
 __all__ = [
+    "AGGREGATES",
     "DEFAULT_RULES",
     "LOGPROB_FLOOR",
     "AnswerExtractor",
     "BaseGrader",
     "ConfidenceMetric",
     "ConfidenceTracker",
+    "EmbeddedPoolingClient",
     "Extraction",
     "ExtractionRule",
+    "GenerativeJudgeScorer",
     "GenerativeVerifier",
     "GoldAnswer",
     "GradeResult",
     "Grader",
     "GraderPoolError",
+    "HTTPPoolingClient",
+    "JudgeTemplate",
     "MathGrader",
     "NumericGrader",
+    "PoolingClient",
     "QAGrader",
+    "ScriptedStepScorer",
+    "StepScorer",
     "TimeoutProcessPool",
+    "VLLMRewardModelScorer",
     "VerificationResult",
     "WorkerCrashError",
     "YesNoGrader",
+    "aggregate",
     "available_graders",
     "close_default_pool",
     "default_math_pool",
@@ -92,4 +115,5 @@ __all__ = [
     "qa_f1",
     "token_confidence",
     "trace_confidence",
+    "yes_probability",
 ]

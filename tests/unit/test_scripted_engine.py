@@ -54,6 +54,11 @@ async def test_max_tokens_and_stop_strings() -> None:
     stopped = await engine.generate(_req(stop=[" four"]))
     assert stopped.text == "one two three"
     assert stopped.completions[0].finish_reason == "stop"
+    assert stopped.completions[0].stop_reason == " four"
+    # The stop string is reported on the stream's last delta only; the end of the text reports none.
+    deltas = [d async for d in engine.stream(_req(stop=[" four"]))]
+    assert [d.stop_reason for d in deltas] == [None, None, " four"]
+    assert (await engine.generate(_req())).completions[0].stop_reason is None
 
 
 async def test_function_engine_sees_request() -> None:
