@@ -1,0 +1,612 @@
+"""The async DAG executor: every node starts the moment its last dependency finishes.
+
+Dispatch is event-driven: each node keeps a count of unfinished dependencies; when a node ends, its dependents'
+counts drop and those reaching zero join a ready queue, from which nodes start while fewer than ``concurrency``
+are running. There is no polling loop. Nodes may be added while the executor runs (`Executor.add`), which is how
+a streaming planner dispatches a task the moment its line is complete.
+
+Structured concurrency: the executor owns every task it starts. Used as ``async with Executor(...) as ex:``, it
+never returns with a task still running. Under the ``fail_fast`` policy the first node that fails (after its
+retries) cancels every running node and the run raises `NodeFailedError`; under ``continue`` the failure is
+recorded, the nodes depending on it are skipped, and the rest of the DAG runs on so a joiner can see the error.
+Cancelling the task that awaits `Executor.wait` (or calling `Executor.cancel`) cancels every node, and through
+them their engine requests (thought nodes stream through the budgeted engine, whose cancellation aborts the
+request in the backend).
+
+Node kinds: a tool node calls ``tool.call(arguments)`` after its references are resolved; a thought node runs
+a search/ strategy on its (resolved) question under a child of the run's `Budget`, and its output is the
+strategy `Result`'s answer; a join node is not run here (the agent's joiner handles it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Any, Literal, Self
+
+from ..errors import (
+    BranchwiseError,
+    BudgetExhausted,
+    ConfigError,
+    ExecutionError,
+    NodeFailedError,
+    NodeTimeoutError,
+    PlanError,
+    ToolArgumentError,
+)
+from ..planners.plan import Plan, PlanNode, ToolsLike, check_node
+
+__all__ = [
+    "EventSink",
+    "Executor",
+    "FailurePolicy",
+    "NodeResult",
+    "NodeStatus",
+    "RetryPolicy",
+    "ThoughtSpec",
+    "resolve_strategy",
+]
+
+logger = logging.getLogger(__name__)
+
+EventSink = Callable[[str, dict[str, Any]], None]
+"""An observer of run events: ``sink(kind, data)``; must be cheap and must not raise (errors are logged)."""
+
+NodeStatus = Literal["pending", "running", "ok", "error", "skipped", "cancelled"]
+FailurePolicy = Literal["fail_fast", "continue"]
+ThoughtSpec = Any
+"""A thought strategy: a `Strategy`, a name, ``(name, params)`` or ``{"strategy": name, **params}``."""
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """How often a node is tried and how long to wait between tries.
+
+    Attributes:
+        max_attempts: tries per node (1: no retry).
+        backoff_s: wait before the second try; multiplied by ``multiplier`` for each further try.
+        multiplier: backoff growth factor.
+        retry_on: exception types worth retrying. Usage errors (`ConfigError`, e.g. a bad argument) and
+            `BudgetExhausted` are never retried.
+    """
+
+    max_attempts: int = 1
+    backoff_s: float = 0.0
+    multiplier: float = 2.0
+    retry_on: tuple[type[BaseException], ...] = (BranchwiseError, TimeoutError, OSError)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.max_attempts, bool) or not isinstance(self.max_attempts, int) or self.max_attempts < 1:
+            raise ConfigError(f"RetryPolicy.max_attempts must be an integer >= 1, got {self.max_attempts!r}")
+        if self.backoff_s < 0 or self.multiplier < 1:
+            raise ConfigError("RetryPolicy.backoff_s must be >= 0 and multiplier >= 1")
+
+    def retryable(self, err: BaseException) -> bool:
+        if isinstance(err, (ConfigError, BudgetExhausted, ToolArgumentError)):
+            return False
+        return isinstance(err, self.retry_on)
+
+    def delay(self, attempt: int) -> float:
+        """Seconds to wait after failed try number ``attempt`` (1-based)."""
+        return float(self.backoff_s * self.multiplier ** (attempt - 1))
+
+
+@dataclass
+class NodeResult:
+    """What happened to one node.
+
+    Attributes:
+        id: the node id.
+        kind: "tool", "thought" or "join".
+        name: the tool name, "think" or "join".
+        status: "pending", "running", "ok", "error", "skipped" (a dependency failed) or "cancelled".
+        output: the node's output (a tool's return value; a thought's answer).
+        error: the error message, when it failed or was skipped.
+        error_type: the exception type name.
+        attempts: tries made.
+        started_at, ended_at: `time.perf_counter` stamps (None if it never started / ended).
+        detail: extra results: a thought's strategy `Result`, the resolved arguments.
+    """
+
+    id: int
+    kind: str
+    name: str
+    status: NodeStatus = "pending"
+    output: Any = None
+    error: str | None = None
+    error_type: str | None = None
+    attempts: int = 0
+    started_at: float | None = None
+    ended_at: float | None = None
+    detail: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def duration_s(self) -> float | None:
+        """Seconds from start to end (None until both are known)."""
+        if self.started_at is None or self.ended_at is None:
+            return None
+        return self.ended_at - self.started_at
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "ok"
+
+    def observation(self, limit: int = 600) -> str:
+        """The result as text for a prompt: the output, or the error."""
+        if self.status == "ok":
+            text = self.output if isinstance(self.output, str) else repr(self.output)
+        else:
+            text = f"ERROR ({self.error_type or self.status}): {self.error}"
+        return text if len(text) <= limit else text[: limit - 3] + "..."
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready summary (the output as text)."""
+        return {
+            "id": self.id,
+            "kind": self.kind,
+            "name": self.name,
+            "status": self.status,
+            "output": summarize(self.output),
+            "error": self.error,
+            "error_type": self.error_type,
+            "attempts": self.attempts,
+            "duration_s": self.duration_s,
+        }
+
+
+def summarize(value: Any, limit: int = 200) -> str:
+    """A short text rendering of a node output for events and records."""
+    text = value if isinstance(value, str) else repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def resolve_strategy(spec: ThoughtSpec) -> Any:
+    """A search/ `Strategy` from a strategy, a name, ``(name, params)`` or ``{"strategy": name, **params}``.
+
+    Raises:
+        ConfigError: an unusable spec; UnknownNameError for an unknown strategy name.
+    """
+    from ..search import Strategy, get_strategy
+
+    if spec is None:
+        return get_strategy("single")
+    if isinstance(spec, Strategy):
+        return spec
+    if isinstance(spec, str):
+        return get_strategy(spec)
+    if isinstance(spec, tuple) and len(spec) == 2 and isinstance(spec[0], str) and isinstance(spec[1], Mapping):
+        return get_strategy(spec[0], **dict(spec[1]))
+    if isinstance(spec, Mapping):
+        params = dict(spec)
+        name = params.pop("strategy", None) or params.pop("name", None)
+        if not isinstance(name, str):
+            raise ConfigError(f"a thought spec mapping needs a 'strategy' name, got {dict(spec)!r}")
+        return get_strategy(name, **params)
+    raise ConfigError(f"cannot make a strategy from {spec!r}: give a Strategy, a name or {{'strategy': name, ...}}")
+
+
+class _Entry:
+    __slots__ = ("dependents", "node", "result", "task", "waiting")
+
+    def __init__(self, node: PlanNode, result: NodeResult) -> None:
+        self.node = node
+        self.result = result
+        self.waiting = 0
+        self.dependents: list[_Entry] = []
+        self.task: asyncio.Task[None] | None = None
+
+
+class Executor:
+    """Runs plan nodes as their inputs become available.
+
+    Args:
+        tools: the tool registry (tools are looked up by name; ``tool.call(arguments)`` runs one).
+        engine: the engine thought nodes sample from (needed only for thought nodes).
+        budget: the run's shared `Budget`; each thought node runs under a child of it. A fresh metering budget
+            when None.
+        thought: the default thought strategy (see `ThoughtSpec`); "single" when None.
+        thought_context: extra `SearchContext` fields for thoughts (``max_tokens``, ``temperature``, ``prompt``...).
+        concurrency: the most nodes running at once (>= 1).
+        timeout_s: per-attempt time limit of a node (None: none); a node's ``timeout_s`` overrides it.
+        retry: the retry policy; a node's ``max_attempts`` overrides its attempt count.
+        failure: "fail_fast" (the first failure cancels the run and `wait` raises `NodeFailedError`) or
+            "continue" (record it, skip its dependents, run the rest).
+        events: an optional `EventSink`.
+        validate: check each added node (references, tool, literal arguments) before accepting it.
+
+    Example:
+        ```python
+        async with Executor(tools=registry, concurrency=8) as ex:
+            results = await ex.run(plan)
+        ```
+    """
+
+    def __init__(
+        self,
+        *,
+        tools: ToolsLike | None = None,
+        engine: Any = None,
+        budget: Any = None,
+        thought: ThoughtSpec = None,
+        thought_context: Mapping[str, Any] | None = None,
+        concurrency: int = 16,
+        timeout_s: float | None = None,
+        retry: RetryPolicy | None = None,
+        failure: FailurePolicy = "fail_fast",
+        events: EventSink | None = None,
+        validate: bool = True,
+    ) -> None:
+        if isinstance(concurrency, bool) or not isinstance(concurrency, int) or concurrency < 1:
+            raise ConfigError(f"concurrency must be an integer >= 1, got {concurrency!r}")
+        if failure not in ("fail_fast", "continue"):
+            raise ConfigError(f"failure must be 'fail_fast' or 'continue', got {failure!r}")
+        if timeout_s is not None and timeout_s <= 0:
+            raise ConfigError(f"timeout_s must be > 0 or None, got {timeout_s!r}")
+        self.tools = tools
+        self.engine = engine
+        self._budget = budget
+        self._thought_spec = thought
+        self._strategy: Any = None
+        self.thought_context = dict(thought_context or {})
+        self.concurrency = concurrency
+        self.timeout_s = timeout_s
+        self.retry = retry or RetryPolicy()
+        self.failure: FailurePolicy = failure
+        self.events = events
+        self.validate = validate
+        self._entries: dict[int, _Entry] = {}
+        self._outputs: dict[int, Any] = {}
+        self._ready: deque[_Entry] = deque()
+        self._running = 0
+        self._unfinished = 0
+        self._closed = False
+        self._done: asyncio.Event | None = None
+        self._fatal: BaseException | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.peak_running = 0
+        """The most nodes that ran at once (for tests and benchmarks)."""
+
+    # -- lifecycle ----------------------------------------------------------------------------------------------
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if exc is not None or self._tasks:
+            await self.cancel()
+
+    @property
+    def budget(self) -> Any:
+        if self._budget is None:
+            from ..orchestrator.budget import Budget
+
+            self._budget = Budget(name="executor")
+        return self._budget
+
+    @property
+    def results(self) -> dict[int, NodeResult]:
+        """Every added node's result so far, by id, in the order added."""
+        return {i: e.result for i, e in self._entries.items()}
+
+    @property
+    def outputs(self) -> Mapping[int, Any]:
+        """Outputs of the nodes that finished successfully."""
+        return self._outputs
+
+    @property
+    def running(self) -> int:
+        """Nodes running now."""
+        return self._running
+
+    def _emit(self, kind: str, data: dict[str, Any]) -> None:
+        if self.events is not None:
+            try:
+                self.events(kind, data)
+            except Exception:  # an observer must never break the run
+                logger.exception("event sink failed on %s", kind)
+
+    # -- adding nodes -------------------------------------------------------------------------------------------
+    def add(self, node: PlanNode, *, repairs: Iterable[Any] = ()) -> NodeResult:
+        """Accept ``node``; it starts as soon as its dependencies have finished (at once if they have).
+
+        A join node is recorded but not run. Must be called from the event loop thread.
+
+        Raises:
+            PlanError: the node is invalid here (duplicate id, a reference to a node not added before it,
+                an unknown tool, literal arguments that do not match the tool).
+            ConfigError: nodes were added after `close`.
+        """
+        if self._closed:
+            raise ConfigError("the executor is closed: no nodes can be added")
+        if self._fatal is not None:
+            raise self._fatal
+        if self.validate:
+            check_node(node, self._entries, self.tools if node.kind == "tool" else None)
+        elif node.id in self._entries:
+            raise PlanError(f"duplicate node id {node.id}", node=str(node.id), field="id")
+        name = node.tool if node.kind == "tool" else ("think" if node.kind == "thought" else "join")
+        entry = _Entry(node, NodeResult(node.id, node.kind, name or ""))
+        self._entries[node.id] = entry
+        if self.events is not None:
+            self._emit(
+                "plan_node",
+                {
+                    "node": node.id,
+                    "kind": node.kind,
+                    "name": name,
+                    "deps": node.dependencies(),
+                    "repairs": [r.to_dict() if hasattr(r, "to_dict") else r for r in repairs],
+                },
+            )
+        if node.kind == "join":
+            return entry.result
+        self._unfinished += 1
+        if self._done is not None and self._done.is_set():
+            self._done.clear()
+        skipped_by: NodeResult | None = None
+        for dep_id in node.dependencies():
+            dep = self._entries.get(dep_id)
+            if dep is None:  # only reachable with validate=False
+                raise PlanError(f"dependency {dep_id} was not added before this node", node=str(node.id), field="deps")
+            status = dep.result.status
+            if status == "ok":
+                continue
+            if status in ("error", "skipped", "cancelled"):
+                skipped_by = dep.result
+                continue
+            entry.waiting += 1
+            dep.dependents.append(entry)
+        if skipped_by is not None:
+            self._skip(entry, skipped_by)
+        elif entry.waiting == 0:
+            self._ready.append(entry)
+            self._pump()
+        return entry.result
+
+    def close(self) -> None:
+        """No more nodes will be added: `wait` returns once every added node has ended."""
+        self._closed = True
+        self._check_done()
+
+    # -- running ------------------------------------------------------------------------------------------------
+    async def run(self, plan: Plan | Iterable[PlanNode]) -> dict[int, NodeResult]:
+        """Add every node of ``plan``, close, and wait for the results (see `wait`)."""
+        try:
+            for node in plan:
+                self.add(node)
+            self.close()
+        except BaseException:
+            await self.cancel()
+            raise
+        return await self.wait()
+
+    async def wait(self) -> dict[int, NodeResult]:
+        """Wait until every added node has ended and `close` was called; returns `results`.
+
+        Cancelling the waiting task cancels every node (and awaits them) before the cancellation propagates.
+
+        Raises:
+            NodeFailedError: under "fail_fast", a node failed (its error is the cause); every other node was
+                cancelled and awaited first.
+        """
+        done = self._done_event()
+        self._check_done()
+        try:
+            await done.wait()
+        except BaseException:
+            await self.cancel()
+            raise
+        if self._fatal is not None:
+            await self._drain()
+            raise self._fatal
+        return self.results
+
+    async def cancel(self) -> None:
+        """Cancel every running node, mark unstarted ones cancelled, and wait until no task is left."""
+        self._closed = True
+        self._ready.clear()
+        for entry in self._entries.values():
+            if entry.result.status == "pending" and entry.node.kind != "join":
+                entry.result.status = "cancelled"
+        for task in list(self._tasks):
+            task.cancel()
+        await self._drain()
+        self._unfinished = 0
+        if self._done is not None:
+            self._done.set()
+
+    async def _drain(self) -> None:
+        while self._tasks:
+            await asyncio.gather(*list(self._tasks), return_exceptions=True)
+
+    def _done_event(self) -> asyncio.Event:
+        if self._done is None:
+            self._done = asyncio.Event()
+        return self._done
+
+    def _check_done(self) -> None:
+        if self._closed and self._unfinished == 0 and self._running == 0:
+            self._done_event().set()
+
+    def _pump(self) -> None:
+        while self._ready and self._running < self.concurrency:
+            entry = self._ready.popleft()
+            self._running += 1
+            self.peak_running = max(self.peak_running, self._running)
+            entry.result.status = "running"
+            task = asyncio.create_task(self._run_node(entry), name=f"branchwise-node-{entry.node.id}")
+            entry.task = task
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _run_node(self, entry: _Entry) -> None:
+        node, result = entry.node, entry.result
+        result.started_at = time.perf_counter()
+        if self.events is not None:
+            self._emit("node_start", {"node": node.id, "kind": node.kind, "name": result.name})
+        error: BaseException | None = None
+        try:
+            result.output = await self._attempts(entry)
+            result.status = "ok"
+        except asyncio.CancelledError:
+            result.status = "cancelled"
+            result.ended_at = time.perf_counter()
+            self._running -= 1
+            self._unfinished -= 1
+            raise
+        except Exception as err:
+            error = err
+            result.status = "error"
+            result.error = str(err) or type(err).__name__
+            result.error_type = type(err).__name__
+        result.ended_at = time.perf_counter()
+        self._running -= 1
+        self._unfinished -= 1
+        if error is None:
+            self._outputs[node.id] = result.output
+            if self.events is not None:
+                self._emit(
+                    "node_end",
+                    {
+                        "node": node.id,
+                        "name": result.name,
+                        "duration_s": result.duration_s,
+                        "attempts": result.attempts,
+                        "output": summarize(result.output),
+                    },
+                )
+            for dep in entry.dependents:
+                dep.waiting -= 1
+                if dep.waiting == 0 and dep.result.status == "pending":
+                    self._ready.append(dep)
+        else:
+            if self.events is not None:
+                self._emit(
+                    "node_error",
+                    {
+                        "node": node.id,
+                        "name": result.name,
+                        "duration_s": result.duration_s,
+                        "attempts": result.attempts,
+                        "error": result.error,
+                        "error_type": result.error_type,
+                    },
+                )
+            if self.failure == "fail_fast":
+                self._fail(entry, error)
+                return
+            for dep in entry.dependents:
+                self._skip(dep, result)
+        self._pump()
+        self._check_done()
+
+    def _skip(self, entry: _Entry, cause: NodeResult) -> None:
+        if entry.result.status != "pending":
+            return
+        entry.result.status = "skipped"
+        entry.result.error = f"dependency {cause.id} ({cause.name}) did not succeed: {cause.error}"
+        entry.result.error_type = "DependencyFailed"
+        self._unfinished -= 1
+        self._emit(
+            "node_error",
+            {
+                "node": entry.node.id,
+                "name": entry.result.name,
+                "error": entry.result.error,
+                "error_type": "DependencyFailed",
+                "duration_s": 0.0,
+                "attempts": 0,
+            },
+        )
+        for dep in entry.dependents:
+            self._skip(dep, cause)
+
+    def _fail(self, entry: _Entry, error: BaseException) -> None:
+        if self._fatal is not None:
+            return
+        self._fatal = NodeFailedError(entry.node.id, entry.result.name, error)
+        self._fatal.__cause__ = error
+        self._closed = True
+        self._ready.clear()
+        current = asyncio.current_task()
+        for task in list(self._tasks):
+            if task is not current:
+                task.cancel()
+        for other in self._entries.values():
+            if other.result.status == "pending" and other.node.kind != "join":
+                other.result.status = "cancelled"
+        self._unfinished = 0
+        self._done_event().set()
+
+    async def _attempts(self, entry: _Entry) -> Any:
+        node, result = entry.node, entry.result
+        attempts = node.max_attempts or self.retry.max_attempts
+        timeout = node.timeout_s or self.timeout_s
+        args, kwargs, question = node.resolved(self._outputs)
+        for attempt in range(1, attempts + 1):
+            result.attempts = attempt
+            try:
+                if timeout is None:
+                    return await self._execute(node, args, kwargs, question, result)
+                limit = asyncio.timeout(timeout)
+                try:
+                    async with limit:
+                        return await self._execute(node, args, kwargs, question, result)
+                except TimeoutError as err:
+                    if not limit.expired():  # a timeout raised inside the tool itself
+                        raise
+                    raise NodeTimeoutError(node.id, result.name, timeout) from err
+            except Exception as err:
+                if attempt >= attempts or not self.retry.retryable(err):
+                    raise
+                logger.info("node %s attempt %d failed (%s); retrying", node.id, attempt, err)
+                self._emit("node_retry", {"node": node.id, "attempt": attempt, "error": str(err)})
+                delay = self.retry.delay(attempt)
+                if delay:
+                    await asyncio.sleep(delay)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def _execute(
+        self, node: PlanNode, args: list[Any], kwargs: dict[str, Any], question: str | None, result: NodeResult
+    ) -> Any:
+        if node.kind == "tool":
+            if self.tools is None:
+                raise ConfigError("the executor has no tool registry")
+            assert node.tool is not None
+            tool = self.tools.get(node.tool)
+            try:
+                arguments = tool.bind(args, kwargs)
+            except (ConfigError, ToolArgumentError) as err:
+                raise PlanError(str(err), node=str(node.id), field=getattr(err, "field", None) or "args") from err
+            return await tool.call(arguments)
+        assert question is not None
+        return await self._think(node, question, result)
+
+    async def _think(self, node: PlanNode, question: str, result: NodeResult) -> Any:
+        from ..search import SearchContext
+
+        if self.engine is None:
+            raise ConfigError(f"thought node {node.id} needs an engine; the executor has none")
+        if node.strategy is not None:
+            strategy = resolve_strategy(node.strategy)
+        else:
+            if self._strategy is None:
+                self._strategy = resolve_strategy(self._thought_spec)
+            strategy = self._strategy
+        ctx = SearchContext(engine=self.engine, budget=self.budget.child(f"node{node.id}"), **self.thought_context)
+        outcome = await strategy.run(question, ctx)
+        result.detail["strategy"] = strategy.name
+        result.detail["result"] = outcome
+        if outcome.answer is None:
+            # the strategy found no extractable answer: pass the first trace's text on rather than nothing
+            texts = [c.text for c in outcome.candidates]
+            if not texts:
+                raise ExecutionError(f"thought node {node.id}: strategy {strategy.name!r} finished no trace")
+            return texts[0].strip()
+        return outcome.answer

@@ -1,0 +1,287 @@
+"""Executor: event-driven dispatch, concurrency limit, timeouts, retries, failure policies, cancellation."""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import pytest
+from pydantic import ValidationError, create_model
+
+from branchwise.engine.testing import ScriptedEngine
+from branchwise.errors import (
+    NodeFailedError,
+    NodeTimeoutError,
+    PlanError,
+    ToolArgumentError,
+    ToolError,
+    UnknownNameError,
+)
+from branchwise.executors.executor import Executor, RetryPolicy
+from branchwise.orchestrator.budget import Budget
+from branchwise.planners.plan import Plan, PlanNode
+
+pytestmark = pytest.mark.timeout(30)
+
+
+class FakeTool:
+    """A minimal stand-in for the tool registry's Tool (same interface)."""
+
+    def __init__(self, fn: Callable[..., Any]) -> None:
+        self.fn = fn
+        self.name = fn.__name__
+        self.description = fn.__doc__ or ""
+        sig = inspect.signature(fn)
+        self.param_names = list(sig.parameters)
+        fields: dict[str, Any] = {
+            n: (p.annotation, ... if p.default is inspect.Parameter.empty else p.default)
+            for n, p in sig.parameters.items()
+        }
+        self.args_model = create_model(f"{self.name}_args", **fields)
+
+    def bind(self, args: Sequence[Any], kwargs: Mapping[str, Any]) -> dict[str, Any]:
+        if len(args) > len(self.param_names):
+            raise ToolArgumentError(self.name, "too many positional arguments")
+        named = dict(zip(self.param_names, args, strict=False))
+        for k, v in kwargs.items():
+            if k not in self.param_names:
+                raise ToolArgumentError(self.name, "unknown argument", field=k)
+            if k in named:
+                raise ToolArgumentError(self.name, "given twice", field=k)
+            named[k] = v
+        return named
+
+    def validate(self, arguments: Mapping[str, Any]) -> dict[str, Any]:
+        try:
+            return self.args_model(**arguments).model_dump()
+        except ValidationError as err:
+            first = err.errors()[0]
+            raise ToolArgumentError(self.name, first["msg"], field=str(first["loc"][0])) from err
+
+    def signature(self) -> str:
+        return f"{self.name}{inspect.signature(self.fn)}"
+
+    async def call(self, arguments: Mapping[str, Any]) -> Any:
+        out = self.fn(**self.validate(arguments))
+        if inspect.isawaitable(out):
+            out = await out
+        return out
+
+
+class FakeRegistry:
+    def __init__(self, *fns: Callable[..., Any]) -> None:
+        self.tools = {f.__name__: FakeTool(f) for f in fns}
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.tools
+
+    def get(self, name: str) -> FakeTool:
+        try:
+            return self.tools[name]
+        except KeyError:
+            raise UnknownNameError("tool", name, list(self.tools)) from None
+
+    def names(self) -> list[str]:
+        return list(self.tools)
+
+
+class Gate:
+    """Tools that block until released, recording start order."""
+
+    def __init__(self) -> None:
+        self.started: list[str] = []
+        self.events: dict[str, asyncio.Event] = {}
+        self.arrived: dict[str, asyncio.Event] = {}
+
+    def event(self, key: str) -> asyncio.Event:
+        return self.events.setdefault(key, asyncio.Event())
+
+    def arrival(self, key: str) -> asyncio.Event:
+        return self.arrived.setdefault(key, asyncio.Event())
+
+    def registry(self) -> FakeRegistry:
+        gate = self
+
+        async def wait(key: str, value: Any = None) -> Any:
+            gate.started.append(key)
+            gate.arrival(key).set()
+            await gate.event(key).wait()
+            return value if value is not None else key
+
+        def echo(value: Any) -> Any:
+            gate.started.append(f"echo:{value}")
+            return value
+
+        return FakeRegistry(wait, echo)
+
+
+def n(i: int, tool: str, *args: Any, **kw: Any) -> PlanNode:
+    return PlanNode(i, tool=tool, args=list(args), **kw)
+
+
+async def test_dispatch_follows_dependencies_and_references_flow() -> None:
+    gate = Gate()
+    plan = Plan(
+        nodes=[
+            n(1, "wait", "a", 10),
+            n(2, "wait", "b", 20),
+            n(3, "echo", "$1 + $2"),
+            n(4, "echo", "$3"),
+            PlanNode(5, kind="join"),
+        ]
+    )
+    async with Executor(tools=gate.registry()) as ex:
+        run = asyncio.create_task(ex.run(plan))
+        await gate.arrival("a").wait()
+        await gate.arrival("b").wait()
+        assert gate.started == ["a", "b"]  # both roots started at once, nothing else
+        gate.event("b").set()
+        await asyncio.sleep(0)
+        assert "echo:10 + 20" not in gate.started
+        gate.event("a").set()
+        results = await run
+    assert gate.started == ["a", "b", "echo:10 + 20", "echo:10 + 20"]
+    assert results[3].output == "10 + 20" and results[4].status == "ok"
+    assert results[5].status == "pending"  # joins are for the agent
+    assert not ex._tasks
+
+
+async def test_global_concurrency_limit() -> None:
+    gate = Gate()
+    plan = [n(i, "wait", "k", i) for i in range(1, 11)]
+    ex = Executor(tools=gate.registry(), concurrency=3)
+    run = asyncio.create_task(ex.run(plan))
+    await gate.arrival("k").wait()
+    await asyncio.sleep(0)
+    assert ex.running == 3 and len(gate.started) == 3
+    gate.event("k").set()
+    results = await run
+    assert ex.peak_running == 3
+    assert all(r.ok for r in results.values())
+
+
+async def test_timeout_fail_fast_raises_typed_error_and_cancels_siblings() -> None:
+    gate = Gate()
+    ex = Executor(tools=gate.registry(), timeout_s=0.05)
+    plan = [n(1, "wait", "never"), n(2, "wait", "also", timeout_s=30), n(3, "echo", "$2")]
+    with pytest.raises(NodeFailedError) as info:
+        await ex.run(plan)
+    assert isinstance(info.value.__cause__, NodeTimeoutError) and info.value.node == 1
+    assert ex.results[1].status == "error" and ex.results[1].error_type == "NodeTimeoutError"
+    assert ex.results[2].status == "cancelled" and ex.results[3].status == "cancelled"
+    assert not ex._tasks
+
+
+async def test_continue_policy_skips_dependents_and_runs_the_rest() -> None:
+    def boom(x: int) -> int:
+        raise ToolError("boom", "exploded")
+
+    def echo(value: Any) -> Any:
+        return value
+
+    events: list[tuple[str, dict[str, Any]]] = []
+    ex = Executor(tools=FakeRegistry(boom, echo), failure="continue", events=lambda k, d: events.append((k, d)))
+    results = await ex.run([n(1, "boom", 1), n(2, "echo", "$1"), n(3, "echo", "$2"), n(4, "echo", "ok")])
+    assert [results[i].status for i in (1, 2, 3, 4)] == ["error", "skipped", "skipped", "ok"]
+    assert "exploded" in (results[1].error or "") and "dependency 1" in (results[3].error or "")
+    assert "ERROR" in results[2].observation()
+    kinds = [k for k, _ in events]
+    assert kinds.count("plan_node") == 4 and kinds.count("node_error") == 3 and kinds.count("node_end") == 1
+    end = next(d for k, d in events if k == "node_end")
+    assert end["output"] == "'ok'" or end["output"] == "ok"
+    assert end["duration_s"] >= 0
+
+
+async def test_retries_transient_errors_but_not_argument_errors() -> None:
+    calls = {"flaky": 0, "strict": 0}
+
+    def flaky(x: int) -> int:
+        calls["flaky"] += 1
+        if calls["flaky"] < 3:
+            raise ToolError("flaky", "transient")
+        return x
+
+    def strict(x: int) -> int:
+        calls["strict"] += 1
+        raise ToolArgumentError("strict", "bad", field="x")
+
+    tools = FakeRegistry(flaky, strict)
+    results = await Executor(tools=tools, retry=RetryPolicy(max_attempts=3)).run([n(1, "flaky", 7)])
+    assert results[1].output == 7 and results[1].attempts == 3
+    results = await Executor(tools=tools, retry=RetryPolicy(max_attempts=3), failure="continue").run(
+        [n(1, "strict", 1)]
+    )
+    assert results[1].status == "error" and calls["strict"] == 1
+    calls["flaky"] = 0
+    results = await Executor(tools=tools, failure="continue").run([n(1, "flaky", 1, max_attempts=2)])
+    assert results[1].status == "error" and results[1].attempts == 2
+
+
+async def test_incremental_add_dispatches_immediately() -> None:
+    gate = Gate()
+    ex = Executor(tools=gate.registry())
+    waiter = asyncio.create_task(ex.wait())
+    ex.add(n(1, "wait", "first", 1))
+    await gate.arrival("first").wait()  # running before node 2 even exists
+    ex.add(n(2, "echo", "$1"))
+    assert ex.results[2].status == "pending"
+    gate.event("first").set()
+    ex.add(n(3, "echo", "x"))
+    ex.close()
+    results = await waiter
+    assert results[2].output == 1 and results[3].output == "x"
+    with pytest.raises(PlanError, match="before"):
+        Executor(tools=gate.registry()).add(n(5, "echo", "$4"))
+
+
+async def test_cancelling_the_run_cancels_every_node_down_to_the_engine() -> None:
+    gate = Gate()
+    asked = asyncio.Event()
+
+    def reply(request: Any) -> str:
+        asked.set()
+        return "word " * 500 + "The answer is 3."
+
+    engine = ScriptedEngine(default=reply, token_delay=0.01)
+    ex = Executor(tools=gate.registry(), engine=engine, budget=Budget())
+    run = asyncio.create_task(ex.run([n(1, "wait", "slow"), PlanNode(2, kind="thought", question="1+2?")]))
+    await gate.arrival("slow").wait()
+    await asked.wait()
+    for _ in range(100):  # the thought's stream opens right after its reply is chosen, within a few loop turns
+        if engine.active:
+            break
+        await asyncio.sleep(0)
+    run.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await run
+    assert engine.active == 0 and engine.aborted == 1
+    assert {r.status for r in ex.results.values()} == {"cancelled"}
+    assert not ex._tasks
+    assert not [t for t in asyncio.all_tasks() if t.get_name().startswith("branchwise-node")]
+
+
+async def test_thought_output_flows_into_later_nodes_under_the_shared_budget() -> None:
+    def add(a: float, b: float) -> float:
+        return a + b
+
+    engine = ScriptedEngine(["Six times seven. The answer is 42."])
+    budget = Budget()
+    ex = Executor(tools=FakeRegistry(add), engine=engine, budget=budget, thought="single")
+    results = await ex.run([PlanNode(1, kind="thought", question="6*7?"), n(2, "add", "$1", 1)])
+    assert results[1].output == "42" and results[2].output == 43
+    assert results[1].detail["strategy"] == "single"
+    assert budget.usage.calls == 1 and budget.children[0].name == "node1"
+    engine.assert_complete()
+
+
+def test_config_errors() -> None:
+    from branchwise.errors import ConfigError
+
+    with pytest.raises(ConfigError):
+        Executor(concurrency=0)
+    with pytest.raises(ConfigError):
+        Executor(failure="ignore")  # type: ignore[arg-type]
+    with pytest.raises(ConfigError):
+        RetryPolicy(max_attempts=0)

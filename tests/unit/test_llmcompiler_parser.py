@@ -1,0 +1,226 @@
+"""LLMCompiler plan parsing: a corpus of malformed plans (repaired and recorded, or rejected) and eager dispatch."""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import pytest
+from pydantic import ValidationError, create_model
+
+from branchwise.engine.testing import ScriptedEngine, ScriptedResponse
+from branchwise.errors import PlanError, ToolArgumentError, UnknownNameError
+from branchwise.executors.executor import Executor
+from branchwise.planners.llmcompiler import LLMCompilerPlanner, PlanParser, parse_call, parse_plan
+
+pytestmark = pytest.mark.timeout(30)
+
+
+class FakeTool:
+    """A minimal stand-in for the tool registry's Tool (same interface)."""
+
+    def __init__(self, fn: Callable[..., Any]) -> None:
+        self.fn = fn
+        self.name = fn.__name__
+        self.description = fn.__doc__ or ""
+        sig = inspect.signature(fn)
+        self.param_names = list(sig.parameters)
+        fields: dict[str, Any] = {
+            n: (p.annotation, ... if p.default is inspect.Parameter.empty else p.default)
+            for n, p in sig.parameters.items()
+        }
+        self.args_model = create_model(f"{self.name}_args", **fields)
+
+    def bind(self, args: Sequence[Any], kwargs: Mapping[str, Any]) -> dict[str, Any]:
+        if len(args) > len(self.param_names):
+            raise ToolArgumentError(self.name, "too many positional arguments")
+        named = dict(zip(self.param_names, args, strict=False))
+        for k, v in kwargs.items():
+            if k not in self.param_names:
+                raise ToolArgumentError(self.name, "unknown argument", field=k)
+            if k in named:
+                raise ToolArgumentError(self.name, "given twice", field=k)
+            named[k] = v
+        return named
+
+    def validate(self, arguments: Mapping[str, Any]) -> dict[str, Any]:
+        try:
+            return self.args_model(**arguments).model_dump()
+        except ValidationError as err:
+            first = err.errors()[0]
+            raise ToolArgumentError(self.name, first["msg"], field=str(first["loc"][0])) from err
+
+    def signature(self) -> str:
+        return f"{self.name}{inspect.signature(self.fn)}"
+
+    async def call(self, arguments: Mapping[str, Any]) -> Any:
+        out = self.fn(**self.validate(arguments))
+        if inspect.isawaitable(out):
+            out = await out
+        return out
+
+
+class FakeRegistry:
+    def __init__(self, *fns: Callable[..., Any]) -> None:
+        self.tools = {f.__name__: FakeTool(f) for f in fns}
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.tools
+
+    def get(self, name: str) -> FakeTool:
+        try:
+            return self.tools[name]
+        except KeyError:
+            raise UnknownNameError("tool", name, list(self.tools)) from None
+
+    def names(self) -> list[str]:
+        return list(self.tools)
+
+
+def retrieve(query: str, k: int = 3) -> str:
+    return f"doc:{query}"
+
+
+def calculator(expression: str) -> str:
+    return expression
+
+
+TOOLS = FakeRegistry(retrieve, calculator)
+
+
+def test_parse_call_literals_and_bare_references() -> None:
+    assert parse_call('retrieve("a, b", k=2)') == ("retrieve", ["a, b"], {"k": 2}, True)
+    assert parse_call("calculator($1.value)") == ("calculator", ["$1.value"], {}, True)
+    assert parse_call('calculator("$1 - $2")')[1] == ["$1 - $2"]
+    assert parse_call("f(x=true, y=null, z=[1, 'a'])")[2] == {"x": True, "y": None, "z": [1, "a"]}
+    assert parse_call('retrieve("open"')[3] is False
+    with pytest.raises(PlanError, match="literals") as info:
+        parse_call("retrieve(os.system('rm'))", node=3)
+    assert info.value.node == "3" and info.value.field == "args"
+
+
+CLEAN = (
+    'Thought: look both up\n1. retrieve("Paris")\n2. retrieve(query="Berlin", k=2)\n'
+    '3. calculator("$1 + $2")\n4. join()\n<END_OF_PLAN>'
+)
+
+
+def test_clean_plan_has_no_repairs() -> None:
+    plan = parse_plan(CLEAN, TOOLS)
+    assert [n.describe() for n in plan] == [
+        '1. retrieve("Paris")',
+        '2. retrieve(query="Berlin", k=2)',
+        '3. calculator("$1 + $2")',
+        "4. join()",
+    ]
+    assert plan.repairs == [] and plan.node(2).kwargs == {"query": "Berlin", "k": 2}
+    assert plan.source == CLEAN
+
+
+# (text, expected repair kinds, check on the result)
+REPAIRABLE: list[tuple[str, list[str], Callable[[Any], bool]]] = [
+    ('1. retrieve("a")\n2. calculator($1)', ["missing_join"], lambda p: p.join.id == 3),
+    ('1. retrieve("a")\n2. join()\n3. join()', ["duplicate_join"], lambda p: len(p) == 2),
+    ('1. retrieve("a")\n2. calculator("${1} * 2")\n3. join()', ["ref_braces"], lambda p: p.node(2).args == ["$1 * 2"]),
+    (
+        '1. retrieve("a")\n2. join()\nThis plan looks up a and then joins.\nHope it helps!',
+        ["trailing_prose"],
+        lambda p: len(p) == 2,
+    ),
+    ('1. retrieve("a")\n2. join()\n<END_OF_PLAN>\nmore words', ["trailing_prose"], lambda p: len(p) == 2),
+    ('```\n1. retrieve("a")\n2. join()\n```', ["code_fence", "code_fence"], lambda p: len(p) == 2),
+    ('Here is my plan:\n1. retrieve("a")\n2. join()', ["ignored_line"], lambda p: len(p) == 2),
+    (
+        'retrieve("a")\nretrieve("b")\njoin()',
+        ["numbered", "numbered", "numbered"],
+        lambda p: [n.id for n in p] == [1, 2, 3],
+    ),
+    ('1. retrieve("a"\n2. join()', ["unclosed_call"], lambda p: p.node(1).args == ["a"]),
+    ('1. retreive("a")\n2. join()', ["tool_name"], lambda p: p.node(1).tool == "retrieve"),
+    (
+        '1. retrieve("a")\n2. join()\n3. retrieve("b")',
+        ["join_moved"],
+        lambda p: [n.id for n in p] == [1, 3, 4] and p.join.id == 4,
+    ),
+    (
+        "1) retrieve('a')\nStep 2: think('why $1?')\n3: join($2)",
+        [],
+        lambda p: p.node(2).kind == "thought" and p.join.question == "$2",
+    ),
+    ('- 1. retrieve("a");\n2. join()', [], lambda p: p.node(1).args == ["a"]),
+]
+
+
+@pytest.mark.parametrize(("text", "kinds", "check"), REPAIRABLE)
+def test_repairs_are_applied_and_recorded(text: str, kinds: list[str], check: Callable[[Any], bool]) -> None:
+    plan = parse_plan(text, TOOLS)
+    assert [r.kind for r in plan.repairs] == kinds
+    assert all(r.detail for r in plan.repairs)
+    assert check(plan)
+
+
+UNREPAIRABLE: list[tuple[str, str | None, str | None]] = [
+    ('1. retrieve("a")\n1. retrieve("b")\n2. join()', "1", "id"),
+    ('1. calculator($2)\n2. retrieve("b")\n3. join()', "1", "args[0]"),
+    ('1. search_web("a")\n2. join()', "1", "tool"),
+    ('1. retrieve("a" + x)\n2. join()', "1", "args"),
+    ("1. retrieve(query=)\n2. join()", "1", "args"),
+    ('1. retrieve("a", k="many")\n2. join()', "1", "k"),
+    ('1. retrieve("a", depth=3)\n2. join()', "1", "depth"),
+    ('1. think("a", "b")\n2. join()', "1", "question"),
+    ("just some prose and no plan", None, None),
+    ('1. retrieve("a")\n2. join($5)', None, None),
+]
+
+
+@pytest.mark.parametrize(("text", "node", "field"), UNREPAIRABLE)
+def test_unrepairable_output_raises_plan_error(text: str, node: str | None, field: str | None) -> None:
+    with pytest.raises(PlanError) as info:
+        parse_plan(text, TOOLS)
+    if node is not None:
+        assert info.value.node == node and info.value.field == field
+
+
+def test_parser_emits_nodes_as_lines_complete() -> None:
+    parser = PlanParser(TOOLS)
+    assert parser.feed('1. retrieve("a') == []
+    assert [n.id for n in parser.feed('")\n2. retr')] == [1]
+    assert [n.id for n in parser.feed('ieve("b")\n3. join()')] == [2]
+    assert parser.finish() == []
+    assert parser.plan().join.id == 3
+
+
+async def test_eager_dispatch_starts_node_1_before_the_plan_text_is_finished() -> None:
+    """A slow-streaming planner: node 1's tool must start while the planner is still writing."""
+    plan_text = '1. retrieve("Paris")\n2. retrieve("Berlin")\n3. calculator("$1 + $2")\n4. join()\n<END_OF_PLAN>'
+    engine = ScriptedEngine([ScriptedResponse([plan_text], token_delay=0.005)])
+    log: list[str] = []
+
+    async def retrieve(query: str) -> str:
+        log.append(f"start {query}")
+        return query
+
+    def calculator(expression: str) -> str:
+        return expression
+
+    engine.add_usage_hook(lambda *_: log.append("plan finished"))  # called when the plan's stream ends
+    tools = FakeRegistry(retrieve, calculator)
+    ex = Executor(tools=tools)
+    plan = await LLMCompilerPlanner().plan(
+        "Paris or Berlin?", engine=engine, tools=tools, on_node=lambda node, repairs: ex.add(node, repairs=repairs)
+    )
+    ex.close()
+    results = await ex.wait()
+    assert log.index("start Paris") < log.index("start Berlin") < log.index("plan finished")
+    assert results[3].output == "Paris + Berlin"
+    assert len(plan) == 4 and plan.repairs == []
+
+
+async def test_planner_error_mid_stream_aborts_the_stream() -> None:
+    engine = ScriptedEngine(
+        [ScriptedResponse(['1. retrieve("a")\n2. nosuch_tool_at_all(1)\n' + "x " * 200], token_delay=0.001)]
+    )
+    with pytest.raises(PlanError, match="unknown tool"):
+        await LLMCompilerPlanner().plan("q", engine=engine, tools=TOOLS)
+    assert engine.aborted == 1 and engine.active == 0
