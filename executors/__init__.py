@@ -1,1 +1,30 @@
-"""executors."""
+"""executors: the async DAG executor, the tool registry and the built-in tools.
+
+Built-in tools: ``calculator`` (safe AST arithmetic), ``python`` (sandboxed subprocess), ``retrieve`` (BM25 over
+a local corpus) and ``http_get`` (off unless enabled). bm25s and httpx are imported only when those tools run.
+"""
+
+from .calculator import calculate, calculator, calculator_tool
+from .http_tool import http_get_tool
+from .retrieval import BM25Retriever, Document, load_documents, retrieve_tool
+from .sandbox import SandboxLimits, SandboxResult, python_tool, run_python
+from .tools import Tool, ToolRegistry, default_tools, tool
+
+__all__ = [
+    "BM25Retriever",
+    "Document",
+    "SandboxLimits",
+    "SandboxResult",
+    "Tool",
+    "ToolRegistry",
+    "calculate",
+    "calculator",
+    "calculator_tool",
+    "default_tools",
+    "http_get_tool",
+    "load_documents",
+    "python_tool",
+    "retrieve_tool",
+    "run_python",
+    "tool",
+]
