@@ -8,11 +8,12 @@ strategy on an engine; `evals.cli` adapts YAML pipelines.
 
 For each configuration the pending problems (all of them, or with ``resume`` those without a stored row) run
 ``concurrency`` at a time. Each problem gets a child of the global `Budget`, so its own usage is recorded while
-the global caps hold for the run; when a global cap is reached the run stops starting problems, and problems
-cut short by it are not stored (a later ``--resume`` runs them again). As each problem finishes its answer and
-every candidate are graded with the benchmark's grader (graders that need a worker process run there, never
-blocking the event loop), candidates are clustered by equivalence for maj@k, and its row is committed in its
-own transaction from a worker thread.
+the global caps hold for the run; when a global cap is reached the run stops starting problems, and the problems
+that were running when it was reached are not stored, since the run's budget (not their configuration) may have
+clipped or aborted their calls; a later ``--resume`` with a larger budget runs them again. As each problem
+finishes its answer and every candidate are graded with the benchmark's grader (graders that need a worker
+process run there, never blocking the event loop), candidates are clustered by equivalence for maj@k, and its
+row is committed in its own transaction from a worker thread.
 """
 
 from __future__ import annotations
@@ -494,12 +495,13 @@ class _Runner:
             result, error = None, f"{type(err).__name__}: {err}"
         latency = time.perf_counter() - clock
         finished_at = time.time()
-        if result is None:
-            outcome = _Outcome(None, [], {}, child.usage.to_dict(), cut)
-        else:
-            outcome = _outcome(result, child)
-            if outcome.budget_exhausted and self.budget.exhausted:
-                return None
+        outcome = _Outcome(None, [], {}, child.usage.to_dict(), cut) if result is None else _outcome(result, child)
+        cap = self.budget.exhausted_cap
+        if cap is not None and (cap != "max_calls" or outcome.budget_exhausted):
+            # A global cap was reached while this problem ran: its calls may have been clipped or aborted by the
+            # run's budget rather than by its configuration, so it is no result of that configuration. (The
+            # call cap only refuses new calls: a problem that got all of its calls is complete.)
+            return None
         correct, score, candidates = await _grade(self.grader, problem, outcome)
         return ResultRow(
             config_id=record.config_id,
