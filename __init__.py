@@ -43,6 +43,12 @@ _EXPORTS: dict[str, str] = {
     "BudgetedEngine": "branchwise.orchestrator.budget",
     "CostModel": "branchwise.orchestrator.budget",
     "Usage": "branchwise.orchestrator.budget",
+    "Pipeline": "branchwise.orchestrator.pipeline",
+    "RunResult": "branchwise.orchestrator.pipeline",
+    "run": "branchwise.orchestrator.pipeline",
+    "run_sync": "branchwise.orchestrator.pipeline",
+    "load_spec": "branchwise.orchestrator.spec",
+    "read_trace": "branchwise.orchestrator.tracing",
 }
 _RENAMES = {"pull_model": "pull"}
 _ERRORS = (
@@ -90,9 +96,11 @@ __all__ = [
     "MissingDependencyError",
     "ModelProvisionError",
     "OpenAIEngine",
+    "Pipeline",
     "PlanError",
     "RateLimited",
     "RequestValidationError",
+    "RunResult",
     "ScriptedEngine",
     "ScriptedResponse",
     "StructuredOutput",
@@ -106,9 +114,13 @@ __all__ = [
     "arithmetic_problems",
     "available_backends",
     "create_engine",
+    "load_spec",
     "pull_model",
+    "read_trace",
     "register_backend",
     "resolve_model",
+    "run",
+    "run_sync",
 ]
 
 
@@ -166,3 +178,6 @@ if TYPE_CHECKING:
     )
     from .evals.arithmetic import arithmetic_problems
     from .orchestrator.budget import Budget, BudgetedEngine, CostModel, Usage
+    from .orchestrator.pipeline import Pipeline, RunResult, run, run_sync
+    from .orchestrator.spec import load_spec
+    from .orchestrator.tracing import read_trace

@@ -76,8 +76,8 @@ import logging
 import math
 import time
 from collections import deque
-from collections.abc import AsyncGenerator, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import AsyncGenerator, Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass
 from typing import Any, ClassVar, Final
 
 from ..engine.base import CallMeter, Engine
@@ -470,6 +470,24 @@ class Budget:
         self._started_at: float | None = None
         self._stopped_at: float | None = None
         self._timer: asyncio.TimerHandle | None = None
+        self._listeners: list[Callable[[str, dict[str, Any]], None]] = []
+
+    def add_listener(self, listener: Callable[[str, dict[str, Any]], None]) -> Callable[[], None]:
+        """Observe this budget: ``listener(kind, data)`` gets a "budget_charge" event when a call under it
+        (or a descendant) leaves the engine, and "budget_exhausted" when one of its caps is reached.
+
+        Returns:
+            A function that removes the listener.
+        """
+        self._listeners.append(listener)
+        return lambda: self._listeners.remove(listener) if listener in self._listeners else None
+
+    def _notify(self, kind: str, data: dict[str, Any]) -> None:
+        for listener in list(self._listeners):
+            try:
+                listener(kind, data)
+            except Exception:  # an observer must not break metering
+                logger.exception("budget listener %r failed", listener)
 
     # -- tree ---------------------------------------------------------------------------------------------------
     def child(
@@ -665,6 +683,8 @@ class Budget:
         if self._exhausted_cap is None:
             self._exhausted_cap = cap
             logger.info("%s", self._describe(cap))
+            if self._listeners:
+                self._notify("budget_exhausted", {"budget": self.path, "cap": cap, "detail": self._describe(cap)})
         if cap not in _ABORTING_CAPS:
             return
         for call in list(self._inflight):
@@ -789,6 +809,19 @@ class Budget:
         if not call.prompt_charged and call.meter.prompt_tokens:
             self._charge_prompt(call)
             self._enforce(call.chain)
+        for b in call.chain:
+            if b._listeners:
+                b._notify(
+                    "budget_charge",
+                    {
+                        "budget": b.path,
+                        "prompt_tokens": call.meter.prompt_tokens,
+                        "completion_tokens": call.completion_tokens,
+                        "aborted": aborted,
+                        "usage": b.usage.to_dict(),
+                        "remaining": {k: v for k, v in asdict(b.remaining()).items() if v is not None},
+                    },
+                )
 
 
 class _Call:

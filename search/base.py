@@ -7,6 +7,7 @@ rule and after how many tokens, cut by the budget), so a run can be inspected af
 
 from __future__ import annotations
 
+import itertools
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
@@ -17,6 +18,7 @@ from ..engine.base import Engine
 from ..engine.types import ChatMessage, GenerationRequest
 from ..errors import ConfigError
 from ..orchestrator.budget import Budget, UsageSnapshot
+from ..orchestrator.events import emit
 from ..verifiers.extraction import AnswerExtractor
 from ..verifiers.grading import BaseGrader, NumericGrader
 
@@ -32,6 +34,7 @@ __all__ = [
 ]
 
 TraceStatus = Literal["running", "finished", "pruned", "budget", "error"]
+_TREE_IDS = itertools.count(1)
 
 
 @dataclass
@@ -69,10 +72,15 @@ class TraceNode:
 
 
 class TraceTree:
-    """All traces of one strategy run, in the order they were opened."""
+    """All traces of one strategy run, in the order they were opened.
+
+    Opening and closing a trace reports a ``trace_start`` / ``trace_end`` event to the current run's event sink
+    (`branchwise.orchestrator.events`), tagged with the tree's process-unique ``uid``.
+    """
 
     def __init__(self) -> None:
         self._nodes: list[TraceNode] = []
+        self.uid = next(_TREE_IDS)
 
     def open(self, kind: str, *, parent: int | None = None) -> TraceNode:
         """Start a trace."""
@@ -80,6 +88,7 @@ class TraceTree:
             raise ConfigError(f"parent trace {parent} does not exist")
         node = TraceNode(id=len(self._nodes), parent=parent, kind=kind)
         self._nodes.append(node)
+        emit("trace_start", {"tree": self.uid, "trace": node.id, "parent": parent, "kind": kind})
         return node
 
     def close(
@@ -90,6 +99,22 @@ class TraceTree:
         node.pruned_by = rule
         node.detail = detail
         node.ended_at = time.perf_counter()
+        emit(
+            "trace_end",
+            {
+                "tree": self.uid,
+                "trace": node.id,
+                "kind": node.kind,
+                "status": status,
+                "tokens": node.tokens,
+                "answer": node.answer,
+                "scores": dict(node.scores),
+                "finish_reason": node.finish_reason,
+                "rule": rule,
+                "detail": detail,
+                "seconds": node.ended_at - node.started_at,
+            },
+        )
 
     @property
     def nodes(self) -> list[TraceNode]:

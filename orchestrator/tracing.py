@@ -1,0 +1,375 @@
+"""Run events, the JSONL trace format, and optional OpenTelemetry spans.
+
+Trace format ``branchwise-trace`` version 1
+-------------------------------------------
+A trace is a UTF-8 JSON Lines file. The first line is a header::
+
+    {"format": "branchwise-trace", "version": 1, "run_id": "...", "created": "2026-11-29T16:00:00+00:00",
+     "branchwise": "0.1.0", "query": "...", "spec": {...} | null}
+
+``spec`` is the pipeline spec as written, with ``${ENV}`` references kept and literal secrets masked. Every
+following line is one event, written and flushed as it happens (a crash or Ctrl-C keeps every line written
+so far)::
+
+    {"seq": 3, "t": 0.0123, "kind": "trace_end", "data": {...}}
+
+``seq`` counts events from 0, ``t`` is seconds since the run started. Event kinds and their data:
+
+- ``run_start``: query, strategy, planner, budget caps.  ``run_end``: status ("ok", "error", "cancelled"),
+  answer, usage, pruned, budget_exhausted, seconds.
+- ``strategy_start`` / ``strategy_end``: strategy name and parameters / answer, votes, pruned, usage,
+  decisions, and ``traces`` (every trace node with its final scores).
+- ``trace_start``: tree, trace, parent, kind.  ``trace_end``: tree, trace, kind, status (finished, pruned,
+  budget, error), tokens, answer, scores, finish_reason, rule, detail, seconds.  ``prune``: the same data,
+  for every trace a strategy rule aborted.
+- ``engine_call``: role, model, n, max_tokens, temperature, prompt_tokens, completion_tokens, latency_s,
+  ttft_s, aborted, error.
+- ``budget_charge``: budget path, the call's prompt/completion tokens, aborted, the budget's usage and what
+  remains.  ``budget_exhausted``: budget, cap, detail.
+- planner/executor events as the agent reports them (``plan``, ``node_start``, ``node_end``, ``replan``,
+  ``tool_call``...), data as given.
+- ``error``: type, message.
+
+Readers must reject another ``format`` or a newer ``version`` (`read_trace` does) and tolerate a truncated
+last line (a run killed mid-write).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import logging
+import math
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import asdict, dataclass, field, is_dataclass
+from pathlib import Path
+from typing import IO, Any
+
+from ..errors import ConfigError
+
+__all__ = [
+    "TRACE_FORMAT",
+    "TRACE_VERSION",
+    "Event",
+    "EventListener",
+    "OTelSink",
+    "Recorder",
+    "TraceFile",
+    "TraceFormatError",
+    "TraceWriter",
+    "otel_available",
+    "read_trace",
+]
+
+logger = logging.getLogger(__name__)
+
+TRACE_FORMAT = "branchwise-trace"
+TRACE_VERSION = 1
+
+
+class TraceFormatError(ConfigError):
+    """A file is not a branchwise trace, or has a version this reader does not know."""
+
+
+@dataclass(frozen=True)
+class Event:
+    """One thing that happened during a run.
+
+    Attributes:
+        seq: position in the run (from 0).
+        t: seconds since the run started.
+        kind: what happened ("run_start", "trace_end", "engine_call", ...).
+        data: JSON-ready details.
+    """
+
+    seq: int
+    t: float
+    kind: str
+    data: dict[str, Any]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"seq": self.seq, "t": round(self.t, 6), "kind": self.kind, "data": self.data}
+
+
+EventListener = Callable[[Event], None]
+
+
+def jsonable(value: Any) -> Any:
+    """``value`` as plain JSON data: dataclasses and mappings as dicts, sequences as lists, non-finite floats
+    as None, anything else unknown as its string."""
+    if value is None or isinstance(value, (bool, int, str)):
+        return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if is_dataclass(value) and not isinstance(value, type):
+        return jsonable(asdict(value))
+    if isinstance(value, Mapping):
+        return {str(k): jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple, set, frozenset)):
+        return [jsonable(v) for v in value]
+    to_dict = getattr(value, "to_dict", None) or getattr(value, "model_dump", None)
+    if callable(to_dict):
+        try:
+            return jsonable(to_dict())
+        except Exception:
+            pass
+    return str(value)
+
+
+class TraceWriter:
+    """Writes a trace: the header, then one event a line, flushed after each line.
+
+    Args:
+        path: the file to create (parent folders are made).
+        header: extra header fields (run_id, query, spec...).
+    """
+
+    def __init__(self, path: str | Path, header: Mapping[str, Any]) -> None:
+        self.path = Path(path)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._file: IO[str] | None = self.path.open("w", encoding="utf-8")
+        except OSError as err:
+            raise ConfigError(f"cannot write trace file {self.path}: {err.strerror or err}") from None
+        first = {"format": TRACE_FORMAT, "version": TRACE_VERSION, **jsonable(dict(header))}
+        self._line(first)
+
+    def _line(self, record: Mapping[str, Any]) -> None:
+        if self._file is None:
+            return
+        self._file.write(json.dumps(record, ensure_ascii=False, separators=(",", ":")) + "\n")
+        self._file.flush()
+
+    def __call__(self, event: Event) -> None:
+        self._line(event.to_json())
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+
+@dataclass
+class TraceFile:
+    """A trace read back: its header and events (``truncated`` if the last line was cut mid-write)."""
+
+    path: Path
+    header: dict[str, Any]
+    events: list[Event] = field(default_factory=list)
+    truncated: bool = False
+
+    def of_kind(self, *kinds: str) -> list[Event]:
+        return [e for e in self.events if e.kind in kinds]
+
+    @property
+    def run_end(self) -> Event | None:
+        ends = self.of_kind("run_end")
+        return ends[-1] if ends else None
+
+
+def read_trace(path: str | Path) -> TraceFile:
+    """Read a JSONL trace, checking its format and version.
+
+    Raises:
+        TraceFormatError: not a branchwise trace, a newer version, or a malformed line before the last.
+        ConfigError: the file cannot be read.
+    """
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except OSError as err:
+        raise ConfigError(f"cannot read trace {p}: {err.strerror or err}") from None
+    lines = text.splitlines()
+    if not lines:
+        raise TraceFormatError(f"{p}: empty file, not a {TRACE_FORMAT} trace")
+    try:
+        header = json.loads(lines[0])
+    except json.JSONDecodeError:
+        raise TraceFormatError(f"{p}:1: not a {TRACE_FORMAT} trace (the header is not JSON)") from None
+    if not isinstance(header, dict) or header.get("format") != TRACE_FORMAT:
+        raise TraceFormatError(f"{p}:1: not a {TRACE_FORMAT} trace (format {header.get('format')!r})")
+    version = header.get("version")
+    if not isinstance(version, int) or version < 1 or version > TRACE_VERSION:
+        raise TraceFormatError(
+            f"{p}:1: {TRACE_FORMAT} version {version!r} is not supported (this reader knows 1..{TRACE_VERSION})"
+        )
+    trace = TraceFile(p, header)
+    complete = text.endswith("\n")
+    for number, line in enumerate(lines[1:], start=2):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            event = Event(int(record["seq"]), float(record["t"]), str(record["kind"]), dict(record.get("data") or {}))
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+            if number == len(lines) and not complete:
+                trace.truncated = True
+                break
+            raise TraceFormatError(f"{p}:{number}: malformed event line") from None
+        trace.events.append(event)
+    return trace
+
+
+class Recorder:
+    """The hub of one run's events: numbers and timestamps them, then hands them to every listener.
+
+    A listener that raises is logged and dropped from nothing else: the run goes on.
+
+    Args:
+        listeners: receive every event, in order.
+        secrets: strings that must never reach a listener (replaced by ``***`` in any text).
+    """
+
+    def __init__(self, listeners: Iterable[EventListener] = (), *, secrets: Iterable[str] = ()) -> None:
+        self.listeners: list[EventListener] = list(listeners)
+        self.secrets = [s for s in secrets if s]
+        self.started = time.perf_counter()
+        self.count = 0
+
+    def add(self, listener: EventListener) -> None:
+        self.listeners.append(listener)
+
+    def __call__(self, kind: str, data: Mapping[str, Any]) -> Event:
+        payload = jsonable(dict(data))
+        if self.secrets:
+            payload = self._redact(payload)
+        event = Event(self.count, time.perf_counter() - self.started, kind, payload)
+        self.count += 1
+        for listener in list(self.listeners):
+            try:
+                listener(event)
+            except Exception:
+                logger.exception("trace listener %r failed on %s", listener, kind)
+        return event
+
+    def emit(self, kind: str, data: Mapping[str, Any]) -> None:
+        """Record an event (an `EventSink`-shaped alias of calling the recorder)."""
+        self(kind, data)
+
+    def _redact(self, value: Any) -> Any:
+        if isinstance(value, str):
+            for secret in self.secrets:
+                value = value.replace(secret, "***")
+            return value
+        if isinstance(value, dict):
+            return {k: self._redact(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [self._redact(v) for v in value]
+        return value
+
+
+def otel_available() -> bool:
+    """True when the OpenTelemetry API can be imported."""
+    import importlib.util
+
+    return importlib.util.find_spec("opentelemetry") is not None and (
+        importlib.util.find_spec("opentelemetry.trace") is not None
+    )
+
+
+class OTelSink:
+    """Turns run events into OpenTelemetry spans: one per run, per plan node, per trace and per engine call.
+
+    Spans go to the globally configured tracer provider (or the one given). Token counts are span attributes
+    (``gen_ai.usage.input_tokens`` / ``gen_ai.usage.output_tokens`` on engine calls, totals on the run).
+
+    Args:
+        tracer_provider: an OpenTelemetry ``TracerProvider``; None uses the global one.
+
+    Raises:
+        MissingDependencyError: opentelemetry is not installed.
+    """
+
+    def __init__(self, tracer_provider: Any = None) -> None:
+        try:
+            from opentelemetry import trace
+        except ImportError as err:
+            from ..errors import MissingDependencyError
+
+            raise MissingDependencyError(
+                "OpenTelemetry spans", "opentelemetry-api", "pip install 'branchwise[telemetry]'"
+            ) from err
+        self._trace = trace
+        self._tracer = trace.get_tracer("branchwise", tracer_provider=tracer_provider)
+        self._run: Any = None
+        self._run_ctx: Any = None
+        self._open: dict[tuple[str, Any], Any] = {}
+
+    def _start(self, name: str, attributes: Mapping[str, Any], start_time: int | None = None) -> Any:
+        return self._tracer.start_span(
+            name, context=self._run_ctx, attributes=_attributes(attributes), start_time=start_time
+        )
+
+    def __call__(self, event: Event) -> None:
+        kind, data = event.kind, event.data
+        if kind == "run_start":
+            self._run = self._tracer.start_span("branchwise.run", attributes=_attributes(data))
+            self._run_ctx = self._trace.set_span_in_context(self._run)
+        elif kind == "run_end" and self._run is not None:
+            usage = data.get("usage") or {}
+            self._run.set_attributes(
+                _attributes(
+                    {
+                        "status": data.get("status"),
+                        "answer": data.get("answer"),
+                        "pruned": data.get("pruned"),
+                        "budget_exhausted": data.get("budget_exhausted"),
+                        "gen_ai.usage.input_tokens": usage.get("prompt_tokens"),
+                        "gen_ai.usage.output_tokens": usage.get("completion_tokens"),
+                        "llm_calls": usage.get("calls"),
+                    }
+                )
+            )
+            if data.get("status") != "ok":
+                self._run.set_status(self._trace.Status(self._trace.StatusCode.ERROR, str(data.get("error") or "")))
+            for span in self._open.values():
+                span.end()
+            self._open.clear()
+            self._run.end()
+            self._run = None
+        elif kind == "node_start":
+            self._open[("node", data.get("node"))] = self._start("branchwise.node", data)
+        elif kind == "node_end":
+            span = self._open.pop(("node", data.get("node")), None)
+            if span is not None:
+                span.set_attributes(_attributes(data))
+                span.end()
+        elif kind == "trace_start":
+            key = ("trace", (data.get("tree"), data.get("trace")))
+            self._open[key] = self._start("branchwise.trace", data)
+        elif kind == "trace_end":
+            span = self._open.pop(("trace", (data.get("tree"), data.get("trace"))), None)
+            if span is not None:
+                span.set_attributes(_attributes({k: v for k, v in data.items() if k != "scores"}))
+                for name, value in (data.get("scores") or {}).items():
+                    span.set_attribute(f"score.{name}", value)
+                span.end()
+        elif kind == "engine_call":
+            latency = float(data.get("latency_s") or 0.0)
+            start = time.time_ns() - int(latency * 1e9)
+            attrs = dict(data)
+            attrs["gen_ai.usage.input_tokens"] = data.get("prompt_tokens")
+            attrs["gen_ai.usage.output_tokens"] = data.get("completion_tokens")
+            attrs["gen_ai.request.model"] = data.get("model")
+            span = self._start("branchwise.engine_call", attrs, start_time=start)
+            if data.get("error"):
+                span.set_status(self._trace.Status(self._trace.StatusCode.ERROR, str(data["error"])))
+            span.end()
+
+
+def _attributes(data: Mapping[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        if value is None:
+            continue
+        scalar = isinstance(value, (bool, int, float, str))
+        if scalar or (isinstance(value, list) and all(isinstance(v, (bool, int, float, str)) for v in value)):
+            out[key] = value
+        else:
+            out[key] = json.dumps(value, default=str)[:1000]
+    return out
+
+
+def now_iso() -> str:
+    return _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
