@@ -4,15 +4,21 @@ Built-in tools: ``calculator`` (safe AST arithmetic), ``python`` (sandboxed subp
 a local corpus) and ``http_get`` (off unless enabled). bm25s and httpx are imported only when those tools run.
 """
 
+from .agent import AgentResult, run_agent
 from .calculator import calculate, calculator, calculator_tool
+from .executor import Executor, NodeResult, RetryPolicy
 from .http_tool import http_get_tool
 from .retrieval import BM25Retriever, Document, load_documents, retrieve_tool
 from .sandbox import SandboxLimits, SandboxResult, python_tool, run_python
 from .tools import Tool, ToolRegistry, default_tools, tool
 
 __all__ = [
+    "AgentResult",
     "BM25Retriever",
     "Document",
+    "Executor",
+    "NodeResult",
+    "RetryPolicy",
     "SandboxLimits",
     "SandboxResult",
     "Tool",
@@ -25,6 +31,7 @@ __all__ = [
     "load_documents",
     "python_tool",
     "retrieve_tool",
+    "run_agent",
     "run_python",
     "tool",
 ]

@@ -68,9 +68,12 @@ class Planner(ABC):
 
     Attributes:
         kind: the registry name ("llmcompiler", "structured", "decompose", "static").
+        replannable: whether asking again can give a different plan.
     """
 
     kind: ClassVar[str]
+    replannable: ClassVar[bool] = True
+    """Whether asking again can give a different plan (False for static plans: no replanning)."""
 
     @abstractmethod
     async def plan(

@@ -592,9 +592,11 @@ def check_arguments(node: PlanNode, tool: Any) -> None:
             raise PlanError(str(err), node=where, field=_field_of(err, "args")) from err
         return
     model = getattr(tool, "args_model", None)
-    fields = getattr(model, "model_fields", None)
-    if not fields:
+    model_fields = getattr(model, "model_fields", None)
+    if not model_fields:
         return
+    # fields are looked up by their alias when they have one (a model may name fields apart from the arguments)
+    fields = {info.alias or key: info for key, info in model_fields.items()}
     for name, value in literal.items():
         info = fields.get(name)
         if info is None:

@@ -1,0 +1,243 @@
+"""The agent loop: plan → execute → join → maybe replan, all under one budget. `run_agent` is the entry point.
+
+```python
+from branchwise.executors.agent import run_agent
+from branchwise.executors.tools import default_tools
+
+result = await run_agent(
+    "Which is older, Ann Lee or Bo Ray?",
+    planner="structured",                       # or "llmcompiler", "decompose", a Planner, a Plan
+    tools=default_tools(corpus="docs/"),
+    engine=engine,
+    budget=Budget(max_tokens=50_000),
+    thought={"strategy": "self_consistency", "n": 4},
+    max_replans=1,
+)
+print(result.answer, result.llm_calls, result.usage.total_tokens, result.repairs)
+```
+
+With the LLMCompiler planner, nodes are dispatched while the plan streams (each task starts the moment its line
+is complete); the other planners hand their nodes over as soon as the plan is parsed. The run's events go to the
+optional ``events`` sink (``plan_node``, ``node_start``, ``node_end``, ``node_error``, ``plan``, ``join``,
+``replan``, ``plan_error``, ``agent_end``).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..errors import ConfigError, PlanError
+from ..planners import JoinDecision, Joiner, Plan, Planner, Repair, ReplanContext, get_planner
+from ..planners.plan import PlanNode, ToolsLike
+from .executor import EventSink, Executor, FailurePolicy, NodeResult, RetryPolicy, ThoughtSpec
+
+__all__ = ["AgentResult", "run_agent"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class AgentResult:
+    """What an agent run produced (the same shape for the DAG agent and the ReAct baseline).
+
+    Attributes:
+        answer: the final answer (None when the run produced none).
+        plans: every plan made, in order (one per round; empty for ReAct).
+        nodes: per round, the node results by node id (for ReAct, one round of steps).
+        repairs: every repair applied to planner output, over all rounds.
+        decisions: the joiner's decision per round.
+        usage: what the whole run cost (planner, nodes, joiner), a `UsageSnapshot`.
+        llm_calls: engine calls made (a call with n samples counts once).
+        wall_time_s: seconds from start to answer.
+        errors: plan errors met on the way (rounds whose plan could not be made).
+        agent: "dag" or "react".
+    """
+
+    answer: str | None
+    plans: list[Plan] = field(default_factory=list)
+    nodes: list[dict[int, NodeResult]] = field(default_factory=list)
+    repairs: list[Repair] = field(default_factory=list)
+    decisions: list[JoinDecision] = field(default_factory=list)
+    usage: Any = None
+    llm_calls: int = 0
+    wall_time_s: float = 0.0
+    errors: list[str] = field(default_factory=list)
+    agent: str = "dag"
+
+    @property
+    def replans(self) -> int:
+        """Rounds after the first."""
+        return max(len(self.nodes) - 1, 0)
+
+    @property
+    def timings(self) -> dict[str, float | None]:
+        """Duration of every node of the last round, ``"<round>.<id>"`` keyed over all rounds."""
+        return {f"{r}.{i}": res.duration_s for r, nodes in enumerate(self.nodes, 1) for i, res in nodes.items()}
+
+    def node_errors(self) -> list[NodeResult]:
+        """Every node that failed or was skipped, over all rounds."""
+        return [res for nodes in self.nodes for res in nodes.values() if res.status in ("error", "skipped")]
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready summary."""
+        return {
+            "agent": self.agent,
+            "answer": self.answer,
+            "plans": [p.to_dict() for p in self.plans],
+            "nodes": [{str(i): r.to_dict() for i, r in nodes.items()} for nodes in self.nodes],
+            "repairs": [r.to_dict() for r in self.repairs],
+            "decisions": [d.to_dict() for d in self.decisions],
+            "usage": self.usage.to_dict() if self.usage is not None else None,
+            "llm_calls": self.llm_calls,
+            "wall_time_s": self.wall_time_s,
+            "errors": self.errors,
+        }
+
+
+def _emit(events: EventSink | None, kind: str, data: dict[str, Any]) -> None:
+    if events is not None:
+        try:
+            events(kind, data)
+        except Exception:
+            logger.exception("event sink failed on %s", kind)
+
+
+async def run_agent(
+    query: str,
+    *,
+    planner: str | Planner | Plan | Mapping[str, Any],
+    tools: ToolsLike,
+    engine: Any,
+    budget: Any = None,
+    thought: ThoughtSpec = None,
+    max_replans: int = 1,
+    concurrency: int = 16,
+    events: EventSink | None = None,
+    joiner: Joiner | None = None,
+    failure: FailurePolicy = "continue",
+    timeout_s: float | None = None,
+    retry: RetryPolicy | None = None,
+    thought_context: Mapping[str, Any] | None = None,
+) -> AgentResult:
+    """Answer ``query`` by planning a DAG, running it, and joining (replanning up to ``max_replans`` times).
+
+    Args:
+        query: the question.
+        planner: a planner name ("llmcompiler", "structured", "decompose"), a spec mapping
+            (``{"kind": "structured", "max_steps": 6}``), a `Planner`, or a `Plan` (run as a static plan).
+        tools: the tool registry.
+        engine: the engine for planning, thoughts and joining.
+        budget: the run's `Budget` (every engine call of the run is charged to a child of it); metering only
+            when None.
+        thought: the strategy of reasoning-thread nodes (a `Strategy`, a name, ``(name, params)`` or
+            ``{"strategy": name, **params}``); "single" when None.
+        max_replans: how many times the joiner may ask for a new plan (>= 0). A plan the planner could not
+            make (`PlanError`) also uses a replan, with the error as feedback.
+        concurrency: the most nodes running at once.
+        events: an optional sink ``(kind, data) -> None`` for run events.
+        joiner: decides finish or replan (`Joiner()` when None).
+        failure: the executor's failure policy; "continue" (default) passes node errors to the joiner,
+            "fail_fast" raises `NodeFailedError`.
+        timeout_s: per-attempt node time limit.
+        retry: the node retry policy.
+        thought_context: extra `SearchContext` fields for thoughts (``max_tokens``, ``temperature``, ...).
+
+    Returns:
+        An `AgentResult`.
+
+    Raises:
+        PlanError: the last allowed plan could not be made.
+        NodeFailedError: a node failed under ``failure="fail_fast"``.
+        ConfigError: invalid arguments.
+    """
+    from ..orchestrator.budget import Budget
+
+    if isinstance(max_replans, bool) or not isinstance(max_replans, int) or max_replans < 0:
+        raise ConfigError(f"max_replans must be an integer >= 0, got {max_replans!r}")
+    planner_ = get_planner(planner)
+    joiner = joiner or Joiner()
+    parent = budget if budget is not None else Budget(name="agent")
+    run_budget = parent.child("agent") if budget is not None else parent
+    llm = run_budget.bind(engine)
+    started = time.perf_counter()
+    result = AgentResult(answer=None)
+    context = ReplanContext()
+    rounds = max_replans + 1 if planner_.replannable else 1
+    for round_no in range(1, rounds + 1):
+        can_replan = round_no < rounds
+        executor = Executor(
+            tools=tools,
+            engine=engine,
+            budget=run_budget,
+            thought=thought,
+            thought_context=thought_context,
+            concurrency=concurrency,
+            timeout_s=timeout_s,
+            retry=retry,
+            failure=failure,
+            events=events,
+        )
+
+        def dispatch(node: PlanNode, repairs: Any, executor: Executor = executor) -> None:
+            executor.add(node, repairs=repairs)
+
+        async with executor:
+            try:
+                plan = await planner_.plan(query, engine=llm, tools=tools, context=context, on_node=dispatch)
+            except PlanError as err:
+                await executor.cancel()
+                result.errors.append(str(err))
+                _emit(
+                    events, "plan_error", {"round": round_no, "error": str(err), "node": err.node, "field": err.field}
+                )
+                if not can_replan:
+                    raise
+                context.plans.append(Plan(nodes=[]))
+                context.observations.append({})
+                context.reason = f"the previous plan was invalid: {err}"
+                _emit(events, "replan", {"round": round_no, "reason": context.reason})
+                continue
+            executor.close()
+            results = await executor.wait()
+        result.plans.append(plan)
+        result.nodes.append(results)
+        result.repairs.extend(plan.repairs)
+        _emit(
+            events,
+            "plan",
+            {
+                "round": round_no,
+                "planner": planner_.kind,
+                "nodes": len(plan),
+                "width": plan.width(),
+                "repairs": [r.to_dict() for r in plan.repairs],
+            },
+        )
+        decision = await joiner.decide(query, plan, results, engine=llm, can_replan=can_replan)
+        result.decisions.append(decision)
+        _emit(events, "join", {"round": round_no, **decision.to_dict()})
+        if decision.action == "finish":
+            result.answer = decision.answer
+            break
+        context.plans.append(plan)
+        context.observations.append({i: r.observation() for i, r in results.items() if r.kind != "join"})
+        context.reason = decision.reason
+        _emit(events, "replan", {"round": round_no, "reason": decision.reason})
+    result.usage = run_budget.usage.snapshot()
+    result.llm_calls = result.usage.calls
+    result.wall_time_s = time.perf_counter() - started
+    _emit(
+        events,
+        "agent_end",
+        {
+            "answer": result.answer,
+            "llm_calls": result.llm_calls,
+            "wall_time_s": result.wall_time_s,
+            "rounds": len(result.nodes),
+        },
+    )
+    return result
