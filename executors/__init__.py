@@ -8,6 +8,7 @@ from .agent import AgentResult, run_agent
 from .calculator import calculate, calculator, calculator_tool
 from .executor import Executor, NodeResult, RetryPolicy
 from .http_tool import http_get_tool
+from .react import run_react
 from .retrieval import BM25Retriever, Document, load_documents, retrieve_tool
 from .sandbox import SandboxLimits, SandboxResult, python_tool, run_python
 from .tools import Tool, ToolRegistry, default_tools, tool
@@ -33,5 +34,6 @@ __all__ = [
     "retrieve_tool",
     "run_agent",
     "run_python",
+    "run_react",
     "tool",
 ]

@@ -27,14 +27,14 @@ from ..errors import PlanError
 from .base import NodeCallback, Planner, ReplanContext, describe_tools
 from .plan import Plan, PlanNode, Repair, ToolsLike
 
-__all__ = ["StructuredPlanner", "parse_structured_plan", "plan_schema"]
+__all__ = ["StructuredPlanner", "bounded_schema", "parse_structured_plan", "plan_schema"]
 
 logger = logging.getLogger(__name__)
 
 THINK = "think"
 
 
-def _bounded(schema: dict[str, Any], max_string: int) -> dict[str, Any]:
+def bounded_schema(schema: dict[str, Any], max_string: int) -> dict[str, Any]:
     """Copy of a tool's argument schema, closed (no extra keys) and with bounded strings (constrained decoding
     of a small model must terminate)."""
     out = copy.deepcopy(schema)
@@ -71,7 +71,7 @@ def plan_schema(tools: ToolsLike, *, max_steps: int = 8, thought: bool = True, m
     variants = []
     for name in tools.names():
         tool = tools.get(name)
-        args = _bounded(tool.parameters_schema(), max_string)
+        args = bounded_schema(tool.parameters_schema(), max_string)
         variants.append(
             {
                 "type": "object",

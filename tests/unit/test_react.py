@@ -1,0 +1,88 @@
+"""The sequential ReAct baseline: structured and text turns, errors as observations, the forced final turn."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from branchwise.engine.testing import ScriptedEngine
+from branchwise.errors import ConfigError
+from branchwise.executors.react import react_schema, run_react
+from branchwise.executors.tools import ToolRegistry
+from branchwise.orchestrator.budget import Budget
+
+pytestmark = pytest.mark.timeout(30)
+
+
+def retrieve(query: str) -> str:
+    """Look a fact up."""
+    return {"ann lee": "born 1950", "bo ray": "born 1961"}.get(query.lower(), "nothing")
+
+
+TOOLS = ToolRegistry([retrieve])
+
+
+def call(tool: str, **args: str) -> str:
+    return json.dumps({"thought": "look it up", "tool": tool, "args": args})
+
+
+async def test_structured_react_makes_one_tool_call_per_turn() -> None:
+    engine = ScriptedEngine(
+        [
+            call("retrieve", query="Ann Lee"),
+            call("retrieve", query="Bo Ray"),
+            json.dumps({"thought": "1950 < 1961", "answer": "Ann Lee"}),
+        ]
+    )
+    events: list[str] = []
+    budget = Budget()
+    result = await run_react(
+        "Who is older?", tools=TOOLS, engine=engine, budget=budget, events=lambda k, d: events.append(k)
+    )
+    assert result.answer == "Ann Lee" and result.agent == "react"
+    assert result.llm_calls == 3 and budget.usage.calls == 3 and result.plans == []
+    assert [r.output for r in result.nodes[0].values()] == ["born 1950", "born 1961"]
+    assert events == ["node_start", "node_end", "node_start", "node_end", "agent_end"]
+    third = engine.calls[2].messages
+    assert third is not None and "Observation: born 1961" in third[-1].content
+    assert engine.calls[0].structured is not None
+    engine.assert_complete()
+
+
+async def test_errors_become_observations_and_the_last_turn_must_answer() -> None:
+    engine = ScriptedEngine(
+        [
+            call("retreive", query="x"),
+            "garbage",
+            call("retrieve", query="Ann Lee"),
+            json.dumps({"thought": "done", "answer": "1950"}),
+        ]
+    )
+    result = await run_react("q", tools=TOOLS, engine=engine, max_steps=3)
+    assert result.answer == "1950"
+    steps = result.nodes[0]
+    assert steps[1].status == "error" and "retrieve" in (steps[1].error or "")  # did-you-mean suggestion
+    assert len(result.errors) == 1 and steps[3].output == "born 1950"
+    final = engine.calls[3].structured
+    assert final is not None and "anyOf" not in final.json_schema  # only the answer is allowed at the end
+
+
+async def test_text_format() -> None:
+    engine = ScriptedEngine(
+        [
+            'Thought: search\nAction: retrieve("Bo Ray")\nObservation: (hallucinated)',
+            "Thought: I know\nFinal Answer: 1961\nmore",
+        ]
+    )
+    result = await run_react("q", tools=TOOLS, engine=engine, structured=False)
+    assert result.answer == "1961" and result.nodes[0][1].output == "born 1961"
+    assert engine.calls[0].stop == ("Observation:",)
+
+
+async def test_schema_and_config() -> None:
+    schema = react_schema(TOOLS)
+    assert len(schema["anyOf"]) == 2
+    assert schema["anyOf"][0]["properties"]["tool"] == {"const": "retrieve"}
+    with pytest.raises(ConfigError):
+        await run_react("q", tools=TOOLS, engine=ScriptedEngine(), max_steps=0)
