@@ -25,7 +25,7 @@ from .tools import Tool
 __all__ = ["MAX_EXPRESSION_LENGTH", "calculate", "calculator", "calculator_tool"]
 
 MAX_EXPRESSION_LENGTH = 2000
-MAX_DEPTH = 60
+MAX_DEPTH = 200
 MAX_INT_BITS = 4096  # about 1233 decimal digits
 MAX_FACTORIAL = 1000
 
@@ -131,7 +131,7 @@ _BINARY: dict[type[ast.operator], Callable[[Any, Any], Any]] = {
 
 def _eval(node: ast.AST, depth: int) -> int | float:
     if depth > MAX_DEPTH:
-        raise _TooLarge(f"the expression is nested more than {MAX_DEPTH} levels deep")
+        raise _Rejected(f"the expression is nested more than {MAX_DEPTH} levels deep")
     if isinstance(node, ast.Expression):
         return _eval(node.body, depth + 1)
     if isinstance(node, ast.Constant):

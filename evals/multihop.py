@@ -1,0 +1,605 @@
+"""Generated multi-hop comparison questions over a fictional knowledge base: seeded, reproducible, exact answers.
+
+A `KnowledgeBase` holds fictional cities, people, companies, rivers and mountains with integer attributes
+(founding year, population, birth year, length, height...). Each entity becomes one short encyclopedia-style
+`Document` stating its attributes in fixed sentences (``"Valdoria was founded in 1743."``), mixed with
+distractor sentences that carry other numbers and mention other entities. Names are built from syllables so
+every entity has a distinctive token: BM25 with the entity's name as the query finds its document first.
+
+Questions need 2-8 independent lookups (one per entity, the ``hops``) followed by one comparison or aggregation:
+
+- ``argmax`` / ``argmin``: "Which of A, B and C was founded first?" (answer: an entity name);
+- ``difference`` (2 hops): "How many years older is X than Y?";
+- ``sum``: "What is the combined population of A, B and C?";
+- ``count``: "How many of A, B, C and D were founded before 1850?";
+- ``range``: "What is the difference between the largest and the smallest population among A, B and C?".
+
+Each `MultiHopQuestion` carries its gold answer, the entity names and the attribute it needs (so an oracle
+planner can build the ideal DAG: one ``retrieve(name)`` per entity, then a join), and `MultiHopQuestion.compute`
+derives the answer from looked-up values; `extract_attribute` reads a value back from a document's text.
+Attribute values are distinct within an entity type, so superlatives have one answer.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from ..errors import ConfigError
+from ..executors.retrieval import Document
+
+__all__ = [
+    "ATTRIBUTES",
+    "Attribute",
+    "Entity",
+    "KnowledgeBase",
+    "MultiHopQuestion",
+    "extract_attribute",
+    "multihop_dataset",
+    "multihop_questions",
+]
+
+EntityType = Literal["city", "person", "company", "river", "mountain"]
+QuestionKind = Literal["argmax", "argmin", "difference", "sum", "count", "range"]
+
+_TYPES: tuple[EntityType, ...] = ("city", "person", "company", "river", "mountain")
+
+
+@dataclass(frozen=True)
+class Attribute:
+    """A numeric attribute of one entity type and how it is written and asked about.
+
+    Attributes:
+        key: identifier, unique across types (e.g. ``city.founded``).
+        entity_type: the type of entity that has it.
+        label: a noun phrase ("founding year").
+        fact: the sentence stating it, with ``{name}`` and ``{value}`` slots.
+        low: smallest value (inclusive).
+        high: largest value (exclusive).
+        is_year: values are calendar years (phrasing of comparisons).
+        argmax: question asking which entity has the largest value (``{names}`` = "A, B or C").
+        argmin: question asking which entity has the smallest value.
+        difference: question for ``value(A) - value(B)`` (A has the larger value).
+        count: question counting entities below ``{threshold}`` (``{names}`` = "A, B and C").
+        total: question for the sum of the values, or empty when a sum is meaningless (years).
+    """
+
+    key: str
+    entity_type: EntityType
+    label: str
+    fact: str
+    low: int
+    high: int
+    is_year: bool
+    argmax: str
+    argmin: str
+    difference: str
+    count: str
+    total: str = ""
+
+
+ATTRIBUTES: dict[str, Attribute] = {
+    a.key: a
+    for a in (
+        Attribute(
+            "city.founded",
+            "city",
+            "founding year",
+            "{name} was founded in {value}.",
+            1100,
+            1950,
+            True,
+            "Which of {names} was founded most recently?",
+            "Which of {names} was founded first?",
+            "How many years earlier was {b} founded than {a}?",
+            "How many of {names} were founded before {threshold}?",
+        ),
+        Attribute(
+            "city.population",
+            "city",
+            "population",
+            "{name} has a population of {value}.",
+            5000,
+            2_000_000,
+            False,
+            "Which of {names} has the largest population?",
+            "Which of {names} has the smallest population?",
+            "How many more inhabitants does {a} have than {b}?",
+            "How many of {names} have a population below {threshold}?",
+            "What is the combined population of {names}?",
+        ),
+        Attribute(
+            "city.elevation",
+            "city",
+            "elevation in metres",
+            "{name} lies at an elevation of {value} metres.",
+            2,
+            2500,
+            False,
+            "Which of {names} lies at the highest elevation?",
+            "Which of {names} lies at the lowest elevation?",
+            "How many metres higher does {a} lie than {b}?",
+            "How many of {names} lie below {threshold} metres?",
+        ),
+        Attribute(
+            "person.born",
+            "person",
+            "birth year",
+            "{name} was born in {value}.",
+            1850,
+            2001,
+            True,
+            "Who was born last: {names}?",
+            "Who was born first: {names}?",
+            "How many years older is {b} than {a}?",
+            "How many of {names} were born before {threshold}?",
+        ),
+        Attribute(
+            "company.founded",
+            "company",
+            "founding year",
+            "{name} was established in {value}.",
+            1850,
+            2016,
+            True,
+            "Which of {names} was established most recently?",
+            "Which of {names} was established first?",
+            "How many years earlier was {b} established than {a}?",
+            "How many of {names} were established before {threshold}?",
+        ),
+        Attribute(
+            "company.employees",
+            "company",
+            "number of employees",
+            "{name} employs {value} people.",
+            40,
+            250_000,
+            False,
+            "Which of {names} employs the most people?",
+            "Which of {names} employs the fewest people?",
+            "How many more people does {a} employ than {b}?",
+            "How many of {names} employ fewer than {threshold} people?",
+            "How many people do {names} employ in total?",
+        ),
+        Attribute(
+            "river.length",
+            "river",
+            "length in kilometres",
+            "The {name} is {value} kilometres long.",
+            30,
+            4000,
+            False,
+            "Which is the longest river: {names}?",
+            "Which is the shortest river: {names}?",
+            "How many kilometres longer is the {a} than the {b}?",
+            "How many of {names} are shorter than {threshold} kilometres?",
+            "What is the total length in kilometres of {names}?",
+        ),
+        Attribute(
+            "mountain.height",
+            "mountain",
+            "height in metres",
+            "{name} rises to a height of {value} metres.",
+            900,
+            8200,
+            False,
+            "Which is the highest mountain: {names}?",
+            "Which is the lowest mountain: {names}?",
+            "How many metres higher is {a} than {b}?",
+            "How many of {names} are lower than {threshold} metres?",
+        ),
+        Attribute(
+            "mountain.first_ascent",
+            "mountain",
+            "year of first ascent",
+            "{name} was first climbed in {value}.",
+            1780,
+            1995,
+            True,
+            "Which of {names} was first climbed most recently?",
+            "Which of {names} was climbed first?",
+            "How many years earlier was {b} first climbed than {a}?",
+            "How many of {names} were first climbed before {threshold}?",
+        ),
+    )
+}
+
+_ONSETS = ("b", "d", "k", "l", "m", "n", "r", "s", "t", "v", "z", "br", "dr", "gr", "kr", "st", "th", "sh", "qu",
+           "f", "h", "j", "w", "pl", "tr")  # fmt: skip
+_VOWELS = ("a", "e", "i", "o", "u", "ae", "ei", "ou", "y", "ia")
+_CODAS = ("", "", "n", "r", "l", "s", "th", "m", "x", "nd", "rk", "sk")
+_SUFFIX = {
+    "city": ("ia", "mark", "grad", "holm", "ford", "heim", "burg", "ora", "ene", "wick"),
+    "person": ("ek", "ov", "ard", "ien", "sen", "ani", "orn", "esk"),
+    "company": ("ex", "on", "ix", "ara", "eon", "ium"),
+    "river": ("ane", "ess", "wyn", "ode", "ire"),
+    "mountain": ("var", "horn", "dor", "kul", "ash"),
+}
+_FIRST_NAMES = ("Orsolya", "Bertil", "Ximena", "Tadeusz", "Ilka", "Radomir", "Selvi", "Oskarine", "Jorunn",
+                "Emerik", "Liesa", "Vasko", "Amarante", "Teodric", "Ysolde", "Kasimir", "Mireille", "Dragan",
+                "Sunniva", "Leopold", "Ottilie", "Bohdan", "Valeska", "Anselm", "Perpetua", "Ivar", "Zdenka",
+                "Casimira", "Ulrich", "Henrike")  # fmt: skip
+_COMPANY_KINDS = ("Analytics", "Shipping", "Foods", "Dynamics", "Textiles", "Optics", "Ceramics", "Robotics",
+                  "Pharmaceuticals", "Instruments")  # fmt: skip
+_REGIONS = ("the Northern Reach", "the Lowmarch", "Eastvale", "the Coastlands", "the High Plateau", "Westmoor")
+_PROFESSIONS = ("painter", "chemist", "novelist", "architect", "composer", "engineer", "botanist", "cartographer")
+_WORDS = {"city": "a city", "person": "a", "company": "a company", "river": "a river", "mountain": "a mountain"}
+
+
+@dataclass(frozen=True)
+class Entity:
+    """One fictional entity.
+
+    Attributes:
+        name: its full name (e.g. "Valdoria", "Orsolya Thrandek", "Mount Keldravar").
+        entity_type: city, person, company, river or mountain.
+        doc_id: id of its document.
+        values: attribute key -> integer value.
+    """
+
+    name: str
+    entity_type: EntityType
+    doc_id: str
+    values: Mapping[str, int]
+
+
+@dataclass(frozen=True)
+class MultiHopQuestion:
+    """A comparison or aggregation question over several entities.
+
+    Attributes:
+        id: stable identifier (``multihop-<seed>-<index>``).
+        question: the question text.
+        answer: the exact gold answer: an entity name (argmax/argmin) or an integer as a string.
+        entities: the entity names to look up, one lookup each (for ``difference``: the larger value first).
+        attribute: the attribute key needed from each entity (see `ATTRIBUTES`).
+        kind: argmax, argmin, difference, sum, count or range.
+        hops: number of independent lookups (``len(entities)``).
+        threshold: the threshold of a ``count`` question, else ``None``.
+    """
+
+    id: str
+    question: str
+    answer: str
+    entities: tuple[str, ...]
+    attribute: str
+    kind: QuestionKind
+    hops: int
+    threshold: int | None = None
+    answer_type: Literal["entity", "number"] = field(default="number")
+
+    def compute(self, values: Mapping[str, int]) -> str:
+        """The answer given each entity's attribute value (what a perfect reader would conclude).
+
+        Raises:
+            ConfigError: a value for one of the entities is missing.
+        """
+        missing = [name for name in self.entities if name not in values]
+        if missing:
+            raise ConfigError(f"question {self.id}: no value for {', '.join(missing)}")
+        numbers = [values[name] for name in self.entities]
+        if self.kind == "argmax":
+            return self.entities[numbers.index(max(numbers))]
+        if self.kind == "argmin":
+            return self.entities[numbers.index(min(numbers))]
+        if self.kind == "difference":
+            return str(numbers[0] - numbers[1])
+        if self.kind == "sum":
+            return str(sum(numbers))
+        if self.kind == "count":
+            assert self.threshold is not None
+            return str(sum(1 for v in numbers if v < self.threshold))
+        return str(max(numbers) - min(numbers))
+
+
+def extract_attribute(text: str, name: str, attribute: str) -> int | None:
+    """Read ``attribute`` of entity ``name`` from a document's text (its fixed fact sentence), or ``None``.
+
+    Raises:
+        ConfigError: an unknown attribute key.
+    """
+    spec = ATTRIBUTES.get(attribute)
+    if spec is None:
+        raise ConfigError(f"unknown attribute {attribute!r}; known: {', '.join(ATTRIBUTES)}")
+    pattern = re.escape(spec.fact.format(name=name, value="\0")).replace("\\\0", "\0").replace("\0", r"(\d+)")
+    match = re.search(pattern, text)
+    return int(match.group(1)) if match else None
+
+
+def _round_number_between(lower: int, upper: int, rng: random.Random) -> int:
+    """A random number in [lower, upper], as round as possible (a multiple of the largest power of ten that fits)."""
+    step = 10 ** len(str(max(upper, 1)))
+    while step > 1:
+        first = -(-lower // step) * step
+        if first <= upper:
+            return rng.choice(range(first, upper + 1, step))
+        step //= 10
+    return rng.randint(lower, upper)
+
+
+def _join(names: Sequence[str], word: str) -> str:
+    if len(names) == 2:
+        return f"{names[0]} {word} {names[1]}"
+    return f"{', '.join(names[:-1])} {word} {names[-1]}"
+
+
+class _NameMaker:
+    def __init__(self, rng: random.Random) -> None:
+        self.rng = rng
+        self.used: set[str] = {n.lower() for n in _FIRST_NAMES}
+
+    def core(self, entity_type: EntityType) -> str:
+        for _ in range(10_000):
+            syllables = [
+                self.rng.choice(_ONSETS) + self.rng.choice(_VOWELS) + self.rng.choice(_CODAS)
+                for _ in range(self.rng.randint(1, 2))
+            ]
+            word = ("".join(syllables) + self.rng.choice(_SUFFIX[entity_type])).capitalize()
+            if len(word) >= 5 and word.lower() not in self.used:
+                self.used.add(word.lower())
+                return word
+        raise ConfigError("could not generate enough distinct names; lower n_entities")
+
+
+@dataclass(frozen=True)
+class KnowledgeBase:
+    """A generated set of entities and their documents.
+
+    Attributes:
+        seed: the generation seed.
+        entities: every entity, grouped by type in `_TYPES` order.
+    """
+
+    seed: int
+    entities: tuple[Entity, ...]
+    _documents: tuple[Document, ...] = field(repr=False, default=())
+
+    @classmethod
+    def generate(cls, seed: int = 0, n_entities: int = 100) -> KnowledgeBase:
+        """Generate a knowledge base of ``n_entities`` (spread evenly over the five types, at least 8 each).
+
+        Raises:
+            ConfigError: fewer than 40 or more than 2000 entities.
+        """
+        if not 40 <= n_entities <= 2000:
+            raise ConfigError(f"n_entities must be in 40..2000 (8 per type for 8-hop questions), got {n_entities}")
+        rng = random.Random(seed)
+        names = _NameMaker(rng)
+        per_type = {t: n_entities // len(_TYPES) + (1 if i < n_entities % len(_TYPES) else 0)
+                    for i, t in enumerate(_TYPES)}  # fmt: skip
+        entities: list[Entity] = []
+        for entity_type in _TYPES:
+            count = per_type[entity_type]
+            columns = {
+                key: rng.sample(range(spec.low, spec.high), count)
+                for key, spec in ATTRIBUTES.items()
+                if spec.entity_type == entity_type
+            }
+            for index in range(count):
+                core = names.core(entity_type)
+                if entity_type == "person":
+                    name = f"{_FIRST_NAMES[index % len(_FIRST_NAMES)]} {core}"
+                elif entity_type == "company":
+                    name = f"{core} {rng.choice(_COMPANY_KINDS)}"
+                elif entity_type == "river":
+                    name = f"{core} River"
+                elif entity_type == "mountain":
+                    name = f"Mount {core}"
+                else:
+                    name = core
+                values = {key: column[index] for key, column in columns.items()}
+                entities.append(Entity(name, entity_type, f"{entity_type}-{core.lower()}", values))
+        kb = cls(seed=seed, entities=tuple(entities))
+        documents = tuple(kb._render(entity, random.Random(f"{seed}:{entity.doc_id}")) for entity in entities)
+        object.__setattr__(kb, "_documents", documents)
+        return kb
+
+    def _of_type(self, entity_type: EntityType) -> list[Entity]:
+        return [e for e in self.entities if e.entity_type == entity_type]
+
+    def _render(self, entity: Entity, rng: random.Random) -> Document:
+        name = entity.name
+        others = {t: [e.name for e in self._of_type(t) if e.name != name] for t in _TYPES}
+        region = rng.choice(_REGIONS)
+
+        def year() -> int:  # distractor years in the same range as the facts
+            return rng.randint(1750, 2020)
+
+        if entity.entity_type == "city":
+            intro = f"{name} is a city in {region}."
+            distractors = [
+                f"Its old harbour was rebuilt in {year()}.",
+                f"A great fire swept through its old town in {year()}.",
+                f"The {rng.choice(_PROFESSIONS)} {rng.choice(others['person'])} lived here for many years.",
+                f"Its annual lantern festival draws about {rng.randint(2000, 90000)} visitors.",
+                f"It is twinned with {rng.choice(others['city'])}.",
+            ]
+        elif entity.entity_type == "person":
+            profession = rng.choice(_PROFESSIONS)
+            intro = f"{name} is a {profession} from {rng.choice(others['city'])}."
+            surname = name.split()[-1]
+            distractors = [
+                f"In {year()} {surname} moved to {rng.choice(others['city'])}.",
+                f"{surname} published {rng.randint(3, 40)} works over a long career.",
+                f"{surname} worked for {rng.choice(others['company'])} for {rng.randint(2, 30)} years.",
+                f"A retrospective of {surname}'s work opened in {year()}.",
+            ]
+        elif entity.entity_type == "company":
+            intro = f"{name} is a company headquartered in {rng.choice(others['city'])}."
+            distractors = [
+                f"In {year()} it opened its first factory.",
+                f"Its annual report lists {rng.randint(100, 50000)} shareholders.",
+                f"Its chief executive is {rng.choice(others['person'])}.",
+                f"It was listed on the stock exchange in {year()}.",
+            ]
+        elif entity.entity_type == "river":
+            intro = f"The {name} is a river in {region}."
+            distractors = [
+                f"It rises in the hills above {rng.choice(others['city'])}.",
+                f"It has {rng.randint(2, 60)} named tributaries.",
+                f"The first bridge across it was completed in {year()}.",
+                f"Its basin covers about {rng.randint(500, 90000)} square kilometres.",
+            ]
+        else:
+            intro = f"{name} is a mountain in {region}."
+            distractors = [
+                f"It stands {rng.randint(10, 400)} kilometres from {rng.choice(others['city'])}.",
+                f"A weather station was built on its slopes in {year()}.",
+                f"Its glacier has retreated by {rng.randint(50, 2500)} metres since records began.",
+                f"The {rng.choice(_PROFESSIONS)} {rng.choice(others['person'])} painted it many times.",
+            ]
+        facts = [ATTRIBUTES[key].fact.format(name=name, value=value) for key, value in entity.values.items()]
+        chosen = rng.sample(distractors, k=min(3, len(distractors)))
+        body = facts + chosen
+        rng.shuffle(body)
+        return Document(id=entity.doc_id, title=name, text=" ".join([intro, *body]))
+
+    def documents(self) -> list[Document]:
+        """One document per entity, in entity order."""
+        return list(self._documents)
+
+    def entity(self, name: str) -> Entity:
+        """The entity called ``name``.
+
+        Raises:
+            ConfigError: no such entity.
+        """
+        for entity in self.entities:
+            if entity.name == name:
+                return entity
+        raise ConfigError(f"no entity named {name!r} in this knowledge base")
+
+    def write_corpus(self, directory: str | Path) -> Path:
+        """Write one Markdown file per document (``# Title`` then the text) into ``directory``; return it.
+
+        The directory loads back into the same documents with `branchwise.executors.load_documents`.
+        """
+        path = Path(directory)
+        path.mkdir(parents=True, exist_ok=True)
+        for doc in self._documents:
+            (path / f"{doc.id}.md").write_text(f"# {doc.title}\n\n{doc.text}\n", encoding="utf-8")
+        return path
+
+    def write_jsonl(self, path: str | Path) -> Path:
+        """Write the documents as JSONL records ``{"id", "title", "text"}``; return the path."""
+        target = Path(path)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with target.open("w", encoding="utf-8") as handle:
+            for doc in self._documents:
+                handle.write(json.dumps({"id": doc.id, "title": doc.title, "text": doc.text}) + "\n")
+        return target
+
+    def questions(
+        self,
+        n: int = 20,
+        *,
+        seed: int | None = None,
+        min_hops: int = 2,
+        max_hops: int = 8,
+        kinds: Sequence[QuestionKind] | None = None,
+    ) -> list[MultiHopQuestion]:
+        """Generate ``n`` questions with ``min_hops``..``max_hops`` lookups each.
+
+        Args:
+            n: number of questions.
+            seed: question seed (default: the knowledge base's seed).
+            min_hops: fewest entities per question (>= 2).
+            max_hops: most entities per question (<= 8, and no more than entities per type).
+            kinds: restrict to these question kinds (default: all that fit the hop range).
+
+        Raises:
+            ConfigError: an invalid count, hop range or kind.
+        """
+        per_type_min = min(len(self._of_type(t)) for t in _TYPES)
+        if n < 1:
+            raise ConfigError(f"n must be >= 1, got {n}")
+        if not 2 <= min_hops <= max_hops <= min(8, per_type_min):
+            raise ConfigError(f"need 2 <= min_hops <= max_hops <= {min(8, per_type_min)}, got {min_hops}..{max_hops}")
+        all_kinds: tuple[QuestionKind, ...] = ("argmax", "argmin", "difference", "sum", "count", "range")
+        wanted = tuple(kinds) if kinds is not None else all_kinds
+        unknown = [k for k in wanted if k not in all_kinds]
+        if unknown or not wanted:
+            raise ConfigError(f"unknown question kinds {unknown}; known: {', '.join(all_kinds)}")
+        hop_ranges: dict[QuestionKind, tuple[int, int]] = {
+            "argmax": (2, 8), "argmin": (2, 8), "difference": (2, 2), "sum": (2, 5), "count": (3, 8),
+            "range": (3, 8),
+        }  # fmt: skip
+        usable = [k for k in wanted if max(min_hops, hop_ranges[k][0]) <= min(max_hops, hop_ranges[k][1])]
+        if not usable:
+            raise ConfigError(f"no question kind among {list(wanted)} fits {min_hops}..{max_hops} hops")
+        rng = random.Random(self.seed * 1_000_003 + 17 if seed is None else seed)
+        base = self.seed if seed is None else seed
+        out = []
+        for index in range(n):
+            kind = usable[index % len(usable)] if index < len(usable) else rng.choice(usable)
+            low, high = max(min_hops, hop_ranges[kind][0]), min(max_hops, hop_ranges[kind][1])
+            hops = rng.randint(low, high)
+            keys = [k for k, spec in ATTRIBUTES.items() if kind != "sum" or spec.total]
+            attribute = ATTRIBUTES[rng.choice(keys)]
+            chosen = rng.sample(self._of_type(attribute.entity_type), hops)
+            out.append(self._question(f"multihop-{base}-{index}", kind, attribute, chosen, rng))
+        return out
+
+    def _question(
+        self, qid: str, kind: QuestionKind, attribute: Attribute, chosen: list[Entity], rng: random.Random
+    ) -> MultiHopQuestion:
+        key = attribute.key
+        threshold = None
+        if kind == "difference":
+            chosen.sort(key=lambda e: e.values[key], reverse=True)  # a has the larger value: a positive answer
+            a, b = chosen[0].name, chosen[1].name
+            text = attribute.difference.format(a=a, b=b)
+        else:
+            names = [e.name for e in chosen]
+            if kind in ("argmax", "argmin"):
+                text = getattr(attribute, kind).format(names=_join(names, "or"))
+            elif kind == "sum":
+                text = attribute.total.format(names=_join(names, "and"))
+            elif kind == "count":
+                ordered = sorted(e.values[key] for e in chosen)
+                cut = rng.randint(1, len(ordered) - 1)  # how many values fall below the threshold ("below" is strict)
+                lower, upper = ordered[cut - 1] + 1, ordered[cut]
+                threshold = _round_number_between(lower, upper, rng)
+                text = attribute.count.format(names=_join(names, "and"), threshold=threshold)
+            else:
+                text = (
+                    f"What is the difference between the largest and the smallest {attribute.label} among "
+                    f"{_join(names, 'and')}?"
+                )
+        question = MultiHopQuestion(
+            id=qid,
+            question=text,
+            answer="",
+            entities=tuple(e.name for e in chosen),
+            attribute=key,
+            kind=kind,
+            hops=len(chosen),
+            threshold=threshold,
+            answer_type="entity" if kind in ("argmax", "argmin") else "number",
+        )
+        answer = question.compute({e.name: e.values[key] for e in chosen})
+        return MultiHopQuestion(**{**question.__dict__, "answer": answer})
+
+
+def multihop_questions(
+    seed: int = 0, n: int = 20, *, min_hops: int = 2, max_hops: int = 8, n_entities: int = 100
+) -> list[MultiHopQuestion]:
+    """``n`` questions over ``KnowledgeBase.generate(seed, n_entities)`` (rebuild the KB with the same arguments).
+
+    Raises:
+        ConfigError: invalid arguments (see `KnowledgeBase.questions`).
+    """
+    return KnowledgeBase.generate(seed, n_entities).questions(n, min_hops=min_hops, max_hops=max_hops)
+
+
+def multihop_dataset(
+    seed: int = 0, n: int = 20, *, min_hops: int = 2, max_hops: int = 8, n_entities: int = 100
+) -> tuple[KnowledgeBase, list[MultiHopQuestion]]:
+    """The knowledge base and ``n`` questions over it (same as `multihop_questions`, plus the KB)."""
+    kb = KnowledgeBase.generate(seed, n_entities)
+    return kb, kb.questions(n, min_hops=min_hops, max_hops=max_hops)
