@@ -132,6 +132,7 @@ class Pipeline:
         progress: live progress: "on", "off" or "auto" (on when ``progress_file`` is a terminal).
         progress_file: where progress goes (default ``sys.stderr``).
         otel: emit OpenTelemetry spans when opentelemetry is installed.
+        tracer_provider: the OpenTelemetry ``TracerProvider`` for those spans (default: the global one).
         owns_engines: `aclose` closes the engines (pipelines built from YAML own theirs).
         spec: the spec this pipeline was built from, recorded in trace headers (secrets masked).
         secrets: strings that must never appear in traces (resolved environment values).
@@ -161,6 +162,7 @@ class Pipeline:
         progress: ProgressMode | bool = "off",
         progress_file: IO[str] | None = None,
         otel: bool = True,
+        tracer_provider: Any = None,
         owns_engines: bool = False,
         spec: PipelineSpec | None = None,
         secrets: list[str] | None = None,
@@ -197,6 +199,7 @@ class Pipeline:
         self.progress: ProgressMode = progress
         self.progress_file = progress_file
         self.otel = otel
+        self.tracer_provider = tracer_provider
         self.owns_engines = owns_engines
         self.spec = spec
         self.secrets = [s for s in (secrets or []) if s]
@@ -206,29 +209,50 @@ class Pipeline:
 
     # -- construction from YAML --------------------------------------------------------------------------------
     @classmethod
-    def from_yaml(cls, source: str | Path, *, overrides: Mapping[str, Any] | None = None) -> Pipeline:
+    def from_yaml(
+        cls,
+        source: str | Path,
+        *,
+        overrides: Mapping[str, Any] | None = None,
+        engines: Mapping[str, Engine] | None = None,
+    ) -> Pipeline:
         """Build a pipeline from a YAML file path or YAML text (see `branchwise.orchestrator.spec`).
 
         Args:
             source: a ``.yaml`` path or the YAML text.
             overrides: dotted-path overrides, e.g. ``{"thought.n": 8}``.
+            engines: ready engines by role, used instead of building those roles' engines from the spec (the
+                pipeline does not close them), e.g. one vLLM engine shared by many pipelines.
 
         Raises:
             ConfigError: the spec is invalid (the message names the YAML path and line).
         """
-        return cls.from_spec(load_spec(source, overrides=overrides))
+        return cls.from_spec(load_spec(source, overrides=overrides), engines=engines)
 
     @classmethod
-    def from_spec(cls, spec: PipelineSpec) -> Pipeline:
-        """Build a pipeline from a validated spec; ``${ENV}`` references are resolved now."""
+    def from_spec(cls, spec: PipelineSpec, *, engines: Mapping[str, Engine] | None = None) -> Pipeline:
+        """Build a pipeline from a validated spec; ``${ENV}`` references are resolved now.
+
+        Args:
+            spec: the spec.
+            engines: ready engines by role, used instead of building them (see `from_yaml`).
+        """
+        given = dict(engines or {})
+        unknown = sorted(set(given) - set(spec.engines))
+        if unknown:
+            raise ConfigError(f"engines given for roles the spec does not declare: {', '.join(unknown)}")
         resolved = spec.resolved()
         secrets = _secret_values(spec)
         base = Path(spec.source).parent if spec.source not in ("<string>",) and Path(spec.source).exists() else None
-        engines: dict[str, Engine] = {}
+        engines = {}
+        built_engines: dict[str, Engine] = {}
         closeables: list[Any] = []
         try:
             for role, engine_spec in resolved.engines.items():
-                engines[role] = build_engine(engine_spec, runtime=resolved.runtime)
+                if role in given:
+                    engines[role] = given[role]
+                else:
+                    engines[role] = built_engines[role] = build_engine(engine_spec, runtime=resolved.runtime)
             policy = engines["policy"]
             built = _build_components(resolved, engines, base)
             closeables.extend(built.closeables)
@@ -236,7 +260,7 @@ class Pipeline:
                 resolved.thought, resolved, scorer=built.step_scorer, judge=built.judge, verifier=built.verifier
             )
         except BaseException:
-            for engine in engines.values():
+            for engine in built_engines.values():
                 with contextlib.suppress(Exception):
                     _close_soon(engine)
             raise
@@ -261,10 +285,10 @@ class Pipeline:
             trace=resolved.outputs.trace,
             progress=resolved.outputs.progress,
             otel=resolved.outputs.otel,
-            owns_engines=True,
+            owns_engines=False,
             spec=spec,
             secrets=secrets,
-            closeables=closeables,
+            closeables=[*closeables, *built_engines.values()],  # the engines it built, not those it was given
         )
 
     # -- running -----------------------------------------------------------------------------------------------
@@ -316,7 +340,7 @@ class Pipeline:
             writer = TraceWriter(path, recorder._redact(header) if self.secrets else header)
             recorder.listeners.insert(0, writer)
         if self.otel and otel_available():
-            recorder.add(OTelSink())
+            recorder.add(OTelSink(self.tracer_provider))
         live = self._progress_listener()
         if live is not None:
             recorder.add(live)
@@ -349,7 +373,10 @@ class Pipeline:
             usage = budget.usage.snapshot()
             answer = getattr(outcome, "answer", None)
             pruned = outcome.pruned if hasattr(outcome, "pruned") and isinstance(outcome.pruned, int) else counts.pruned
-            exhausted = budget.exhausted or bool(getattr(outcome, "budget_exhausted", False))
+            # The strategy knows whether a cap cut its work; a cap merely reached (max_calls hit by the last
+            # call) is not a cut.
+            flag = getattr(outcome, "budget_exhausted", None)
+            exhausted = bool(flag) if isinstance(flag, bool) else budget.exhausted
             seconds = time.perf_counter() - started
             recorder(
                 "run_end",

@@ -685,11 +685,14 @@ def strategy_classes() -> dict[str, type[Any]]:
     classes: dict[str, type[Any]] = {}
     registry = getattr(search, "_STRATEGIES", {})
     classes.update(registry)
-    from ..search.beam import Beam
-    from ..search.dvts import DVTS
-
-    classes.setdefault("beam", Beam)
-    classes.setdefault("dvts", DVTS)
+    if "beam" not in classes or "dvts" not in classes:
+        try:
+            from ..search.beam import Beam
+            from ..search.dvts import DVTS
+        except ImportError:  # an installation without the step-search strategies
+            return classes
+        classes.setdefault("beam", Beam)
+        classes.setdefault("dvts", DVTS)
     return classes
 
 

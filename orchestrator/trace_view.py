@@ -35,7 +35,8 @@ def render_trace(trace: TraceFile, *, max_traces: int = 64) -> Any:
     if start is not None:
         d = start.data
         root.add(
-            f"strategy [bold]{d.get('strategy')}[/bold] {d.get('params') or {}}"
+            Text.assemble("strategy ", (str(d.get("strategy")), "bold"))
+            + f" {d.get('params') or {}}"
             + (f"  planner {d.get('planner')}" if d.get("planner") else "")
             + (f"  tools {', '.join(d.get('tools') or [])}" if d.get("tools") else "")
         )
@@ -63,11 +64,13 @@ def render_trace(trace: TraceFile, *, max_traces: int = 64) -> Any:
     if errors:
         branch = root.add(Text("errors", style="bold red"))
         for e in errors:
-            branch.add(f"{e.t:.2f}s {e.data.get('type')}: {e.data.get('message')}")
+            branch.add(Text(f"{e.t:.2f}s {e.data.get('type')}: {e.data.get('message')}"))
     return root
 
 
 def _plan(root: Any, events: list[Event]) -> None:
+    from rich.text import Text
+
     node_events = [e for e in events if e.kind.startswith("node_") or e.kind in ("plan", "replan", "replanned")]
     if not node_events:
         return
@@ -76,19 +79,23 @@ def _plan(root: Any, events: list[Event]) -> None:
     for e in node_events:
         d = e.data
         if e.kind in ("plan", "replan", "replanned"):
-            branch.add(f"{e.t:.2f}s {e.kind}: " + ", ".join(f"{k}={v}" for k, v in d.items() if k != "nodes")[:200])
+            branch.add(
+                Text(f"{e.t:.2f}s {e.kind}: " + ", ".join(f"{k}={v}" for k, v in d.items() if k != "nodes")[:200])
+            )
             continue
         node = str(d.get("node", d.get("id", "?")))
         if node not in nodes:
             label = d.get("tool") or d.get("kind") or d.get("label") or ""
-            nodes[node] = branch.add(f"node {node} {label}".rstrip())
+            nodes[node] = branch.add(Text(f"node {node} {label}".rstrip()))
         extra = {k: v for k, v in d.items() if k not in ("node", "id")}
         nodes[node].add(
-            f"{e.t:.2f}s {e.kind.removeprefix('node_')}: " + ", ".join(f"{k}={v}" for k, v in extra.items())[:200]
+            Text(f"{e.t:.2f}s {e.kind.removeprefix('node_')}: " + ", ".join(f"{k}={v}" for k, v in extra.items())[:200])
         )
 
 
 def _traces(root: Any, events: list[Event], max_traces: int) -> None:
+    from rich.text import Text
+
     ends: dict[tuple[Any, Any], Event] = {}
     opened: dict[Any, list[Event]] = defaultdict(list)
     for e in events:
@@ -104,10 +111,10 @@ def _traces(root: Any, events: list[Event], max_traces: int) -> None:
     }
     for tree, starts in opened.items():
         s = strategies.get(tree)
-        head = f"[bold]traces[/bold] (tree {tree})"
+        head = Text.assemble(("traces", "bold"), f" (tree {tree})")
         if s is not None:
             votes = s.data.get("votes") or {}
-            head += f" {s.data.get('strategy')}: answer {s.data.get('answer')!r} votes {votes}"
+            head.append(f" {s.data.get('strategy')}: answer {s.data.get('answer')!r} votes {votes}")
         branch = root.add(head)
         children: dict[Any, list[Event]] = defaultdict(list)
         for e in starts:
@@ -136,7 +143,7 @@ def _traces(root: Any, events: list[Event], max_traces: int) -> None:
                 if d.get("status") == "pruned":
                     text += f" pruned by {d.get('rule')}" + (f": {d.get('detail')}" if d.get("detail") else "")
                 style = {"finished": "green", "pruned": "magenta", "budget": "red"}.get(str(d.get("status")), "red")
-            node = parent_branch.add(f"[{style}]{text}[/{style}]")
+            node = parent_branch.add(Text(text, style=style))
             for child in children.get(tid, []):
                 add(node, child)
 
@@ -146,7 +153,7 @@ def _traces(root: Any, events: list[Event], max_traces: int) -> None:
             branch.add(f"... {len(starts) - shown} more traces")
         if s is not None:
             for decision in s.data.get("decisions") or []:
-                branch.add(f"decision: {decision}")
+                branch.add(Text(f"decision: {decision}"))
 
 
 def _engine(root: Any, events: list[Event]) -> None:

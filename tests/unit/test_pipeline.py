@@ -1,0 +1,205 @@
+"""The Pipeline facade on scripted engines: runs, budgets, streaming, cancellation, errors, closing, secrets."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+import pytest
+
+import branchwise as bw
+from branchwise.engine.testing import ScriptedEngine, ScriptedResponse
+from branchwise.errors import ConfigError, EngineRequestError
+from branchwise.orchestrator.budget import Budget
+from branchwise.orchestrator.pipeline import Pipeline
+from branchwise.orchestrator.tracing import read_trace
+from branchwise.search import Refine, SelfConsistency, Single
+
+Q = "What is 6 x 7?"
+ANSWERS = ["6 x 7 = 42. The answer is 42.", "The answer is 42.", "The answer is 41."]
+
+
+async def test_run_returns_answer_usage_and_a_fresh_budget_each_time() -> None:
+    engine = ScriptedEngine(default=ANSWERS)
+    async with Pipeline(engine, SelfConsistency(n=3), budget=Budget(max_calls=1), otel=False) as pipeline:
+        first = await pipeline.run(Q)
+        second = await pipeline.run(Q)  # a shared Budget would refuse the second call
+    assert first.answer == second.answer == "42"
+    assert first.usage.calls == second.usage.calls == 1
+    assert first.llm_calls == 1
+    assert first.usage.completion_tokens > 0
+    assert first.pruned == 0 and not first.budget_exhausted
+    assert first.result.votes == {"42": 2.0, "41": 1.0}
+    assert first.summary()["answer"] == "42"
+    assert not engine.closed  # a given engine is not the pipeline's to close
+
+
+async def test_budget_cap_marks_the_result_and_is_recorded(tmp_path: Path) -> None:
+    engine = ScriptedEngine(default=" ".join(["word"] * 200) + " The answer is 7.")
+    trace = tmp_path / "t.jsonl"
+    # the draft gets the whole allowance (clipped to 50 tokens), so the refinement round is refused
+    pipeline = Pipeline(engine, Refine(rounds=2), budget={"max_completion_tokens": 50}, trace=trace, otel=False)
+    result = await pipeline.run(Q)
+    assert result.budget_exhausted
+    assert result.usage.completion_tokens <= 50
+    recorded = read_trace(trace)
+    assert recorded.of_kind("budget_exhausted")[0].data["cap"] == "max_completion_tokens"
+    assert recorded.run_end is not None and recorded.run_end.data["budget_exhausted"] is True
+
+
+async def test_stream_yields_events_in_order_ending_with_run_end() -> None:
+    pipeline = Pipeline(ScriptedEngine(default=ANSWERS), SelfConsistency(n=3), otel=False)
+    kinds = [event.kind async for event in pipeline.stream(Q)]
+    assert kinds[0] == "run_start" and kinds[-1] == "run_end"
+    assert kinds.count("trace_start") == kinds.count("trace_end") == 3
+    assert "engine_call" in kinds and "budget_charge" in kinds and "strategy_end" in kinds
+
+
+async def test_leaving_the_stream_early_cancels_the_run_and_aborts_the_engine(tmp_path: Path) -> None:
+    engine = ScriptedEngine(default=" ".join(["tok"] * 500), token_delay=0.001)
+    trace = tmp_path / "t.jsonl"
+    pipeline = Pipeline(engine, Single(), trace=trace, otel=False)
+    stream = pipeline.stream(Q)
+    async for event in stream:
+        if event.kind == "trace_start":
+            break
+    await stream.aclose()
+    assert engine.aborted == 1 and engine.active == 0
+    end = read_trace(trace).run_end
+    assert end is not None and end.data["status"] == "cancelled"
+
+
+async def test_engine_failure_is_recorded_and_raised(tmp_path: Path) -> None:
+    engine = ScriptedEngine([EngineRequestError("backend said no")])
+    trace = tmp_path / "t.jsonl"
+    pipeline = Pipeline(engine, Single(), trace=trace, otel=False)
+    with pytest.raises(EngineRequestError):
+        await pipeline.run(Q)
+    recorded = read_trace(trace)
+    assert recorded.of_kind("error")[0].data["type"] == "EngineRequestError"
+    assert recorded.run_end is not None and recorded.run_end.data["status"] == "error"
+    assert recorded.of_kind("engine_call")[0].data["error"] == "EngineRequestError"
+
+
+async def test_cancelling_a_run_keeps_the_trace(tmp_path: Path) -> None:
+    engine = ScriptedEngine(default=" ".join(["tok"] * 500), token_delay=0.001)
+    trace = tmp_path / "t.jsonl"
+    started = asyncio.Event()
+    pipeline = Pipeline(engine, Single(), trace=trace, otel=False)
+    task = asyncio.create_task(
+        pipeline.run(Q, listeners=[lambda e: started.set() if e.kind == "trace_start" else None])
+    )
+    await started.wait()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    recorded = read_trace(trace)
+    assert [e.kind for e in recorded.events][:2] == ["run_start", "strategy_start"]
+    assert recorded.run_end is not None and recorded.run_end.data["status"] == "cancelled"
+    assert engine.aborted == 1
+
+
+async def test_from_yaml_owns_and_closes_its_engines_but_not_given_ones() -> None:
+    text = "engine: {backend: test, default: 'The answer is 5.'}\nthought: {strategy: single}\n"
+    pipeline = Pipeline.from_yaml(text)
+    result = await pipeline.run(Q)
+    assert result.answer == "5"
+    await pipeline.aclose()
+    assert pipeline.engine.closed  # type: ignore[attr-defined]
+    await pipeline.aclose()  # idempotent
+    with pytest.raises(ConfigError, match="closed"):
+        await pipeline.run(Q)
+    given = ScriptedEngine(default="The answer is 6.")
+    async with Pipeline.from_yaml(text, engines={"policy": given}) as shared:
+        assert (await shared.run(Q)).answer == "6"
+    assert not given.closed
+    with pytest.raises(ConfigError, match="judge"):
+        Pipeline.from_yaml(text, engines={"judge": given})
+
+
+async def test_scripted_yaml_engine_rules_queue_default_and_exhaustion() -> None:
+    text = (
+        "engine:\n  backend: test\n  rules: [{when: 'apples', reply: 'The answer is 3.'}]\n"
+        "  replies: ['The answer is 1.']\n"
+    )
+    async with Pipeline.from_yaml(text, overrides={"outputs.otel": False}) as pipeline:
+        assert (await pipeline.run("How many apples?")).answer == "3"
+        assert (await pipeline.run("pears?")).answer == "1"
+        with pytest.raises(EngineRequestError, match="no rule matched"):
+            await pipeline.run("pears again?")
+
+
+async def test_secrets_from_the_environment_never_reach_the_trace(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("BW_SECRET_MODEL", "hush-hush-model")
+    trace = tmp_path / "t.jsonl"
+    text = (
+        "engine: {backend: test, model: '${BW_SECRET_MODEL}', default: 'The answer is 2.'}\n"
+        f"outputs: {{trace: '{trace}'}}\n"
+    )
+    async with Pipeline.from_yaml(text) as pipeline:
+        assert pipeline.engine.model == "hush-hush-model"
+        await pipeline.run(Q)
+    content = trace.read_text()
+    assert "hush-hush-model" not in content
+    assert "${BW_SECRET_MODEL}" in content  # the reference is recorded, not its value
+    assert "***" in content
+
+
+def test_python_door_checks_arguments() -> None:
+    engine = ScriptedEngine(default="x")
+    with pytest.raises(ConfigError, match="engine"):
+        Pipeline("not an engine")  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="strategy"):
+        Pipeline(engine, "self_consistency")
+    with pytest.raises(ConfigError, match="planner"):
+        Pipeline(engine, tools=object())
+    with pytest.raises(ConfigError, match="max_tokens"):
+        Pipeline(engine, budget={"max_tokens": -1})
+    with pytest.raises(ConfigError, match="progress"):
+        Pipeline(engine, progress="sometimes")  # type: ignore[arg-type]
+
+
+async def test_empty_query_is_a_usage_error() -> None:
+    with pytest.raises(ConfigError, match="query"):
+        await Pipeline(ScriptedEngine(default="x")).run("  ")
+
+
+def test_run_sync_and_top_level_helpers() -> None:
+    engine = ScriptedEngine(default=ANSWERS)
+    result = bw.run_sync(Q, engine=engine, strategy=SelfConsistency(n=3), budget=bw.Budget(max_tokens=1000), otel=False)
+    assert result.answer == "42" and result.usage.calls == 1
+    pipeline = bw.Pipeline(ScriptedEngine(default="The answer is 9."), otel=False)
+    assert pipeline.run_sync(Q).answer == "9"
+
+
+async def test_trace_path_template_and_header(tmp_path: Path) -> None:
+    pipeline = Pipeline(ScriptedEngine(default="The answer is 1."), trace=tmp_path / "run-{run_id}.jsonl", otel=False)
+    result = await pipeline.run(Q)
+    assert result.trace_path is not None and result.trace_path.name == f"run-{result.run_id}.jsonl"
+    header = json.loads(result.trace_path.read_text().splitlines()[0])
+    assert header["format"] == "branchwise-trace" and header["version"] == 1
+    assert header["run_id"] == result.run_id and header["query"] == Q and header["spec"] is None
+
+
+async def test_plain_progress_lines_during_a_run() -> None:
+    import io
+
+    out = io.StringIO()
+    engine = ScriptedEngine(default=ANSWERS)
+    pipeline = Pipeline(engine, SelfConsistency(n=3), progress="auto", progress_file=out, otel=False)
+    await pipeline.run(Q)
+    lines = out.getvalue().splitlines()
+    assert lines[0].endswith(f"run started: strategy=self_consistency query={Q!r}")
+    assert sum("finished" in line for line in lines) == 3
+    assert "run ok: answer='42'" in lines[-1]
+
+
+async def test_scripted_response_logprobs_from_yaml() -> None:
+    text = "engine: {backend: test, default: {texts: ['The answer is 8.'], logprobs: -0.5, token_delay: 0}}\n"
+    async with Pipeline.from_yaml(text, overrides={"thought.strategy": "self_consistency", "thought.n": 2}) as p:
+        result = await p.run(Q)
+    assert result.answer == "8"
+    assert isinstance(ScriptedResponse(("a",)), ScriptedResponse)
