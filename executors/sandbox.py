@@ -32,6 +32,7 @@ import contextlib
 import errno
 import json
 import logging
+import math
 import os
 import re
 import shutil
@@ -58,7 +59,8 @@ class SandboxLimits:
     """Limits of one sandboxed run.
 
     Attributes:
-        cpu_seconds: CPU time (``RLIMIT_CPU``; the process gets SIGXCPU, then SIGKILL one second later).
+        cpu_seconds: CPU time (``RLIMIT_CPU``, rounded up to whole seconds; the process gets SIGXCPU, then
+            SIGKILL one second later).
         wall_seconds: wall-clock time; the whole process group is killed when it runs out.
         memory_bytes: address-space size (``RLIMIT_AS``); allocations beyond it raise ``MemoryError``.
         max_output_bytes: cap on stdout, and separately on stderr; the process is killed when one exceeds it.
@@ -288,7 +290,7 @@ async def run_python(code: str, limits: SandboxLimits | None = None, *, check: b
     limits = limits or SandboxLimits()
     config = json.dumps(
         {
-            "cpu": max(1, round(limits.cpu_seconds)),
+            "cpu": max(1, math.ceil(limits.cpu_seconds)),
             "mem": limits.memory_bytes,
             "fsize": limits.max_file_bytes,
             "nofile": limits.max_open_files,
@@ -303,22 +305,25 @@ async def run_python(code: str, limits: SandboxLimits | None = None, *, check: b
     stderr = bytearray()
     timed_out = False
     try:
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-I",
-            "-B",
-            "-X",
-            "utf8",
-            "-c",
-            _BOOTSTRAP,
-            config,
-            stdin=asyncio.subprocess.PIPE,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
-            cwd=workdir,
-            env={},
-            start_new_session=True,
-        )
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable,
+                "-I",
+                "-B",
+                "-X",
+                "utf8",
+                "-c",
+                _BOOTSTRAP,
+                config,
+                stdin=asyncio.subprocess.PIPE,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE,
+                cwd=workdir,
+                env={},
+                start_new_session=True,
+            )
+        except OSError as err:
+            raise ToolError(_TOOL, f"could not start the sandbox interpreter {sys.executable}: {err}") from err
         running = proc
 
         async def feed() -> None:

@@ -366,20 +366,6 @@ class ToolRegistry:
         for item in tools:
             self.register(item)
 
-    @overload
-    def register(self, fn_or_tool: Tool | Callable[..., Any]) -> Tool: ...
-
-    @overload
-    def register(
-        self,
-        fn_or_tool: Tool | Callable[..., Any],
-        *,
-        name: str | None = None,
-        description: str | None = None,
-        max_concurrency: int | None = None,
-        rate_limit: tuple[int, float] | None = None,
-    ) -> Tool: ...
-
     def register(
         self,
         fn_or_tool: Tool | Callable[..., Any],

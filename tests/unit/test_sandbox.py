@@ -15,7 +15,9 @@ import pytest
 from branchwise.errors import ConfigError, SandboxViolation, ToolError
 from branchwise.executors import SandboxLimits, python_tool, run_python
 
-FAST = SandboxLimits(cpu_seconds=1, wall_seconds=3, memory_bytes=256 * 1024 * 1024, max_output_bytes=20_000)
+# Generous wall clock: the machine is shared, and CPU seconds can take several wall seconds under load.
+FAST = SandboxLimits(cpu_seconds=1, wall_seconds=20, memory_bytes=256 * 1024 * 1024, max_output_bytes=20_000)
+QUICK = 10  # seconds within which every refusal must arrive (typically 0.1-1 s)
 
 
 async def test_normal_code_runs_and_prints() -> None:
@@ -55,18 +57,18 @@ async def _violation(code: str, limits: SandboxLimits = FAST) -> tuple[SandboxVi
 async def test_infinite_loop_hits_the_cpu_limit() -> None:
     error, elapsed = await _violation("while True:\n    pass")
     assert error.limit == "cpu_time" and error.tool == "python"
-    assert elapsed < 3
+    assert elapsed < QUICK
 
 
 async def test_sleeping_forever_hits_the_wall_clock() -> None:
     error, elapsed = await _violation("import time\ntime.sleep(60)", SandboxLimits(wall_seconds=0.5))
     assert error.limit == "wall_time"
-    assert elapsed < 2
+    assert elapsed < 5
 
 
 async def test_fork_bomb_and_subprocesses_are_refused() -> None:
     error, elapsed = await _violation("import os\nwhile True:\n    os.fork()")
-    assert error.limit == "processes" and elapsed < 3
+    assert error.limit == "processes" and elapsed < QUICK
     for code in (
         "import subprocess\nsubprocess.run(['true'])",
         "import os\nos.system('true')",
@@ -81,14 +83,14 @@ async def test_fork_bomb_and_subprocesses_are_refused() -> None:
 
 async def test_huge_output_is_cut_off() -> None:
     error, elapsed = await _violation("while True:\n    print('x' * 1000)")
-    assert error.limit == "output" and elapsed < 3
+    assert error.limit == "output" and elapsed < QUICK
     error, _ = await _violation("import sys\nwhile True:\n    sys.stderr.write('y' * 1000)")
     assert error.limit == "output"
 
 
 async def test_memory_hog_hits_the_memory_limit() -> None:
     error, elapsed = await _violation("chunks = []\nwhile True:\n    chunks.append(bytearray(10**7))")
-    assert error.limit == "memory" and elapsed < 5
+    assert error.limit == "memory" and elapsed < QUICK
 
 
 async def test_network_is_refused_and_nothing_connects() -> None:
@@ -105,7 +107,7 @@ async def test_network_is_refused_and_nothing_connects() -> None:
         ):
             error, elapsed = await _violation(code)
             assert error.limit == "network", code
-            assert elapsed < 3
+            assert elapsed < QUICK
         with pytest.raises(BlockingIOError):
             listener.accept()  # no connection ever arrived
 
@@ -125,7 +127,7 @@ async def test_files_outside_the_working_directory_are_refused(tmp_path: Path) -
     for code in cases:
         error, elapsed = await _violation(code)
         assert error.limit == "filesystem", code
-        assert elapsed < 3
+        assert elapsed < QUICK
     assert await asyncio.to_thread(os.listdir, tmp_path) == []
 
 
