@@ -334,6 +334,22 @@ def _arithmetic(limit: int | None, seed: int) -> list[Problem]:
     ]
 
 
+def _multihop(limit: int | None, seed: int) -> list[Problem]:
+    from .multihop import multihop_questions
+
+    return [
+        Problem(
+            q.id,
+            q.question,
+            (q.answer,),
+            "multihop",
+            level=str(q.hops),
+            metadata={"kind": q.kind, "entities": list(q.entities), "attribute": q.attribute},
+        )
+        for q in multihop_questions(seed, limit or 100)
+    ]
+
+
 _SPECS: dict[str, BenchmarkSpec] = {
     spec.name: spec
     for spec in (
@@ -351,6 +367,8 @@ _SPECS: dict[str, BenchmarkSpec] = {
                       _strategyqa),
         BenchmarkSpec("arithmetic", "generated multi-step arithmetic word problems, levels 1-5", "numeric",
                       WORD_PROBLEM_PROMPT, NUMERIC_RULES, generate=_arithmetic),
+        BenchmarkSpec("multihop", "generated multi-hop questions over a generated knowledge base (levels: hops)",
+                      "qa", QA_PROMPT, QA_RULES, generate=_multihop),
     )
 }  # fmt: skip
 

@@ -7,6 +7,8 @@ Subcommands:
     trace show TRACE.jsonl       render a recorded run as a tree
     models list                  registered offline models, their size and whether they are provisioned
     models pull NAME             provision a model into the cache (idempotent)
+    eval PIPELINE.yaml --benchmark NAME   evaluate a pipeline on a benchmark (see `branchwise.evals.cli`)
+    report RESULTS.db [OTHER.db]          Markdown + HTML report of evaluation results
 
 Exit codes: 0 success, 1 runtime failure, 2 usage error (bad arguments, unknown names), 130 interrupted.
 """
@@ -166,6 +168,9 @@ def build_parser() -> argparse.ArgumentParser:
     pull.add_argument("names", nargs="+", metavar="NAME")
     pull.add_argument("--quiet", action="store_true", help="no progress lines")
     pull.set_defaults(func=_models_pull)
+    from ..evals.cli import add_commands as add_eval_commands  # eval, report
+
+    add_eval_commands(sub)
     return parser
 
 

@@ -234,3 +234,12 @@ def test_url_download_verified_cached_and_offline(
 def test_fetch_rejects_bad_hash_strings(cache: Path) -> None:
     with pytest.raises(ConfigError, match="64 hex"):
         fetch("http://127.0.0.1:9/x.jsonl", "abc")
+
+
+def test_generated_multihop_with_hops_as_levels() -> None:
+    pytest.importorskip("branchwise.evals.multihop")
+    bench = load_benchmark("multihop", limit=8, seed=2)
+    assert len(bench) == 8 and bench.grader == "qa"
+    assert bench.problems == load_benchmark("multihop", limit=8, seed=2).problems
+    assert all(p.level is not None and 2 <= int(p.level) <= 8 for p in bench.problems)
+    assert all(p.metadata["entities"] and p.gold[0] for p in bench.problems)
