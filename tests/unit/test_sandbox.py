@@ -33,6 +33,7 @@ async def test_files_inside_the_working_directory_work_and_the_directory_is_remo
         "open('notes.txt', 'w').write('kept')\n"
         "os.mkdir('sub')\n"
         "with tempfile.NamedTemporaryFile() as f: pass\n"
+        "open(os.devnull, 'w').write('discarded')\n"
         "print(open('notes.txt').read(), sorted(os.listdir('.'))[:2], os.getcwd())"
     )
     out = (await run_python(code, FAST)).stdout.split()
