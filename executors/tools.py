@@ -138,7 +138,7 @@ class Tool:
             raise ConfigError(f"a tool must wrap a callable, got {type(fn).__name__}")
         tool_name = name if name is not None else getattr(fn, "__name__", None)
         if not isinstance(tool_name, str) or not _NAME_RE.match(tool_name) or keyword.iskeyword(tool_name):
-            raise ConfigError(f"tool name must be a Python identifier, got {tool_name!r}")
+            raise ConfigError(f"tool name must be a Python identifier, got {tool_name!r} (pass name=...)")
         if max_concurrency is not None and (not isinstance(max_concurrency, int) or max_concurrency < 1):
             raise ConfigError(f"tool {tool_name!r}: max_concurrency must be an integer >= 1, got {max_concurrency!r}")
         if rate_limit is not None:
@@ -219,7 +219,10 @@ class Tool:
         try:
             model = pydantic.create_model(
                 model_name,
-                __config__=pydantic.ConfigDict(extra="forbid", arbitrary_types_allowed=True, protected_namespaces=()),
+                # Numbers are accepted for string arguments: planners pass earlier results (often numbers) on.
+                __config__=pydantic.ConfigDict(
+                    extra="forbid", arbitrary_types_allowed=True, protected_namespaces=(), coerce_numbers_to_str=True
+                ),
                 **fields,
             )
         except (TypeError, ValueError, pydantic.PydanticUserError) as err:
@@ -270,15 +273,16 @@ class Tool:
         try:
             model = self.args_model.model_validate(dict(arguments))
         except pydantic.ValidationError as err:
-            problems = []
-            first_field: str | None = None
-            for item in err.errors(include_url=False):
-                loc = ".".join(str(part) for part in item["loc"])
-                if first_field is None and item["loc"]:
-                    first_field = str(item["loc"][0])
-                problems.append(f"{loc or '(arguments)'}: {item['msg']}")
+            errors = err.errors(include_url=False)
+            first_field = next((str(item["loc"][0]) for item in errors if item["loc"]), None)
+            if len(errors) == 1 and tuple(errors[0]["loc"]) == (first_field,):
+                message = errors[0]["msg"]  # the field is already named by ToolArgumentError
+            else:
+                message = "; ".join(
+                    f"{'.'.join(str(part) for part in item['loc']) or '(arguments)'}: {item['msg']}" for item in errors
+                )
             raise ToolArgumentError(
-                self.name, "; ".join(problems) + f" (signature: {self.signature()})", field=first_field
+                self.name, f"{message} (signature: {self.signature()})", field=first_field
             ) from None
         return {name: getattr(model, f"p{index}") for index, name in enumerate(self.param_names)}
 

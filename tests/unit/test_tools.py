@@ -63,12 +63,17 @@ def test_bind_maps_positional_and_keyword_arguments() -> None:
 def test_validate_coerces_fills_defaults_and_names_the_bad_field() -> None:
     t = Tool(search)
     assert t.validate({"query": "q", "k": "4"}) == {"query": "q", "k": 4, "exact": False}
+    assert t.validate({"query": 1743})["query"] == "1743"  # earlier numeric results feed string arguments
     with pytest.raises(ToolArgumentError) as info:
         t.validate({"k": 2})
     assert info.value.field == "query" and "search(query: str" in str(info.value)
     with pytest.raises(ToolArgumentError) as info:
         t.validate({"query": "q", "k": "many"})
     assert info.value.field == "k"
+    assert str(info.value).startswith("tool 'search' failed: argument 'k': Input should be a valid integer")
+    with pytest.raises(ToolArgumentError, match="query: Field required; k: Input should be") as info:
+        t.validate({"k": "many"})
+    assert info.value.field == "query"
     assert not isinstance(info.value.__cause__, pydantic.ValidationError)  # no pydantic error leaks out
     with pytest.raises(ToolArgumentError) as info:
         t.validate({"query": "q", "bogus": 1})
