@@ -131,7 +131,7 @@ ATTRIBUTES: dict[str, Attribute] = {
             "person",
             "birth year",
             "{name} was born in {value}.",
-            1850,
+            1800,
             2001,
             True,
             "Who was born last: {names}?",
@@ -144,7 +144,7 @@ ATTRIBUTES: dict[str, Attribute] = {
             "company",
             "founding year",
             "{name} was established in {value}.",
-            1850,
+            1800,
             2016,
             True,
             "Which of {names} was established most recently?",
@@ -364,10 +364,14 @@ class KnowledgeBase:
         """Generate a knowledge base of ``n_entities`` (spread evenly over the five types, at least 8 each).
 
         Raises:
-            ConfigError: fewer than 40 or more than 2000 entities.
+            ConfigError: fewer than 40 entities, or more than the attribute ranges can keep distinct (1000).
         """
-        if not 40 <= n_entities <= 2000:
-            raise ConfigError(f"n_entities must be in 40..2000 (8 per type for 8-hop questions), got {n_entities}")
+        # Values are distinct within a type, so the narrowest attribute range bounds the entities per type.
+        most = len(_TYPES) * min(spec.high - spec.low for spec in ATTRIBUTES.values())
+        if not 40 <= n_entities <= most:
+            raise ConfigError(
+                f"n_entities must be in 40..{most} (8 per type for 8-hop questions; distinct values), got {n_entities}"
+            )
         rng = random.Random(seed)
         names = _NameMaker(rng)
         per_type = {t: n_entities // len(_TYPES) + (1 if i < n_entities % len(_TYPES) else 0)

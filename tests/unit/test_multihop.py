@@ -116,6 +116,8 @@ def test_hop_range_and_kind_filters() -> None:
 def test_invalid_arguments() -> None:
     with pytest.raises(ConfigError, match="n_entities"):
         KnowledgeBase.generate(0, n_entities=10)
+    with pytest.raises(ConfigError, match=r"n_entities must be in 40\.\.1000"):
+        KnowledgeBase.generate(0, n_entities=1001)
     kb = KnowledgeBase.generate(0, n_entities=40)
     with pytest.raises(ConfigError, match="min_hops"):
         kb.questions(5, min_hops=1)
