@@ -370,6 +370,8 @@ class Pipeline:
         finally:
             budget.stop()
             remove()
+            if status != "ok":
+                counts.close_open(recorder, status)
             usage = budget.usage.snapshot()
             answer = getattr(outcome, "answer", None)
             pruned = outcome.pruned if hasattr(outcome, "pruned") and isinstance(outcome.pruned, int) else counts.pruned
@@ -533,14 +535,28 @@ class Pipeline:
 
 # -- module-level helpers -------------------------------------------------------------------------------------
 class _Counts:
-    """Counts prune events (the agent path reports pruning only through events)."""
+    """Counts prune events (the agent path reports pruning only through events) and tracks open traces."""
 
     def __init__(self) -> None:
         self.pruned = 0
+        self.open: dict[tuple[Any, Any], str] = {}
 
     def __call__(self, event: Event) -> None:
-        if event.kind == "trace_end" and event.data.get("status") == "pruned":
-            self.pruned += 1
+        d = event.data
+        if event.kind == "trace_start":
+            self.open[(d.get("tree"), d.get("trace"))] = str(d.get("kind", ""))
+        elif event.kind == "trace_end":
+            self.open.pop((d.get("tree"), d.get("trace")), None)
+            if d.get("status") == "pruned":
+                self.pruned += 1
+
+    def close_open(self, recorder: Recorder, status: str) -> None:
+        """Record an end for every trace the run left open (it was cancelled or failed under them)."""
+        for (tree, trace), kind in list(self.open.items()):
+            recorder(
+                "trace_end",
+                {"tree": tree, "trace": trace, "kind": kind, "status": status, "detail": f"the run ended ({status})"},
+            )
 
 
 def _call_hook(role: str, engine: Engine) -> Callable[[GenerationRequest, CallUsage], None]:

@@ -20,8 +20,10 @@ so far)::
 - ``strategy_start`` / ``strategy_end``: strategy name and parameters / answer, votes, pruned, usage,
   decisions, and ``traces`` (every trace node with its final scores).
 - ``trace_start``: tree, trace, parent, kind.  ``trace_end``: tree, trace, kind, status (finished, pruned,
-  budget, error), tokens, answer, scores, finish_reason, rule, detail, seconds.  ``prune``: the same data,
-  for every trace a strategy rule aborted.
+  budget, error; "cancelled" or "error" for a trace the run left open when it was interrupted or failed),
+  tokens, answer, scores, finish_reason, rule (the pruning rule), detail, seconds. ``tree`` identifies one
+  strategy run's trace tree (a planner run has one per reasoning node).
+- ``decision``: a strategy decision (threshold set, consensus reached, beam depth summary...).
 - ``engine_call``: role, model, n, max_tokens, temperature, prompt_tokens, completion_tokens, latency_s,
   ttft_s, aborted, error.
 - ``budget_charge``: budget path, the call's prompt/completion tokens, aborted, the budget's usage and what
