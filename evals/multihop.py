@@ -132,7 +132,7 @@ ATTRIBUTES: dict[str, Attribute] = {
             "birth year",
             "{name} was born in {value}.",
             1800,
-            2001,
+            2000,
             True,
             "Who was born last: {names}?",
             "Who was born first: {names}?",
