@@ -119,7 +119,7 @@ class Pipeline:
         tools: the tools a planner may call (a `ToolRegistry`).
         budget: caps for each run: a `Budget` (its caps are copied into a fresh budget per run) or a mapping of
             caps (``{"max_tokens": 20000}``); None meters without limits.
-        engines: other engines by role ("judge", "draft"), for records and closing.
+        engines: other engines by role ("judge"), recorded in events.
         extractor: the `AnswerExtractor` (default rules when None).
         grader: the grader that clusters answers (`NumericGrader` when None).
         prompt: the `PromptTemplate` turning the query into messages.
@@ -516,7 +516,7 @@ class Pipeline:
             "query": query,
             "strategy": self.strategy.name,
             "params": _params(self.strategy),
-            "planner": type(self.planner).__name__ if self.planner is not None else None,
+            "planner": _planner_name(self.planner),
             "tools": _tool_names(self.tools),
             "engines": {role: {"backend": e.backend, "model": e.model} for role, e in self.engines.items()},
             "budget": {k: getattr(budget, k) for k in _CAPS if getattr(budget, k) is not None},
@@ -612,6 +612,14 @@ def _node_record(node: Any) -> dict[str, Any]:
         "rule": node.pruned_by,
         "detail": node.detail,
     }
+
+
+def _planner_name(planner: Any) -> str | None:
+    if planner is None or isinstance(planner, str):
+        return planner
+    if isinstance(planner, Mapping):
+        return str(planner.get("kind"))
+    return str(getattr(planner, "kind", None) or type(planner).__name__)
 
 
 def _tool_names(tools: Any) -> list[str]:
@@ -804,7 +812,7 @@ def _build_components(spec: PipelineSpec, engines: Mapping[str, Engine], base: P
     if v.verifier is not None:
         out.verifier = _run_verifier(role(v.verifier.engine, "judge") or engines["policy"], v.verifier)
     if spec.planner is not None:
-        out.planner = _build_planner(spec, role(spec.planner.engine, "draft") or engines["policy"])
+        out.planner = _build_planner(spec)
         out.tools = _build_tools(spec, base)
     elif spec.tools:
         raise ConfigError("tools are listed but there is no planner to call them: add a 'planner' section")
@@ -826,18 +834,12 @@ def _run_verifier(engine: Engine, vspec: Any) -> Callable[[str, Any], Any]:
     return score
 
 
-def _build_planner(spec: PipelineSpec, engine: Engine) -> Any:
-    try:
-        from ..planners import get_planner
-    except ImportError as err:
-        raise ConfigError(f"planners are not available in this installation: {err}") from None
+def _build_planner(spec: PipelineSpec) -> Any:
+    from ..planners import get_planner
+
     assert spec.planner is not None
-    options = dict(spec.planner.options)
-    params = inspect.signature(get_planner).parameters
-    if "engine" in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
-        options.setdefault("engine", engine)
     try:
-        return get_planner(spec.planner.kind, **options)
+        return get_planner(spec.planner.kind, **spec.planner.options)
     except TypeError as err:
         raise ConfigError(f"invalid planner option for {spec.planner.kind!r}: {err}") from None
 

@@ -68,21 +68,21 @@ class ProgressState:
             self.strategy = str(d.get("strategy", ""))
             self.caps = dict(d.get("budget") or self.caps)
             self.status = "running"
-        elif kind in ("node_start", "node_end", "node_ready", "node_skipped", "node_failed"):
-            node = str(d.get("node", d.get("id", "?")))
+        elif kind in ("plan_node", "node_start", "node_end", "node_error", "node_retry"):
+            node = str(d.get("node", "?"))
             entry = self.nodes.setdefault(node, {"label": "", "status": "pending"})
-            label = d.get("tool") or d.get("label") or d.get("kind") or d.get("name")
+            label = d.get("name") or d.get("tool") or d.get("kind")
             if label:
                 entry["label"] = str(label)
             if kind == "node_start":
                 entry["status"] = "running"
             elif kind == "node_end":
                 entry["status"] = str(d.get("status") or "done")
-            elif kind == "node_skipped":
-                entry["status"] = "skipped"
-            elif kind == "node_failed":
-                entry["status"] = "failed"
-        elif kind in ("replan", "replanned"):
+            elif kind == "node_error":
+                entry["status"] = "skipped" if d.get("error_type") == "DependencyFailed" else "failed"
+            elif kind == "node_retry":
+                entry["status"] = "retrying"
+        elif kind == "replan":
             self.replans += 1
         elif kind == "trace_start":
             key = (d.get("tree"), d.get("trace"))
@@ -244,11 +244,17 @@ class PlainProgress:
         if kind == "run_start":
             return f"{stamp} run started: strategy={d.get('strategy')} query={str(d.get('query', ''))[:80]!r}"
         if kind == "node_start":
-            return f"{stamp} node {d.get('node')} started {d.get('tool') or d.get('kind') or ''}".rstrip()
+            return f"{stamp} node {d.get('node')} started: {d.get('name') or d.get('kind') or ''}".rstrip()
         if kind == "node_end":
-            return f"{stamp} node {d.get('node')} {d.get('status') or 'done'}"
-        if kind in ("replan", "replanned"):
-            return f"{stamp} replanning"
+            return f"{stamp} node {d.get('node')} done in {float(d.get('duration_s') or 0):.2f}s: {d.get('output')}"
+        if kind == "node_error":
+            return f"{stamp} node {d.get('node')} failed: {d.get('error_type')}: {d.get('error')}"
+        if kind == "plan":
+            return f"{stamp} plan (round {d.get('round')}): {d.get('nodes')} nodes, width {d.get('width')}"
+        if kind == "join":
+            return f"{stamp} join: {d.get('action')} {d.get('answer') or ''}".rstrip()
+        if kind == "replan":
+            return f"{stamp} replanning: {d.get('reason')}"
         if kind == "trace_end":
             status = d.get("status")
             if status == "pruned":

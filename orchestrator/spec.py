@@ -58,11 +58,11 @@ __all__ = [
     "resolve_env",
 ]
 
-ROLES: tuple[str, ...] = ("policy", "judge", "draft")
-"""Engine roles: ``policy`` samples every reasoning trace; ``judge`` scores steps and verifies solutions
-(generative judge / GenRM); ``draft`` is a cheaper model the planner uses when present."""
+ROLES: tuple[str, ...] = ("policy", "judge")
+"""Engine roles: ``policy`` plans, samples every reasoning trace and joins; ``judge`` scores steps and verifies
+solutions (generative judge / GenRM) when declared (otherwise the policy judges itself)."""
 
-Role = Literal["policy", "judge", "draft"]
+Role = Literal["policy", "judge"]
 SECRET_KEYS = ("api_key", "token", "secret", "password", "authorization")
 _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
@@ -196,9 +196,21 @@ class PlannerSpec(_Model):
     """The planner turning a query into a DAG of tool calls and reasoning threads."""
 
     kind: Literal["llmcompiler", "structured", "decompose"] = Field(description="Planner kind.")
-    engine: Role | None = Field(None, description="Engine role planning (default: draft if declared, else policy).")
     max_replans: int = Field(1, ge=0, description="Re-planning rounds allowed after a joiner asks for one.")
-    options: dict[str, Any] = Field(default_factory=dict, description="Extra planner constructor arguments.")
+    options: dict[str, Any] = Field(default_factory=dict, description="Planner constructor arguments.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _lift_options(cls, data: Any) -> Any:
+        # planner arguments may sit next to `kind`: {kind: structured, max_steps: 6}
+        if not isinstance(data, Mapping):
+            return data
+        extra = {k: v for k, v in data.items() if k not in cls.model_fields}
+        if not extra:
+            return data
+        out = {k: v for k, v in data.items() if k not in extra}
+        out["options"] = {**extra, **dict(data.get("options") or {})}
+        return out
 
 
 class ToolSpec(_Model):
@@ -457,7 +469,10 @@ class PipelineSpec(_Model):
                     )
                 node = child
             node[parts[-1]] = value
-        return _validate(data, {}, source=f"{self._source} (with overrides)")
+        # lines of overridden paths no longer describe their values: errors there point at the parent
+        overridden = [tuple(str(k).split(".")) for k in overrides]
+        lines = {path: line for path, line in self._lines.items() if not any(path[: len(o)] == o for o in overridden)}
+        return _validate(data, lines, source=self._source)
 
     def resolved(self) -> PipelineSpec:
         """The spec with every ``${ENV_VAR}`` reference replaced by its value (done when building).
@@ -478,6 +493,8 @@ def _mapping_field(parts: list[str]) -> bool:
         return top in PipelineSpec.model_fields and top not in ("tools", "version", "name", "description")
     if top == "engines" and len(parts) == 2:
         return parts[1] in ROLES
+    if top == "planner" and len(parts) == 1:
+        return True
     if top == "verifiers" and len(parts) == 2:
         return parts[1] in ("grader", "step_scorer", "verifier", "redundancy")
     return parts[-1] in ("options", "prompt")
@@ -656,14 +673,38 @@ def _validate(data: dict[str, Any], lines: dict[tuple[str, ...], int], *, source
     spec._source = source
     _check_thought(spec.thought, ("thought",), spec, lines, source)
     _check_roles(spec, lines, source)
+    _check_planner(spec, lines, source)
     return spec
+
+
+def _check_planner(spec: PipelineSpec, lines: Mapping[tuple[str, ...], int], source: str) -> None:
+    """Planner options must be arguments of the planner class (checked by building it: planners are cheap)."""
+    if spec.planner is None:
+        return
+    try:
+        from ..planners import get_planner
+    except ImportError:  # an installation without planners: checked when the pipeline is built
+        return
+    cls = type(get_planner(spec.planner.kind))
+    accepted = sorted(p for p in inspect.signature(cls.__init__).parameters if p != "self")
+    for key in spec.planner.options:
+        if key not in accepted:
+            loc = ("planner", key) if ("planner", key) in lines else ("planner", "options", key)
+            raise SpecError(
+                _unknown(f"{spec.planner.kind} planner option", key, [*accepted, "kind", "max_replans"]),
+                path=".".join(loc),
+                line=_line(lines, loc),
+                source=source,
+            )
+    try:
+        cls(**spec.planner.options)
+    except (ConfigError, TypeError, ValueError) as err:
+        raise SpecError(str(err), path="planner", line=_line(lines, ("planner",)), source=source) from None
 
 
 def _check_roles(spec: PipelineSpec, lines: Mapping[tuple[str, ...], int], source: str) -> None:
     declared = sorted(spec.engines)
     refs: list[tuple[tuple[str, ...], str | None]] = []
-    if spec.planner is not None:
-        refs.append((("planner", "engine"), spec.planner.engine))
     if spec.verifiers.step_scorer is not None:
         refs.append((("verifiers", "step_scorer", "engine"), spec.verifiers.step_scorer.engine))
     if spec.verifiers.verifier is not None:

@@ -71,21 +71,22 @@ def render_trace(trace: TraceFile, *, max_traces: int = 64) -> Any:
 def _plan(root: Any, events: list[Event]) -> None:
     from rich.text import Text
 
-    node_events = [e for e in events if e.kind.startswith("node_") or e.kind in ("plan", "replan", "replanned")]
+    plan_kinds = ("plan", "plan_error", "join", "replan", "agent_end")
+    node_events = [e for e in events if e.kind.startswith(("node_", "plan_node")) or e.kind in plan_kinds]
     if not node_events:
         return
     branch = root.add("[bold]plan[/bold]")
     nodes: dict[str, Any] = {}
     for e in node_events:
         d = e.data
-        if e.kind in ("plan", "replan", "replanned"):
+        if e.kind in plan_kinds:
             branch.add(
                 Text(f"{e.t:.2f}s {e.kind}: " + ", ".join(f"{k}={v}" for k, v in d.items() if k != "nodes")[:200])
             )
             continue
         node = str(d.get("node", d.get("id", "?")))
         if node not in nodes:
-            label = d.get("tool") or d.get("kind") or d.get("label") or ""
+            label = " ".join(str(x) for x in (d.get("kind"), d.get("name") or d.get("tool")) if x)
             nodes[node] = branch.add(Text(f"node {node} {label}".rstrip()))
         extra = {k: v for k, v in d.items() if k not in ("node", "id")}
         nodes[node].add(

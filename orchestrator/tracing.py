@@ -28,8 +28,9 @@ so far)::
   ttft_s, aborted, error.
 - ``budget_charge``: budget path, the call's prompt/completion tokens, aborted, the budget's usage and what
   remains.  ``budget_exhausted``: budget, cap, detail.
-- planner/executor events as the agent reports them (``plan``, ``node_start``, ``node_end``, ``replan``,
-  ``tool_call``...), data as given.
+- planner and executor events as the agent reports them: ``plan_node`` (node, kind, name, deps, repairs),
+  ``node_start``, ``node_end`` (duration_s, attempts, output), ``node_error``, ``node_retry``, ``plan``,
+  ``plan_error``, ``join``, ``replan``, ``agent_end``; data as given.
 - ``error``: type, message.
 
 Readers must reject another ``format`` or a newer ``version`` (`read_trace` does) and tolerate a truncated
@@ -332,10 +333,12 @@ class OTelSink:
             self._run = None
         elif kind == "node_start":
             self._open[("node", data.get("node"))] = self._start("branchwise.node", data)
-        elif kind == "node_end":
+        elif kind in ("node_end", "node_error"):
             span = self._open.pop(("node", data.get("node")), None)
             if span is not None:
                 span.set_attributes(_attributes(data))
+                if kind == "node_error":
+                    span.set_status(self._trace.Status(self._trace.StatusCode.ERROR, str(data.get("error") or "")))
                 span.end()
         elif kind == "trace_start":
             key = ("trace", (data.get("tree"), data.get("trace")))

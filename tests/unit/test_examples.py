@@ -3,7 +3,6 @@ Python construction give the same result."""
 
 from __future__ import annotations
 
-import importlib.util
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -216,6 +215,95 @@ async def test_example_yaml_and_python_agree(name: str, tmp_path: Path) -> None:
 
 PLANNER_EXAMPLES = ["compiler-corpus.yaml", "decompose-qa.yaml"]
 
+COMPILER_PLAN = (
+    '1. retrieve("Aldermoor founded")\n'
+    '2. retrieve("Harlow bridge completed")\n'
+    '3. think("How many years passed between the founding of Aldermoor ($1) and the Harlow bridge ($2)?")\n'
+    "4. join()\n<END_OF_PLAN>"
+)
+AGENT_RULES: dict[str, list[dict[str, Any]]] = {
+    "compiler-corpus.yaml": [
+        {"when": "You are a planner", "reply": COMPILER_PLAN},
+        {"when": "Results of the plan", "reply": '{"action": "finish", "answer": "146"}'},
+        {"when": "Solve it step by step", "reply": "1788 - 1642 = 146. The answer is 146."},
+    ],
+    "decompose-qa.yaml": [
+        {
+            "when": "Split the question into sub-questions",
+            "reply": '{"independent": ["Harlow bridge", "Aldermoor library"], "dependent": ["Which is older?"]}',
+        },
+        {"when": "Solve it step by step", "reply": "1788 is before 1851. The answer is the Harlow bridge."},
+    ],
+}
+QUESTIONS = {
+    "compiler-corpus.yaml": "How many years passed between the founding of Aldermoor and the Harlow bridge?",
+    "decompose-qa.yaml": "Which is older, the Harlow bridge or the Aldermoor library?",
+}
+EXPECTED = {"compiler-corpus.yaml": "146", "decompose-qa.yaml": "the Harlow bridge"}
+
+
+def _agent_python(name: str) -> Pipeline:
+    from branchwise.executors.tools import ToolRegistry, default_tools
+    from branchwise.planners import get_planner
+    from branchwise.verifiers.grading import QAGrader
+
+    everything = default_tools(corpus=EXAMPLES / "corpus")
+    engine = _rules_engine(AGENT_RULES[name], "unexpected prompt")
+    if name == "compiler-corpus.yaml":
+        return Pipeline(
+            engine,
+            SelfConsistency(n=4),
+            planner=get_planner("llmcompiler"),
+            tools=ToolRegistry([everything.get("retrieve"), everything.get("calculator")]),
+            budget=Budget(max_tokens=50000, max_calls=40, wall_clock_s=600),
+            max_tokens=192,
+            concurrency=4,
+            max_replans=1,
+        )
+    return Pipeline(
+        engine,
+        SelfConsistency(n=4),
+        planner=get_planner("decompose"),
+        tools=ToolRegistry([everything.get("retrieve")]),
+        budget=Budget(max_tokens=50000, max_calls=40, wall_clock_s=600),
+        grader=QAGrader(),
+        max_tokens=160,
+        concurrency=4,
+        max_replans=0,
+    )
+
+
+def _agent_fingerprint(r: RunResult) -> dict[str, Any]:
+    return {
+        "answer": r.answer,
+        "prompt_tokens": r.usage.prompt_tokens,
+        "completion_tokens": r.usage.completion_tokens,
+        "calls": r.usage.calls,
+        "nodes": [{i: (n.kind, n.status, n.output) for i, n in nodes.items()} for nodes in r.result.nodes],
+    }
+
+
+@pytest.mark.parametrize("name", PLANNER_EXAMPLES)
+async def test_planner_example_yaml_and_python_agree(name: str, tmp_path: Path) -> None:
+    trace = tmp_path / "trace.jsonl"
+    engine = {"backend": "test", "rules": AGENT_RULES[name], "default": "unexpected prompt"}
+    from_yaml = Pipeline.from_yaml(
+        EXAMPLES / name, overrides={"engine": engine, "outputs.trace": str(trace), "outputs.progress": "off"}
+    )
+    async with from_yaml:
+        yaml_result = await from_yaml.run(QUESTIONS[name])
+    async with _agent_python(name) as from_python:
+        python_result = await from_python.run(QUESTIONS[name])
+    assert yaml_result.answer == EXPECTED[name]
+    assert _agent_fingerprint(yaml_result) == _agent_fingerprint(python_result)
+    retrieved = [n.output for n in yaml_result.result.nodes[0].values() if n.name == "retrieve"]
+    assert len(retrieved) == 2 and all(retrieved)
+    recorded = read_trace(trace)
+    kinds = {e.kind for e in recorded.events}
+    assert {"plan_node", "node_start", "node_end", "plan", "trace_start", "trace_end", "engine_call"} <= kinds
+    # every reasoning node's samples are traces of their own tree
+    assert len({e.data["tree"] for e in recorded.of_kind("trace_start")}) >= 1
+
 
 @pytest.mark.parametrize("name", PLANNER_EXAMPLES)
 def test_planner_examples_name_their_corpus(name: str) -> None:
@@ -223,7 +311,3 @@ def test_planner_examples_name_their_corpus(name: str) -> None:
     assert spec.planner is not None
     corpus = next(t.options["corpus"] for t in spec.tools if t.name == "retrieve")
     assert sorted((EXAMPLES / corpus).glob("*.md"))
-
-
-def _have_agent() -> bool:
-    return importlib.util.find_spec("branchwise.executors.agent") is not None

@@ -175,10 +175,14 @@ def test_otel_sink_spans_for_plan_nodes() -> None:
     sink = OTelSink(provider)
     recorder = Recorder([sink])
     recorder("run_start", {"query": Q})
-    recorder("node_start", {"node": 1, "tool": "calculator"})
-    recorder("node_end", {"node": 1, "status": "done"})
-    recorder("node_start", {"node": 2, "tool": "retrieve"})  # never ended: closed with the run
+    recorder("node_start", {"node": 1, "kind": "tool", "name": "calculator"})
+    recorder("node_end", {"node": 1, "name": "calculator", "duration_s": 0.01, "output": "3"})
+    recorder("node_start", {"node": 3, "kind": "tool", "name": "python"})
+    recorder("node_error", {"node": 3, "name": "python", "error": "boom", "error_type": "ToolError"})
+    recorder("node_start", {"node": 2, "kind": "tool", "name": "retrieve"})  # never ended: closed with the run
     recorder("run_end", {"status": "error", "error": "boom", "usage": {}})
     spans = {s.name: s for s in exporter.get_finished_spans()}
-    assert len(exporter.get_finished_spans()) == 3
+    assert len(exporter.get_finished_spans()) == 4
     assert spans["branchwise.run"].status.status_code.name == "ERROR"
+    failed = [s for s in exporter.get_finished_spans() if s.attributes and s.attributes.get("name") == "python"]
+    assert failed[0].status.status_code.name == "ERROR"

@@ -33,10 +33,13 @@ def events() -> list[Event]:
     usage = {"prompt_tokens": 100, "completion_tokens": 150, "calls": 2}
     raw: list[tuple[float, str, dict[str, Any]]] = [
         (0.0, "run_start", start),
-        (0.1, "node_start", {"node": 1, "tool": "retrieve"}),
+        (0.05, "plan_node", {"node": 1, "kind": "tool", "name": "retrieve", "deps": []}),
+        (0.06, "plan_node", {"node": 2, "kind": "tool", "name": "calculator", "deps": []}),
+        (0.1, "node_start", {"node": 1, "kind": "tool", "name": "retrieve"}),
         (0.2, "trace_start", {"tree": 1, "trace": 0, "parent": None, "kind": "sample"}),
         (0.3, "trace_start", {"tree": 1, "trace": 1, "parent": None, "kind": "sample"}),
-        (0.4, "node_end", {"node": 1, "status": "done"}),
+        (0.4, "node_end", {"node": 1, "name": "retrieve", "duration_s": 0.3, "attempts": 1, "output": "1788"}),
+        (0.45, "node_error", {"node": 2, "name": "calculator", "error": "bad", "error_type": "ToolError"}),
         (0.5, "trace_end", {"tree": 1, "trace": 0, "kind": "sample", "status": "finished", "tokens": 40,
                             "answer": "1788", "scores": {"confidence_lowest_group": 0.91}, "rule": None}),
         (0.6, "budget_charge", {"budget": "run", "usage": usage}),
@@ -50,14 +53,17 @@ def events() -> list[Event]:
 
 def test_state_folds_events() -> None:
     state = ProgressState()
-    for event in events()[:4]:
+    for event in events()[:6]:
         state.update(event)
     assert state.strategy == "self_consistency" and state.caps == {"max_tokens": 1000}
-    assert state.nodes == {"1": {"label": "retrieve", "status": "running"}}
+    assert state.nodes == {
+        "1": {"label": "retrieve", "status": "running"},
+        "2": {"label": "calculator", "status": "pending"},
+    }
     assert len(state.traces) == 2
-    for event in events()[4:]:
+    for event in events()[6:]:
         state.update(event)
-    assert state.nodes["1"]["status"] == "done"
+    assert state.nodes["1"]["status"] == "done" and state.nodes["2"]["status"] == "failed"
     assert not state.traces and state.pruned == 1
     assert state.total_tokens == 250 and state.calls == 2  # child budgets do not double count
     assert state.exhausted == "max_tokens"
@@ -67,11 +73,11 @@ def test_state_folds_events() -> None:
 
 def test_render_shows_nodes_traces_and_budget_burn_down() -> None:
     state = ProgressState()
-    for event in events()[:4]:
+    for event in events()[:6]:
         state.update(event)
     text = text_of(render_progress(state))
-    assert "Which is older?" in text and "retrieve" in text and "running" in text
-    for event in events()[4:]:
+    assert "Which is older?" in text and "retrieve" in text and "running" in text and "pending" in text
+    for event in events()[6:]:
         state.update(event)
     text = text_of(render_progress(state))
     assert "1788" in text and "0.91" in text and "pruned (deepconf_low_confidence)" in text
@@ -88,7 +94,9 @@ def test_plain_progress_lines() -> None:
     plain.stop()
     lines = out.getvalue().splitlines()
     assert lines[0].startswith("[   0.00s] run started: strategy=self_consistency")
-    assert any("node 1 started retrieve" in line for line in lines)
+    assert any("node 1 started: retrieve" in line for line in lines)
+    assert any("node 1 done in 0.30s: 1788" in line for line in lines)
+    assert any("node 2 failed: ToolError: bad" in line for line in lines)
     assert any("trace 1.0 finished: 40 tokens, answer '1788'" in line for line in lines)
     assert any("trace 1.1 pruned by deepconf_low_confidence after 12 tokens" in line for line in lines)
     assert any("budget exhausted" in line for line in lines)
@@ -137,11 +145,13 @@ def test_trace_show_renders_plan_nodes_and_an_interrupted_run(tmp_path: Path) ->
     writer = TraceWriter(path, {"run_id": "abc", "query": "q [with brackets]"})
     recorder = Recorder([writer])
     recorder("run_start", {"query": "q", "strategy": "single", "planner": "LLMCompiler", "tools": ["calculator"]})
-    recorder("plan", {"nodes": 2, "source": "planner"})
-    recorder("node_start", {"node": 1, "tool": "calculator", "args": "[1, 2]"})
-    recorder("node_end", {"node": 1, "status": "done", "output": "3"})
+    recorder("plan_node", {"node": 1, "kind": "tool", "name": "calculator", "deps": []})
+    recorder("node_start", {"node": 1, "kind": "tool", "name": "calculator"})
+    recorder("node_end", {"node": 1, "name": "calculator", "duration_s": 0.1, "output": "[1, 2]"})
+    recorder("plan", {"round": 1, "nodes": 2, "width": 1})
     recorder("error", {"type": "EngineError", "message": "boom [x]"})
     writer.close()
     text = text_of(render_trace(read_trace(path)))
-    assert "node 1 calculator" in text and "end: status=done" in text and "args=[1, 2]" in text
+    assert "node 1 tool calculator" in text and "end: name=calculator" in text and "output=[1, 2]" in text
+    assert "plan: round=1" in text
     assert "no run_end" in text and "EngineError: boom [x]" in text and "q [with brackets]" in text
