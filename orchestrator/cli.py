@@ -77,6 +77,8 @@ def _run(args: argparse.Namespace) -> int:
         overrides["outputs.trace"] = args.trace
     if args.progress is not None:
         overrides["outputs.progress"] = args.progress
+    elif "progress" not in (load_spec(args.pipeline).raw().get("outputs") or {}):
+        overrides["outputs.progress"] = "auto"  # the command line shows progress unless the spec says otherwise
     spec = load_spec(args.pipeline, overrides=overrides or None)
     question = args.question
     if question == "-":

@@ -360,7 +360,11 @@ class OutputsSpec(_Model):
     """Where a run's record goes."""
 
     trace: str | None = Field(None, description="JSONL trace path; {run_id} and {time} are filled in.")
-    progress: Literal["auto", "on", "off"] = Field("auto", description="Live progress (auto: on a terminal).")
+    progress: Literal["auto", "on", "off"] = Field(
+        "off",
+        description="Live progress: auto (a live view on a terminal, log lines otherwise), on (always the live view)"
+        " or off. `branchwise run` uses auto when the spec does not say.",
+    )
     otel: bool = Field(True, description="OpenTelemetry spans when opentelemetry is installed.")
 
     @model_validator(mode="before")

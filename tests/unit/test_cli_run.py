@@ -40,6 +40,16 @@ def test_run_prints_answer_and_summary(pipeline: Path, tmp_path: Path, capsys: p
     assert read_trace(trace).run_end is not None
 
 
+def test_run_shows_plain_progress_unless_the_spec_says(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "p.yaml"
+    path.write_text(PIPELINE.replace("progress: off, ", ""))
+    assert main(["run", str(path), "q?"]) == 0
+    err = capsys.readouterr().err
+    assert "run started: strategy=self_consistency" in err and "run ok: answer='42'" in err
+    assert main(["run", str(path), "q?", "--no-progress"]) == 0
+    assert "run started" not in capsys.readouterr().err
+
+
 def test_run_json_and_overrides(pipeline: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["run", str(pipeline), "q?", "--json", "--set", "thought.n=1"]) == 0
     summary = json.loads(capsys.readouterr().out)

@@ -24,7 +24,7 @@ def test_minimal_spec_and_defaults() -> None:
     assert spec.engines["policy"].backend == "test"
     assert spec.thought.strategy == "single"
     assert spec.planner is None
-    assert spec.outputs.progress == "auto"
+    assert spec.outputs.progress == "off"
     assert spec.runtime.concurrency == 8
 
 
