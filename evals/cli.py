@@ -27,7 +27,7 @@ from typing import Any
 
 from ..errors import ConfigError
 
-__all__ = ["add_commands", "benchmark_overrides", "pipeline_configs"]
+__all__ = ["add_commands", "benchmark_overrides", "pipeline_configs", "pipeline_solver"]
 
 logger = logging.getLogger(__name__)
 
@@ -159,7 +159,7 @@ async def _eval_async(args: argparse.Namespace, benchmark: Any, configs: list[tu
                     pipeline = Pipeline.from_spec(cspec, engines=engines)
                     pipelines.append(pipeline)
                     params = {"spec": cspec.redacted(), "sweep": combo}
-                    eval_configs.append(EvalConfig(label, _pipeline_solver(pipeline), params))
+                    eval_configs.append(EvalConfig(label, pipeline_solver(pipeline), params))
                 repro = reproducibility_record(
                     engines=engines,
                     seeds={"runtime.seed": resolved.runtime.seed, "benchmark.seed": args.seed},
@@ -210,7 +210,7 @@ async def _eval_async(args: argparse.Namespace, benchmark: Any, configs: list[tu
     return 0
 
 
-def _pipeline_solver(pipeline: Any) -> Any:
+def pipeline_solver(pipeline: Any) -> Any:
     """A runner ``solve`` over a pipeline: the run gets a budget with the pipeline's per-run caps, charged to the
     problem's budget (and so to the evaluation's)."""
     from .datasets import Problem

@@ -154,6 +154,26 @@ YESNO_PROMPT = PromptTemplate(
     user="{question}\n\nThink it through briefly, then finish with: The answer is yes. or The answer is no."
 )
 
+_QA_ANSWER_IS_RE = re.compile(r"\banswer\b\s*(?:\bis\b\s*:?|:)[ \t]*", re.IGNORECASE)
+_QA_SENTENCE_END_RE = re.compile(r"[.!?;](?=\s|$)")
+
+
+def extract_qa_answer_is(text: str) -> str | None:
+    """QA rule: the text after the last "The answer is" / "Answer:", to the end of its sentence or line.
+
+    Unlike the math rule it keeps the answer as written: "54 Mbit/s" stays "54 Mbit/s" (units are part of a QA
+    answer, and so is a currency sign), only markdown bold, quotes and the final period are stripped.
+    """
+    for match in reversed(list(_QA_ANSWER_IS_RE.finditer(text))):
+        end = text.find("\n", match.end())
+        raw = text[match.end() : end if end != -1 else len(text)]
+        stop = _QA_SENTENCE_END_RE.search(raw)
+        answer = (raw[: stop.start()] if stop else raw).replace("**", "").strip().strip("\"'`").strip()
+        if answer:
+            return answer
+    return None
+
+
 _ANSWER_LINE_RE = re.compile(r"^\s*(?:answer\s*:)?\s*(.+?)\s*$", re.IGNORECASE)
 
 
@@ -177,7 +197,7 @@ def extract_yes_no(text: str) -> str | None:
 
 MATH_RULES: tuple[str | ExtractionRule, ...] = ("boxed", "answer_is", "last_number")
 NUMERIC_RULES: tuple[str | ExtractionRule, ...] = ("boxed", "gsm8k", "answer_is", "last_number")
-QA_RULES: tuple[str | ExtractionRule, ...] = (extract_boxed, extract_answer_is, extract_short_answer)
+QA_RULES: tuple[str | ExtractionRule, ...] = (extract_boxed, extract_qa_answer_is, extract_short_answer)
 YESNO_RULES: tuple[str | ExtractionRule, ...] = (extract_answer_is, extract_yes_no)
 
 

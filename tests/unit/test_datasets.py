@@ -162,6 +162,10 @@ def test_extraction_rules_per_kind() -> None:
         "the Eiffel Tower"
     )
     assert AnswerExtractor(QA_RULES).extract("Thinking...\nAnswer: Paris") == "Paris"
+    # QA answers keep their units and currency (the math rule would reduce them to the number)
+    assert AnswerExtractor(QA_RULES).extract("The answer is **54 Mbit/s**. Done") == "54 Mbit/s"
+    assert AnswerExtractor(QA_RULES).extract("The answer is $60 abroad.") == "$60 abroad"
+    assert AnswerExtractor(QA_RULES).extract("No marker here\nLondon") == "London"
     assert AnswerExtractor(YESNO_RULES).extract("Bitcoin did not exist then. The answer is no.") == "no"
     assert AnswerExtractor(YESNO_RULES).extract("Hmm, yes, I think so") == "yes"
 

@@ -189,3 +189,70 @@ def test_strategyqa_golds() -> None:
         assert grader.grade_sync(gold, gold).correct
         assert grader.grade_sync(f"({'A' if row['gold'] == 0 else 'B'})", gold).correct
         assert not grader.grade_sync(other, gold).correct
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Through the loaders: each benchmark's own prompt format, extraction rules and grader, end to end
+
+
+def _loaded(name: str) -> Any:
+    from branchwise.evals.datasets import load_benchmark
+
+    filenames = {"gsm8k": "gsm8k_test.jsonl", "math500": "math500.jsonl", "aime24": "aime24.jsonl",
+                 "amc23": "amc23.jsonl", "nq_open": "nq_open_dev.jsonl", "triviaqa": "triviaqa_sub.jsonl",
+                 "strategyqa": "strategyqa.jsonl"}  # fmt: skip
+    return load_benchmark(name, BENCHMARKS / filenames[name])
+
+
+@pytest.mark.parametrize("name", ["gsm8k", "math500", "aime24", "amc23"])
+def test_loader_math_golds_survive_extraction(name: str) -> None:
+    """A model-style answer carrying each gold (boxed, or "The answer is ...") is extracted and graded right by the
+    benchmark's own grader; a number one off is extracted and graded wrong (cheap paths: no math-verify work)."""
+    bench = _loaded(name)
+    grader, extractor = bench.make_grader(), bench.extractor()
+    for problem in bench.problems:
+        gold = problem.gold[0]
+        text = (f"Adding it up gives the result.\nThe answer is {gold}." if bench.grader == "numeric"
+                else f"So we get $\\boxed{{{gold}}}$.")  # fmt: skip
+        extracted = extractor.extract(text)
+        assert extracted is not None and grader.grade_sync(extracted, problem.gold).correct, (problem.id, text)
+        value = parse_number(gold)
+        if value is not None:
+            wrong = extractor.extract(f"Thus the final answer is {number_perturbation(value)}.")
+            assert not grader.grade_sync(wrong, problem.gold).correct, (problem.id, wrong)
+
+
+@pytest.mark.parametrize("name", ["nq_open", "triviaqa"])
+def test_loader_qa_aliases_survive_extraction(name: str) -> None:
+    """Every accepted answer (NQ answers, TriviaQA answer and aliases), stated the way the QA prompt asks, is
+    extracted and accepted; a near miss (an extra word, or a number one off) is rejected."""
+    bench = _loaded(name)
+    grader, extractor = bench.make_grader(), bench.extractor()
+    near_misses = checked = skipped = 0
+    for problem in bench.problems:
+        for gold in problem.gold:
+            if re.search(r"[.!?;](\s|$)|\n", gold):  # an extracted answer ends at its sentence's end
+                skipped += 1
+                continue
+            checked += 1
+            extracted = extractor.extract(f"Let me recall.\nThe answer is {gold}.")
+            assert extracted is not None and grader.grade_sync(extracted, problem.gold).correct, (problem.id, gold)
+        first = problem.gold[0]
+        value = parse_number(first)
+        wrong = number_perturbation(value) if value is not None else f"{first} zzyzx"
+        if not any(normalize_number(g) == normalize_number(wrong) for g in problem.gold if parse_number(g)):
+            assert not grader.grade_sync(wrong, problem.gold).correct, (problem.id, wrong)
+            near_misses += 1
+    assert near_misses > 0.9 * len(bench.problems) and skipped < 0.05 * checked
+
+
+def test_loader_strategyqa_labels_survive_extraction() -> None:
+    bench = _loaded("strategyqa")
+    grader, extractor = bench.make_grader(), bench.extractor()
+    assert {p.gold for p in bench.problems} == {("Yes",), ("No",)}
+    for problem in bench.problems:
+        gold = problem.gold[0].lower()
+        other = "no" if gold == "yes" else "yes"
+        for text in (f"Thinking it over, the answer is {gold}.", f"Hmm. {gold.capitalize()}, I believe."):
+            assert grader.grade_sync(extractor.extract(text), problem.gold).correct, (problem.id, text)
+        assert not grader.grade_sync(extractor.extract(f"The answer is {other}."), problem.gold).correct
