@@ -1,1 +1,81 @@
-"""evals."""
+"""The evaluation harness: benchmarks, a concurrent resumable runner, a crash-safe results store, metrics, reports.
+
+- `datasets`: the `Problem` / `Benchmark` models, `load_benchmark` for GSM8K, MATH-500, AIME 2024, AMC 2023,
+  NQ-open, TriviaQA and StrategyQA (local JSONL or a sha256-verified, cached URL), and the generated sets
+  ``arithmetic`` (`arithmetic`) and ``multihop`` (`multihop`).
+- `runner`: `run_eval` runs configurations x problems concurrently under one budget; `strategy_solver` adapts a
+  search strategy, `cli.pipeline_solver` a YAML pipeline.
+- `store`: `ResultsStore`, SQLite in WAL mode, one row per (configuration, problem), one transaction per row.
+- `metrics`: accuracy with Wilson intervals, pass@k / maj@k / weighted@k from one pool of samples, costs,
+  paired comparisons (McNemar).
+- `report`: Markdown and self-contained HTML reports with plots; `repro`: the reproducibility record.
+- `cli`: ``branchwise eval`` and ``branchwise report``.
+
+Names are imported lazily, so ``import branchwise.evals`` stays cheap.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .datasets import Benchmark, Problem, available_benchmarks, load_benchmark
+    from .metrics import ConfigMetrics, compare, pass_at_k, summarize, wilson_interval
+    from .report import build_report, write_report
+    from .repro import reproducibility_record
+    from .runner import EvalConfig, EvalSummary, run_eval, strategy_solver
+    from .store import ResultRow, ResultsStore
+
+__all__ = [
+    "Benchmark",
+    "ConfigMetrics",
+    "EvalConfig",
+    "EvalSummary",
+    "Problem",
+    "ResultRow",
+    "ResultsStore",
+    "available_benchmarks",
+    "build_report",
+    "compare",
+    "load_benchmark",
+    "pass_at_k",
+    "reproducibility_record",
+    "run_eval",
+    "strategy_solver",
+    "summarize",
+    "wilson_interval",
+    "write_report",
+]
+
+_WHERE = {
+    "Benchmark": "datasets",
+    "Problem": "datasets",
+    "available_benchmarks": "datasets",
+    "load_benchmark": "datasets",
+    "ConfigMetrics": "metrics",
+    "compare": "metrics",
+    "pass_at_k": "metrics",
+    "summarize": "metrics",
+    "wilson_interval": "metrics",
+    "build_report": "report",
+    "write_report": "report",
+    "reproducibility_record": "repro",
+    "EvalConfig": "runner",
+    "EvalSummary": "runner",
+    "run_eval": "runner",
+    "strategy_solver": "runner",
+    "ResultRow": "store",
+    "ResultsStore": "store",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _WHERE.get(name)
+    if module is None:
+        raise AttributeError(f"module 'branchwise.evals' has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{module}"), name)
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

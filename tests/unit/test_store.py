@@ -141,3 +141,15 @@ def test_context_manager_closes(tmp_path: Path) -> None:
         s.register(ConfigRecord("c", "c", "b"))
     with pytest.raises(sqlite3.ProgrammingError):
         s.configs()
+
+
+def test_package_exports_resolve_lazily() -> None:
+    import importlib
+    import sys
+
+    evals = importlib.import_module("branchwise.evals")
+    for name in evals.__all__:
+        assert getattr(evals, name) is not None, name
+    assert "branchwise.evals.runner" in sys.modules
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        evals.nope  # noqa: B018
