@@ -326,13 +326,15 @@ class Executor:
             raise ConfigError("the executor is closed: no nodes can be added")
         if self._fatal is not None:
             raise self._fatal
+        references = node.references()
         if self.validate:
-            check_node(node, self._entries, self.tools if node.kind == "tool" else None)
+            check_node(node, self._entries, self.tools if node.kind == "tool" else None, references)
         elif node.id in self._entries:
             raise PlanError(f"duplicate node id {node.id}", node=str(node.id), field="id")
         name = node.tool if node.kind == "tool" else ("think" if node.kind == "thought" else "join")
         entry = _Entry(node, NodeResult(node.id, node.kind, name or ""))
         self._entries[node.id] = entry
+        deps = node.dependencies(references)
         if self.events is not None:
             self._emit(
                 "plan_node",
@@ -340,7 +342,7 @@ class Executor:
                     "node": node.id,
                     "kind": node.kind,
                     "name": name,
-                    "deps": node.dependencies(),
+                    "deps": deps,
                     "repairs": [r.to_dict() if hasattr(r, "to_dict") else r for r in repairs],
                 },
             )
@@ -350,7 +352,7 @@ class Executor:
         if self._done is not None and self._done.is_set():
             self._done.clear()
         skipped_by: NodeResult | None = None
-        for dep_id in node.dependencies():
+        for dep_id in deps:
             dep = self._entries.get(dep_id)
             if dep is None:  # only reachable with validate=False
                 raise PlanError(f"dependency {dep_id} was not added before this node", node=str(node.id), field="deps")

@@ -124,16 +124,21 @@ def find_references(value: Any) -> list[Reference]:
     return found
 
 
+_SCALARS = (int, float, bool, type(None))
+
+
 def _collect(value: Any, found: list[Reference]) -> None:
     if isinstance(value, str):
         if "$" in value:
             for m in REFERENCE.finditer(value):
                 found.append(_ref(m))
-    elif isinstance(value, Mapping):
-        for v in value.values():
-            _collect(v, found)
+    elif isinstance(value, _SCALARS):  # the common case, before the slower ABC check below
+        return
     elif isinstance(value, (list, tuple)):
         for v in value:
+            _collect(v, found)
+    elif isinstance(value, Mapping):
+        for v in value.values():
             _collect(v, found)
 
 
@@ -292,10 +297,14 @@ class PlanNode:
             out.extend(("question", r) for r in find_references(self.question))
         return out
 
-    def dependencies(self) -> list[int]:
-        """The nodes this one waits for: referenced ones and ``deps``, in first-mention order, no duplicates."""
+    def dependencies(self, references: Sequence[tuple[str, Reference]] | None = None) -> list[int]:
+        """The nodes this one waits for: referenced ones and ``deps``, in first-mention order, no duplicates.
+
+        Args:
+            references: this node's `references` when the caller already has them.
+        """
         seen: dict[int, None] = {}
-        for _, ref in self.references():
+        for _, ref in self.references() if references is None else references:
             seen.setdefault(ref.node, None)
         for d in self.deps:
             seen.setdefault(d, None)
@@ -538,8 +547,15 @@ class Plan:
         return "\n".join(n.describe() for n in self.nodes)
 
 
-def check_node(node: PlanNode, earlier: set[int] | Mapping[int, Any], tools: ToolsLike | None) -> None:
+def check_node(
+    node: PlanNode,
+    earlier: set[int] | Mapping[int, Any],
+    tools: ToolsLike | None,
+    references: Sequence[tuple[str, Reference]] | None = None,
+) -> None:
     """Validate one node against the ids before it and the tool registry (used incrementally by executors).
+
+    ``references`` are the node's `PlanNode.references` when the caller already has them.
 
     Raises:
         PlanError: naming the node and field: an unknown or forward reference, an unknown tool, a literal
@@ -548,7 +564,7 @@ def check_node(node: PlanNode, earlier: set[int] | Mapping[int, Any], tools: Too
     where = str(node.id)
     if node.id in earlier:
         raise PlanError(f"duplicate node id {node.id}", node=where, field="id")
-    for fld, ref in node.references():
+    for fld, ref in node.references() if references is None else references:
         if ref.node == node.id:
             raise PlanError(f"{ref.text} refers to the node itself", node=where, field=fld)
         if ref.node not in earlier:

@@ -27,24 +27,34 @@ from ..errors import PlanError
 from .base import NodeCallback, Planner, ReplanContext, describe_tools
 from .plan import Plan, PlanNode, Repair, ToolsLike
 
-__all__ = ["StructuredPlanner", "bounded_schema", "parse_structured_plan", "plan_schema"]
+__all__ = ["StructuredPlanner", "bounded_schema", "parse_structured_plan", "plan_schema", "reference_pattern"]
 
 logger = logging.getLogger(__name__)
 
 THINK = "think"
 
 
-def bounded_schema(schema: dict[str, Any], max_string: int) -> dict[str, Any]:
+def reference_pattern(position: int) -> str:
+    """A regex for a string at step ``position`` that may only hold references to earlier steps (``$1`` ..
+    ``$position-1``); only for positions up to 10 (one-digit step numbers)."""
+    if position <= 1:
+        return r"^[^$]*$"
+    return rf"^([^$]|\$[1-{min(position - 1, 9)}])*$"
+
+
+def bounded_schema(schema: dict[str, Any], max_string: int, *, pattern: str | None = None) -> dict[str, Any]:
     """Copy of a tool's argument schema, closed (no extra keys) and with bounded strings (constrained decoding
-    of a small model must terminate)."""
+    of a small model must terminate); ``pattern`` is added to every free string."""
     out = copy.deepcopy(schema)
     out.pop("title", None)
 
     def walk(node: Any) -> None:
         if isinstance(node, dict):
             node.pop("title", None)
-            if node.get("type") == "string" and "maxLength" not in node and "enum" not in node:
-                node["maxLength"] = max_string
+            if node.get("type") == "string" and "enum" not in node:
+                node.setdefault("maxLength", max_string)
+                if pattern is not None:
+                    node.setdefault("pattern", pattern)
             if node.get("type") == "object" and "properties" in node:
                 node.setdefault("additionalProperties", False)
             for value in node.values():
@@ -59,19 +69,10 @@ def bounded_schema(schema: dict[str, Any], max_string: int) -> dict[str, Any]:
     return out
 
 
-def plan_schema(tools: ToolsLike, *, max_steps: int = 8, thought: bool = True, max_string: int = 160) -> dict[str, Any]:
-    """The JSON schema of a structured plan over ``tools``.
-
-    Args:
-        tools: the registry (each tool's ``parameters_schema()`` gives its argument object).
-        max_steps: the most steps a plan may have.
-        thought: allow ``think`` steps (reasoning threads).
-        max_string: the longest string value (keeps constrained decoding finite).
-    """
+def _step_variants(tools: ToolsLike, *, thought: bool, max_string: int, pattern: str | None) -> list[dict[str, Any]]:
     variants = []
     for name in tools.names():
-        tool = tools.get(name)
-        args = bounded_schema(tool.parameters_schema(), max_string)
+        args = bounded_schema(tools.get(name).parameters_schema(), max_string, pattern=pattern)
         variants.append(
             {
                 "type": "object",
@@ -81,6 +82,9 @@ def plan_schema(tools: ToolsLike, *, max_steps: int = 8, thought: bool = True, m
             }
         )
     if thought:
+        question: dict[str, Any] = {"type": "string", "maxLength": max_string * 2}
+        if pattern is not None:
+            question["pattern"] = pattern
         variants.append(
             {
                 "type": "object",
@@ -88,7 +92,7 @@ def plan_schema(tools: ToolsLike, *, max_steps: int = 8, thought: bool = True, m
                     "tool": {"const": THINK},
                     "args": {
                         "type": "object",
-                        "properties": {"question": {"type": "string", "maxLength": max_string * 2}},
+                        "properties": {"question": question},
                         "required": ["question"],
                         "additionalProperties": False,
                     },
@@ -97,9 +101,34 @@ def plan_schema(tools: ToolsLike, *, max_steps: int = 8, thought: bool = True, m
                 "additionalProperties": False,
             }
         )
+    return variants
+
+
+def plan_schema(tools: ToolsLike, *, max_steps: int = 8, thought: bool = True, max_string: int = 160) -> dict[str, Any]:
+    """The JSON schema of a structured plan over ``tools``.
+
+    Up to 10 steps, each position has its own schema (``prefixItems``) whose strings may only refer to earlier
+    steps, so constrained decoding cannot produce a reference to the step itself or a later one; longer plans
+    use one schema for every step (such references are then caught by validation).
+
+    Args:
+        tools: the registry (each tool's ``parameters_schema()`` gives its argument object).
+        max_steps: the most steps a plan may have.
+        thought: allow ``think`` steps (reasoning threads).
+        max_string: the longest string value (keeps constrained decoding finite).
+    """
+    steps: dict[str, Any] = {"type": "array", "minItems": 1, "maxItems": max_steps}
+    if max_steps <= 10:
+        steps["prefixItems"] = [
+            {"anyOf": _step_variants(tools, thought=thought, max_string=max_string, pattern=reference_pattern(i))}
+            for i in range(1, max_steps + 1)
+        ]
+        steps["items"] = False
+    else:
+        steps["items"] = {"anyOf": _step_variants(tools, thought=thought, max_string=max_string, pattern=None)}
     return {
         "type": "object",
-        "properties": {"steps": {"type": "array", "items": {"anyOf": variants}, "minItems": 1, "maxItems": max_steps}},
+        "properties": {"steps": steps},
         "required": ["steps"],
         "additionalProperties": False,
     }

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 from typing import Any
 
 import pytest
@@ -65,12 +66,18 @@ PLAN = steps(
 def test_plan_schema_allows_exactly_the_tools_with_bounded_strings() -> None:
     schema = plan_schema(tools(), max_steps=4)
     items = schema["properties"]["steps"]
-    assert items["maxItems"] == 4
-    variants = items["items"]["anyOf"]
+    assert items["maxItems"] == 4 and items["items"] is False and len(items["prefixItems"]) == 4
+    variants = items["prefixItems"][2]["anyOf"]
     assert [v["properties"]["tool"]["const"] for v in variants] == ["retrieve", "calculator", "broken", "think"]
     query = variants[0]["properties"]["args"]["properties"]["query"]
     assert query["type"] == "string" and query["maxLength"] > 0
     assert variants[0]["properties"]["args"]["additionalProperties"] is False
+    # step 3 may refer to steps 1 and 2 only; step 1 to none
+    assert re.match(query["pattern"], "a $1 b $2") and not re.match(query["pattern"], "$3")
+    first = items["prefixItems"][0]["anyOf"][3]["properties"]["args"]["properties"]["question"]["pattern"]
+    assert not re.match(first, "why $1")
+    long = plan_schema(tools(), max_steps=12)["properties"]["steps"]
+    assert "prefixItems" not in long and len(long["items"]["anyOf"]) == 4
 
 
 def test_parse_structured_plan() -> None:
