@@ -211,14 +211,14 @@ class RichProgress:
             console=console or Console(stderr=True),
         )
         self._task: Any = None
+        self._running = False
         self._t = _Tally()
 
     def start(self, label: str, total: int, done: int) -> None:
         self._t.reset(label, total, done)
-        if self._task is None:
+        if not self._running:
             self._progress.start()
-        else:
-            self._progress.update(self._task, visible=False)
+            self._running = True
         self._task = self._progress.add_task(label, total=total, completed=done, acc="-", tokens="0")
 
     def advance(self, row: ResultRow) -> None:
@@ -226,7 +226,9 @@ class RichProgress:
         self._progress.update(self._task, advance=1, acc=f"{self._t.accuracy:.1%}", tokens=f"{self._t.tokens:,}")
 
     def finish(self) -> None:
-        self._progress.stop()
+        if self._running:
+            self._progress.stop()
+            self._running = False
 
 
 def make_progress(stream: IO[str] | None = None) -> ProgressSink:

@@ -234,3 +234,7 @@ def test_progress_outputs(bench: Benchmark, store: ResultsStore) -> None:
     asyncio.run(run_eval(bench, [other], store, progress=rich))
     text = out.getvalue()
     assert "again" in text and "6/6" in text and "acc 100.0%" in text
+    # the same display serves a second run (the eval command runs one per engine group)
+    third = EvalConfig("third", strategy_solver(Single(), engine, bench))
+    asyncio.run(run_eval(bench, [third], store, progress=rich))
+    assert "third" in out.getvalue()[len(text) :]
