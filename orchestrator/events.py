@@ -13,7 +13,7 @@ from contextlib import contextmanager
 from contextvars import ContextVar
 from typing import Any
 
-__all__ = ["EventSink", "current_sink", "emit", "use_sink"]
+__all__ = ["EventSink", "LiveRef", "current_sink", "emit", "use_sink"]
 
 logger = logging.getLogger(__name__)
 
@@ -21,6 +21,22 @@ EventSink = Callable[[str, dict[str, Any]], None]
 """Receives one event: its kind (e.g. "trace_start") and a JSON-ready mapping."""
 
 _SINK: ContextVar[EventSink | None] = ContextVar("branchwise_event_sink", default=None)
+
+
+class LiveRef:
+    """A live object riding along with an event (e.g. the `TraceNode` a trace_start opened).
+
+    Recorders keep it out of the recorded data (it is not JSON) and hand it to in-process listeners, so a live
+    view can read a trace's token count while it grows.
+    """
+
+    __slots__ = ("value",)
+
+    def __init__(self, value: Any) -> None:
+        self.value = value
+
+    def __repr__(self) -> str:
+        return f"LiveRef({type(self.value).__name__})"
 
 
 def current_sink() -> EventSink | None:

@@ -31,6 +31,13 @@ class TraceView:
     answer: str | None = None
     confidence: float | None = None
     rule: str | None = None
+    node: Any = None  # the live TraceNode, when the event carried it
+
+    def live_tokens(self) -> int:
+        """Tokens so far: the live node's count while running, the recorded one after."""
+        if self.status == "running" and self.node is not None:
+            return int(getattr(self.node, "tokens", 0) or 0)
+        return self.tokens
 
 
 @dataclass
@@ -86,7 +93,9 @@ class ProgressState:
             self.replans += 1
         elif kind == "trace_start":
             key = (d.get("tree"), d.get("trace"))
-            self.traces[key] = TraceView(d.get("tree"), d.get("trace"), str(d.get("kind", "")), event.t)
+            view = TraceView(d.get("tree"), d.get("trace"), str(d.get("kind", "")), event.t)
+            view.node = event.live.get("node")
+            self.traces[key] = view
         elif kind == "trace_end":
             key = (d.get("tree"), d.get("trace"))
             view = self.traces.pop(key, None) or TraceView(
@@ -165,7 +174,8 @@ def render_progress(state: ProgressState) -> Any:
     for column in ("trace", "kind", "state", "tokens", "conf", "answer"):
         traces.add_column(column)
     for view in list(state.traces.values())[:8]:
-        traces.add_row(f"{view.tree}.{view.trace}", view.kind, Text("running", style="yellow"), "…", "", "")
+        tokens = str(view.live_tokens()) if view.node is not None else "…"
+        traces.add_row(f"{view.tree}.{view.trace}", view.kind, Text("running", style="yellow"), tokens, "", "")
     for view in list(state.finished)[-6:]:
         style = {"finished": "green", "pruned": "magenta", "budget": "red"}.get(view.status, "red")
         label = view.status + (f" ({view.rule})" if view.rule else "")

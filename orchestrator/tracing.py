@@ -90,6 +90,8 @@ class Event:
     t: float
     kind: str
     data: dict[str, Any]
+    live: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
+    """In-process objects that came with the event (never recorded), e.g. the live `TraceNode`."""
 
     def to_json(self) -> dict[str, Any]:
         return {"seq": self.seq, "t": round(self.t, 6), "kind": self.kind, "data": self.data}
@@ -234,10 +236,13 @@ class Recorder:
         self.listeners.append(listener)
 
     def __call__(self, kind: str, data: Mapping[str, Any]) -> Event:
-        payload = jsonable(dict(data))
+        from .events import LiveRef
+
+        live = {k: v.value for k, v in data.items() if isinstance(v, LiveRef)}
+        payload = jsonable({k: v for k, v in data.items() if k not in live})
         if self.secrets:
             payload = self._redact(payload)
-        event = Event(self.count, time.perf_counter() - self.started, kind, payload)
+        event = Event(self.count, time.perf_counter() - self.started, kind, payload, live)
         self.count += 1
         for listener in list(self.listeners):
             try:

@@ -18,7 +18,7 @@ from ..engine.base import Engine
 from ..engine.types import ChatMessage, GenerationRequest
 from ..errors import ConfigError
 from ..orchestrator.budget import Budget, UsageSnapshot
-from ..orchestrator.events import emit
+from ..orchestrator.events import LiveRef, emit
 from ..verifiers.extraction import AnswerExtractor
 from ..verifiers.grading import BaseGrader, NumericGrader
 
@@ -88,7 +88,7 @@ class TraceTree:
             raise ConfigError(f"parent trace {parent} does not exist")
         node = TraceNode(id=len(self._nodes), parent=parent, kind=kind)
         self._nodes.append(node)
-        emit("trace_start", {"tree": self.uid, "trace": node.id, "parent": parent, "kind": kind})
+        emit("trace_start", {"tree": self.uid, "trace": node.id, "parent": parent, "kind": kind, "node": LiveRef(node)})
         return node
 
     def close(

@@ -155,3 +155,23 @@ def test_trace_show_renders_plan_nodes_and_an_interrupted_run(tmp_path: Path) ->
     assert "node 1 tool calculator" in text and "end: name=calculator" in text and "output=[1, 2]" in text
     assert "plan: round=1" in text
     assert "no run_end" in text and "EngineError: boom [x]" in text and "q [with brackets]" in text
+
+
+def test_live_view_reads_running_traces_token_counts_but_records_no_objects(tmp_path: Path) -> None:
+    from branchwise.orchestrator.events import use_sink
+    from branchwise.search import TraceTree
+
+    state = ProgressState()
+    path = tmp_path / "t.jsonl"
+    writer = TraceWriter(path, {"run_id": "x"})
+    recorder = Recorder([writer, state.update])
+    with use_sink(recorder.emit):
+        tree = TraceTree()
+        node = tree.open("sample")
+    node.tokens = 17  # grows while the trace streams
+    assert "17" in text_of(render_progress(state))
+    node.tokens = 23
+    assert "23" in text_of(render_progress(state))
+    writer.close()
+    start = read_trace(path).of_kind("trace_start")[0]
+    assert start.data == {"tree": tree.uid, "trace": 0, "parent": None, "kind": "sample"}
