@@ -98,8 +98,11 @@ class ProgressState:
             self.traces[key] = view
         elif kind == "trace_end":
             key = (d.get("tree"), d.get("trace"))
-            view = self.traces.pop(key, None) or TraceView(
-                d.get("tree"), d.get("trace"), str(d.get("kind", "")), event.t
+            opened = self.traces.pop(key, None)
+            view = (
+                opened
+                if opened is not None
+                else TraceView(d.get("tree"), d.get("trace"), str(d.get("kind", "")), event.t)
             )
             view.status = str(d.get("status", "finished"))
             view.tokens = int(d.get("tokens") or 0)
