@@ -53,6 +53,11 @@ def add_commands(subparsers: Any) -> None:
     ev.add_argument("--wall-clock", type=float, help="seconds the whole evaluation may take")
     ev.add_argument("--progress", choices=("auto", "on", "off"), default="auto", help="progress bar (auto: on a tty)")
     ev.add_argument("--no-hash", action="store_true", help="do not hash the model weights for the record")
+    ev.add_argument(
+        "--traces",
+        action="store_true",
+        help="keep the YAML's outputs.trace (one JSONL trace per problem); off by default",
+    )
     ev.set_defaults(func=_eval)
 
     rep = subparsers.add_parser("report", help="Markdown + HTML report of results (or a comparison of two)")
@@ -84,12 +89,20 @@ def benchmark_overrides(raw: Mapping[str, Any], benchmark: Any) -> dict[str, Any
     return out
 
 
-def pipeline_configs(spec: Any, benchmark: Any, sweeps: Sequence[str]) -> list[tuple[str, dict[str, Any], Any]]:
-    """One (label, overrides, spec) per sweep combination, every spec validated before anything runs."""
+def pipeline_configs(
+    spec: Any, benchmark: Any, sweeps: Sequence[str], *, traces: bool = False
+) -> list[tuple[str, dict[str, Any], Any]]:
+    """One (label, overrides, spec) per sweep combination, every spec validated before anything runs.
+
+    The pipeline's live progress is turned off (the evaluation has its own), and so are its per-run traces unless
+    ``traces`` (an evaluation of 1,000 problems would otherwise write 1,000 trace files).
+    """
     from .runner import parse_sweep
 
     defaults = benchmark_overrides(spec.raw(), benchmark)
-    defaults["outputs.progress"] = "off"  # the eval has its own progress display
+    defaults["outputs.progress"] = "off"
+    if not traces:
+        defaults["outputs.trace"] = None
     out = []
     for combo in parse_sweep(sweeps):
         label = " ".join(f"{k}={v}" for k, v in combo.items()) or (spec.name or "pipeline")
@@ -111,7 +124,7 @@ def _eval(args: argparse.Namespace) -> int:
         raise ConfigError(f"--concurrency must be >= 1, got {args.concurrency}")
     benchmark = load_benchmark(args.benchmark, args.data, args.limit, sha256=args.sha256, seed=args.seed)
     spec = load_spec(args.pipeline)
-    configs = pipeline_configs(spec, benchmark, args.sweep)
+    configs = pipeline_configs(spec, benchmark, args.sweep, traces=args.traces)
     out = Path(args.out) if args.out else Path("results") / f"{Path(args.pipeline).stem}-{benchmark.name}.db"
     code = asyncio.run(_eval_async(args, benchmark, configs, out))
     print(out)

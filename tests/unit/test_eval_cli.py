@@ -125,6 +125,17 @@ def test_eval_usage_errors(files: tuple[Path, Path], tmp_path: Path, capsys: pyt
     assert run("report", str(tmp_path / "none.db")) == 2
 
 
+def test_traces_are_off_unless_asked(files: tuple[Path, Path], tmp_path: Path) -> None:
+    data, _ = files
+    traced = tmp_path / "traced.yaml"
+    traced.write_text(PIPELINE + 'outputs: {trace: "' + str(tmp_path / "traces" / "{run_id}.jsonl") + '"}\n')
+    base = ["eval", str(traced), "--benchmark", "gsm8k", "--data", str(data), "--no-hash", "--limit", "2"]
+    assert run(*base, "--out", str(tmp_path / "a.db")) == 0
+    assert not (tmp_path / "traces").exists()
+    assert run(*base, "--out", str(tmp_path / "b.db"), "--traces") == 0
+    assert len(list((tmp_path / "traces").glob("*.jsonl"))) == 2
+
+
 def test_benchmark_overrides_respect_the_yaml() -> None:
     bench = load_benchmark("arithmetic", limit=1)
     defaults = benchmark_overrides({}, bench)
