@@ -940,19 +940,128 @@ def redact_text(text: str, secrets: Iterator[str] | list[str]) -> str:
 
 
 def pipeline_json_schema() -> dict[str, Any]:
-    """The JSON schema of a pipeline spec (what ``branchwise schema`` prints), for editor validation."""
+    """The JSON schema of a pipeline spec (what ``branchwise schema`` prints), for editor validation.
+
+    The thought section is checked per strategy: an ``if strategy == name`` branch lists that strategy's
+    parameters, and ``unevaluatedProperties: false`` (JSON Schema 2020-12) rejects any other key.
+    """
     schema = PipelineSpec.model_json_schema()
     thought = schema.get("$defs", {}).get("ThoughtSpec")
     if thought is not None:
-        names = sorted(strategy_classes())
-        thought["properties"]["strategy"]["enum"] = names
-        thought["description"] = (thought.get("description") or "") + (
-            "\n\nStrategy parameters by strategy:\n"
-            + "\n".join(
-                f"- {n}: {', '.join(p for p in inspect.signature(c.__init__).parameters if p != 'self')}"
-                for n, c in sorted(strategy_classes().items())
+        classes = strategy_classes()
+        thought["properties"]["strategy"]["enum"] = sorted(classes)
+        thought.pop("additionalProperties", None)
+        thought["unevaluatedProperties"] = False
+        branches: list[dict[str, Any]] = []
+        for name, cls in sorted(classes.items()):
+            props = _param_schemas(name, cls)
+            branches.append(
+                {
+                    "if": {"properties": {"strategy": {"const": name}}, "required": ["strategy"]},
+                    "then": {"properties": props},
+                }
             )
-        )
+            if name == "single":  # the default strategy when none is named
+                branches.append({"if": {"not": {"required": ["strategy"]}}, "then": {"properties": props}})
+        thought["allOf"] = branches
+    _shorthands(schema)
     schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
     schema["title"] = "branchwise pipeline"
     return schema
+
+
+def _shorthands(schema: dict[str, Any]) -> None:
+    """Let the schema accept what the loader's shorthands accept (backend/planner arguments next to their kind,
+    tool names, a grader name, a boolean progress)."""
+    import importlib
+
+    defs = schema.get("$defs", {})
+    engine = defs.get("EngineSpec")
+    if engine is not None:
+        for module, name in (
+            ("branchwise.engine.vllm_engine", "VLLMEngine"),
+            ("branchwise.engine.openai_engine", "OpenAIEngine"),
+        ):
+            try:
+                cls = getattr(importlib.import_module(module), name)
+            except ImportError:
+                continue
+            for param, entry in _param_schemas("", cls).items():
+                if param not in ("model", "base_url", "api_key", "transport"):
+                    engine["properties"].setdefault(param, entry)
+    planner = defs.get("PlannerSpec")
+    if planner is not None:
+        try:
+            from ..planners import get_planner
+
+            for kind in ("llmcompiler", "structured", "decompose"):
+                for param, entry in _param_schemas("", type(get_planner(kind))).items():
+                    planner["properties"].setdefault(param, entry)
+        except ImportError:
+            planner["additionalProperties"] = True
+    schema["properties"]["tools"]["items"] = {
+        "anyOf": [
+            {"type": "string", "description": "a tool name"},
+            {
+                "type": "object",
+                "minProperties": 1,
+                "maxProperties": 1,
+                "additionalProperties": {"anyOf": [{"type": "object"}, {"type": "null"}]},
+                "description": "{tool_name: {options}}",
+            },
+            {"$ref": "#/$defs/ToolSpec"},
+        ]
+    }
+    verifiers = defs.get("VerifiersSpec")
+    if verifiers is not None:
+        verifiers["properties"]["grader"] = {
+            "anyOf": [{"enum": ["numeric", "math", "qa", "yesno"]}, {"$ref": "#/$defs/GraderSpec"}]
+        }
+    outputs = defs.get("OutputsSpec")
+    if outputs is not None:
+        progress = outputs["properties"]["progress"]
+        outputs["properties"]["progress"] = {
+            "anyOf": [{"enum": progress.pop("enum"), "type": "string"}, {"type": "boolean"}],
+            **progress,
+        }
+        outputs["properties"]["progress"].pop("type", None)
+
+
+def _param_schemas(strategy: str, cls: type[Any]) -> dict[str, Any]:
+    """JSON schemas of a strategy's constructor parameters (``{}`` where a type has no plain JSON form)."""
+    import json
+
+    try:
+        hints = typing.get_type_hints(cls.__init__)
+    except Exception:  # unresolvable forward references: parameters are listed without types
+        hints = {}
+    special = _OBJECT_PARAMS.get(strategy, {})
+    out: dict[str, Any] = {}
+    for param in inspect.signature(cls.__init__).parameters.values():
+        if param.name == "self" or param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD):
+            continue
+        if param.name in special:
+            if strategy == "best_of_n":
+                out[param.name] = {"enum": ["confidence", "verifier"]}
+            elif strategy == "adaptive":
+                out[param.name] = {"type": "object", "description": "a nested thought: {strategy: ..., ...}"}
+            continue  # beam/dvts scorer and prune judge come from the verifiers section
+        entry: dict[str, Any] = {}
+        hint = hints.get(param.name)
+        if hint is not None:
+            try:
+                candidate = TypeAdapter(hint).json_schema()
+                if "$ref" not in json.dumps(candidate):
+                    entry = candidate
+            except Exception:  # a type pydantic cannot describe: leave it open
+                entry = {}
+        if param.default is not inspect.Parameter.empty and _plain(param.default):
+            entry["default"] = list(param.default) if isinstance(param.default, tuple) else param.default
+        out[param.name] = entry
+    return out
+
+
+def _plain(value: Any) -> bool:
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return True
+    return isinstance(value, tuple) and all(isinstance(v, (int, float, str)) for v in value)

@@ -165,3 +165,28 @@ def test_json_schema_lists_strategies_and_forbids_extra_keys() -> None:
 def test_spec_model_is_strict_python_side() -> None:
     with pytest.raises(ValueError, match="surprise"):
         PipelineSpec.model_validate({"engine": {"backend": "test"}, "surprise": 1})
+
+
+def test_json_schema_accepts_every_example_and_rejects_typos_per_strategy() -> None:
+    jsonschema = pytest.importorskip("jsonschema")
+    import yaml
+
+    schema = pipeline_json_schema()
+    jsonschema.Draft202012Validator.check_schema(schema)
+    validator = jsonschema.Draft202012Validator(schema)
+    examples = Path(__file__).resolve().parents[2] / "examples"
+    for path in sorted(examples.glob("*.yaml")):
+        assert not list(validator.iter_errors(yaml.safe_load(path.read_text()))), path.name
+    engine = {"backend": "test"}
+    bad = {"engine": engine, "thought": {"strategy": "self_consistency", "nn": 3}}
+    assert any("'nn' was unexpected" in e.message for e in validator.iter_errors(bad))
+    wrong_type = {"engine": engine, "thought": {"strategy": "deepconf", "n": "many"}}
+    assert any("not of type 'integer'" in e.message for e in validator.iter_errors(wrong_type))
+    other_strategy = {"engine": engine, "thought": {"strategy": "single", "warmup": 2}}  # a deepconf parameter
+    assert list(validator.iter_errors(other_strategy))
+    shorthands = {
+        "engine": engine,
+        "tools": ["calculator", {"retrieve": {"corpus": "d"}}],
+        "outputs": {"progress": True},
+    }
+    assert not list(validator.iter_errors(shorthands))
