@@ -26,6 +26,7 @@ import logging
 import re
 import time
 import uuid
+import weakref
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextvars import ContextVar
@@ -205,7 +206,8 @@ class Pipeline:
         self.secrets = [s for s in (secrets or []) if s]
         self._closeables = list(closeables or [])
         self._closed = False
-        self._unhook = [e.add_usage_hook(_call_hook(role, e)) for role, e in self.engines.items()]
+        for e in self.engines.values():
+            _install_hook(e)
 
     # -- construction from YAML --------------------------------------------------------------------------------
     @classmethod
@@ -354,11 +356,13 @@ class Pipeline:
         try:
             with use_sink(recorder.emit):
                 token = _RUN_BUDGET.set(budget)
+                roles = _ROLES.set({id(e): role for role, e in reversed(self.engines.items())})
                 try:
                     recorder("run_start", self._describe(query, budget))
                     budget.start()
                     outcome = await self._execute(query, budget, recorder)
                 finally:
+                    _ROLES.reset(roles)
                     _RUN_BUDGET.reset(token)
         except (asyncio.CancelledError, KeyboardInterrupt):
             status, error = "cancelled", "interrupted"
@@ -484,8 +488,6 @@ class Pipeline:
         if self._closed:
             return
         self._closed = True
-        for unhook in self._unhook:
-            unhook()
         for item in self._closeables:
             close = getattr(item, "aclose", None)
             if close is not None:
@@ -559,14 +561,26 @@ class _Counts:
             )
 
 
-def _call_hook(role: str, engine: Engine) -> Callable[[GenerationRequest, CallUsage], None]:
+_HOOKED: weakref.WeakSet[Engine] = weakref.WeakSet()
+_ROLES: ContextVar[dict[int, str]] = ContextVar("branchwise_engine_roles", default={})  # noqa: B039 - never mutated
+
+
+def _install_hook(engine: Engine) -> None:
+    """One usage hook per engine, however many pipelines share it: it reports each call to the run it belongs to
+    (the event sink of the calling context), under the role that run gave the engine."""
+    if engine not in _HOOKED:
+        engine.add_usage_hook(_call_hook(engine))
+        _HOOKED.add(engine)
+
+
+def _call_hook(engine: Engine) -> Callable[[GenerationRequest, CallUsage], None]:
     from .events import emit
 
     def hook(request: GenerationRequest, usage: CallUsage) -> None:
         emit(
             "engine_call",
             {
-                "role": role,
+                "role": _ROLES.get().get(id(engine), "other"),
                 "model": engine.model,
                 "backend": engine.backend,
                 "n": request.n,

@@ -203,3 +203,14 @@ async def test_scripted_response_logprobs_from_yaml() -> None:
         result = await p.run(Q)
     assert result.answer == "8"
     assert isinstance(ScriptedResponse(("a",)), ScriptedResponse)
+
+
+async def test_pipelines_sharing_an_engine_record_each_call_once(tmp_path: Path) -> None:
+    engine = ScriptedEngine(default="The answer is 3.")
+    first = Pipeline(engine, trace=tmp_path / "a.jsonl", otel=False)
+    second = Pipeline(engine, trace=tmp_path / "b.jsonl", otel=False)
+    await first.run(Q)
+    await second.run(Q)
+    for name in ("a.jsonl", "b.jsonl"):
+        calls = read_trace(tmp_path / name).of_kind("engine_call")
+        assert len(calls) == 1 and calls[0].data["role"] == "policy"
