@@ -1,6 +1,7 @@
 """Accuracy versus tokens of test-time-scaling strategies on the real embedded engine.
 
-Strategies: single (greedy), self_consistency at N, deepconf (online, N), prune (N) and adaptive (up to N), for
+Strategies: single (greedy), self_consistency at N, deepconf (online, N; DeepConf-high keep=0.9 and DeepConf-low
+keep=0.1), prune (N) and adaptive (up to N), for
 each N in --ns. For every strategy: accuracy, total completion tokens, and against self_consistency at the same
 N the token reduction and the accuracy difference with a 95% paired-bootstrap interval.
 
@@ -47,7 +48,9 @@ def strategies(ns: list[int], window: int) -> list[tuple[str, int, Strategy]]:
     for n in ns:
         result += [
             (f"self_consistency@{n}", n, SelfConsistency(n=n)),
+            # DeepConf-high (keep the 90% most confident) and DeepConf-low (keep the top 10%), as in the paper.
             (f"deepconf@{n}", n, DeepConf(n=n, warmup=max(2, n // 4), keep=0.9, window=window, consensus=0.95)),
+            (f"deepconf_low@{n}", n, DeepConf(n=n, warmup=max(2, n // 4), keep=0.1, window=window, consensus=0.95)),
             (f"prune@{n}", n, Prune(n=n, interval=32, min_tokens=64)),
             (f"adaptive@{n}", n, Adaptive(probe=max(2, n // 4), stages=(n,) if n > max(2, n // 4) else ())),
         ]

@@ -9,6 +9,7 @@ from branchwise.evals.arithmetic import arithmetic_problems
 from branchwise.orchestrator.budget import Budget
 from branchwise.search import SearchContext
 from branchwise.search.beam import PRUNE_LOW_SCORE, Beam, BeamPath, StepSearch
+from branchwise.search.dvts import DVTS
 from branchwise.verifiers.step_scorers import EmbeddedPoolingClient, GenerativeJudgeScorer
 
 pytestmark = [pytest.mark.engine, pytest.mark.asyncio(loop_scope="session"), pytest.mark.timeout(300)]
@@ -50,6 +51,29 @@ async def test_beam_with_generative_judge_on_arithmetic(vllm_engine: VLLMEngine)
     assert result.usage.completion_tokens > 0
     # Step requests (one per expanded beam) plus one judge request per scored step.
     assert result.usage.calls == len({n.parent for n in steps}) + len(scored)
+
+
+async def test_dvts_subtrees_on_the_real_engine(vllm_engine: VLLMEngine) -> None:
+    problem = arithmetic_problems(1, seed=4, levels=(1,))[0]
+    ctx = SearchContext(engine=vllm_engine, budget=Budget(max_completion_tokens=3000), temperature=0.8, max_tokens=256)
+    strategy = DVTS(GenerativeJudgeScorer(), n=4, beam_width=2, max_depth=2, step_tokens=40)
+    result = await strategy.run(problem.question, ctx)
+
+    tree = result.trace
+    roots = [n for n in tree.nodes if n.kind == "subtree"]
+    assert len(roots) == 2 and all(r.parent is None for r in roots)
+    # Every step descends from exactly one subtree root: subtrees never share a path.
+    for node in (n for n in tree.nodes if n.kind == "step"):
+        ancestor = node
+        while ancestor.parent is not None:
+            ancestor = tree.nodes[ancestor.parent]
+        assert ancestor in roots
+    # Width 1 per subtree: of each pair of sampled steps at most one is kept, the other pruned by score
+    # (or as a duplicate).
+    assert tree.pruned()
+    assert {d["subtree"] for d in result.decisions if d["event"] == "subtree"} == {0, 1}
+    assert result.candidates and result.usage.completion_tokens > 0
+    assert (await vllm_engine.wait_idle(timeout=30)).idle
 
 
 async def test_real_pooling_params_accept_the_request_fields() -> None:

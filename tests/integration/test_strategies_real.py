@@ -7,7 +7,17 @@ import pytest
 from branchwise.engine.vllm_engine import VLLMEngine
 from branchwise.evals.arithmetic import arithmetic_problems
 from branchwise.orchestrator.budget import Budget
-from branchwise.search import Adaptive, BestOfN, DeepConf, Prune, SearchContext, SelfConsistency, Single, Strategy
+from branchwise.search import (
+    Adaptive,
+    BestOfN,
+    DeepConf,
+    Prune,
+    Refine,
+    SearchContext,
+    SelfConsistency,
+    Single,
+    Strategy,
+)
 
 pytestmark = [pytest.mark.engine, pytest.mark.asyncio(loop_scope="session"), pytest.mark.timeout(300)]
 
@@ -24,6 +34,7 @@ PROBLEM = arithmetic_problems(1, seed=5, levels=(1,))[0]
         DeepConf(n=6, warmup=2, window=16, keep=0.9, consensus=None),
         Prune(n=4, interval=16, min_tokens=16),
         Adaptive(probe=2, stages=(4,)),
+        Refine(rounds=1),
     ],
     ids=lambda s: s.name,
 )
