@@ -84,9 +84,8 @@ def test_single_file_report(results: tuple[Path, Path], tmp_path: Path) -> None:
     assert "branchwise eval x" in md and "weights sha256" in md
 
 
-@needs_mpl
 def test_two_file_comparison(results: tuple[Path, Path]) -> None:
-    report = build_report(results[0], results[1])
+    report = build_report(results[0], results[1], plots=False)  # plots are checked above
     assert "single (a) vs single (b)" in report.markdown and "sc@4 (a) vs sc@4 (b)" in report.markdown
     row = next(line for line in report.markdown.splitlines() if line.startswith("| sc@4 (a) vs sc@4 (b)"))
     cells = [c.strip() for c in row.strip("|").split("|")]
