@@ -325,6 +325,7 @@ class Pipeline:
             raise ConfigError("Pipeline is closed")
         if not isinstance(query, str) or not query.strip():
             raise ConfigError("Pipeline.run: the query must be a non-empty string")
+        await self.start()  # load models before the run's clock (and its wall-clock budget) starts
         run_id = uuid.uuid4().hex[:12]
         budget = budget if budget is not None else self.new_budget()
         path = _trace_path(trace if trace is not None else self.trace, run_id)
@@ -453,6 +454,16 @@ class Pipeline:
         if "thought_context" in accepted:
             kwargs["thought_context"] = context
         return await run_agent(query, **{k: v for k, v in kwargs.items() if k in accepted})
+
+    async def start(self) -> None:
+        """Start every engine (load models); `run` does it first, so a run's time excludes model loading."""
+        if self._closed:
+            raise ConfigError("Pipeline is closed")
+        seen: set[int] = set()
+        for engine in self.engines.values():
+            if id(engine) not in seen:
+                seen.add(id(engine))
+                await engine.start()
 
     def run_sync(self, query: str, *, budget: Budget | None = None) -> RunResult:
         """`run` from synchronous code (starts an event loop; not from inside a running loop)."""
