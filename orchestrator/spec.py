@@ -678,7 +678,50 @@ def _validate(data: dict[str, Any], lines: dict[tuple[str, ...], int], *, source
     _check_thought(spec.thought, ("thought",), spec, lines, source)
     _check_roles(spec, lines, source)
     _check_planner(spec, lines, source)
+    _check_tools(spec, lines, source)
     return spec
+
+
+def _check_tools(spec: PipelineSpec, lines: Mapping[tuple[str, ...], int], source: str) -> None:
+    """Tool names must be built-in tools; ``retrieve`` needs a corpus; tools need a planner."""
+    if not spec.tools:
+        return
+    if spec.planner is None:
+        raise SpecError(
+            "tools are listed but there is no planner to call them: add a 'planner' section",
+            path="tools",
+            line=_line(lines, ("tools",)),
+            source=source,
+        )
+    try:
+        from ..executors.tools import default_tools
+    except ImportError:  # an installation without executors: checked when the pipeline is built
+        return
+    known = sorted({*default_tools(enable_http=True).names(), "retrieve"})
+    for i, tool in enumerate(spec.tools):
+        loc = ("tools", str(i))
+        if tool.name not in known:
+            raise SpecError(
+                _unknown("tool", tool.name, known), path=f"tools.{i}", line=_line(lines, loc), source=source
+            )
+        allowed = ["corpus"] if tool.name == "retrieve" else []
+        for key in tool.options:
+            if key not in allowed:
+                raise SpecError(
+                    _unknown(f"{tool.name} tool option", key, allowed)
+                    if allowed
+                    else f"tool {tool.name!r} takes no options",
+                    path=f"tools.{i}.{key}",
+                    line=_line(lines, (*loc, tool.name, key)),
+                    source=source,
+                )
+        if tool.name == "retrieve" and "corpus" not in tool.options:
+            raise SpecError(
+                "tool 'retrieve' needs a corpus: tools: [retrieve: {corpus: path/to/docs/}]",
+                path=f"tools.{i}",
+                line=_line(lines, loc),
+                source=source,
+            )
 
 
 def _check_planner(spec: PipelineSpec, lines: Mapping[tuple[str, ...], int], source: str) -> None:

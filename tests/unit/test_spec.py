@@ -190,3 +190,17 @@ def test_json_schema_accepts_every_example_and_rejects_typos_per_strategy() -> N
         "outputs": {"progress": True},
     }
     assert not list(validator.iter_errors(shorthands))
+
+
+def test_tools_are_checked_with_lines_and_suggestions() -> None:
+    head = BASE + "planner: {kind: llmcompiler}\n"
+    err = error_of(head + "tools:\n  - calculator\n  - retreive: {corpus: docs/}\n")
+    assert err.path == "tools.1" and err.line == 5 and "Did you mean 'retrieve'?" in str(err)
+    err = error_of(head + "tools:\n  - retrieve: {corpus: docs/, k: 3}\n")
+    assert err.path == "tools.0.k" and err.line == 4
+    err = error_of(head + "tools: [retrieve]\n")
+    assert "needs a corpus" in str(err)
+    err = error_of(BASE + "tools: [calculator]\n")
+    assert "no planner" in str(err) and err.line == 2
+    err = error_of(BASE + "planner: {kind: structured, max_stepz: 3}\n")
+    assert err.path == "planner.max_stepz" and "Did you mean 'max_steps'?" in str(err)
