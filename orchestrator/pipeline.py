@@ -870,27 +870,25 @@ def _build_planner(spec: PipelineSpec) -> Any:
 
 
 def _build_tools(spec: PipelineSpec, base: Path | None) -> Any:
-    from ..errors import UnknownNameError
+    """The listed tools (names and options were checked when the spec was loaded); none listed: no tools."""
     from ..executors.tools import ToolRegistry, default_tools
+    from .spec import SpecError
 
     names = [t.name for t in spec.tools]
-    options = {t.name: dict(t.options) for t in spec.tools}
-    corpus = options.get("retrieve", {}).pop("corpus", None)
-    if corpus is not None:
-        corpus = _resolve_path(str(corpus), base)
+    corpus = None
+    for i, tool in enumerate(spec.tools):
+        if tool.name == "retrieve":
+            corpus = _resolve_path(str(tool.options["corpus"]), base)
+            if not Path(corpus).exists():
+                where = f"tools.{i}.corpus"
+                raise SpecError(
+                    f"corpus {corpus!r} does not exist (relative paths are tried next to the YAML file, then in "
+                    "the working directory)",
+                    path=where,
+                    line=spec.line_of(f"tools.{i}.retrieve.corpus"),
+                    source=spec.source,
+                )
     everything = default_tools(corpus=corpus, enable_http="http_get" in names)
-    known = everything.names()
-    if "retrieve" not in known:
-        known = [*known, "retrieve"]
-    for tool in spec.tools:
-        if tool.name == "retrieve" and corpus is None:
-            raise ConfigError("tool 'retrieve' needs a corpus: tools: [retrieve: {corpus: path/to/docs/}]")
-        if tool.name not in known:
-            raise UnknownNameError("tool", tool.name, known)
-        if options[tool.name]:
-            raise ConfigError(f"tool {tool.name!r} takes no options here, got {sorted(options[tool.name])}")
-    if not names:
-        return everything
     return ToolRegistry([everything.get(n) for n in names])
 
 

@@ -214,3 +214,15 @@ async def test_pipelines_sharing_an_engine_record_each_call_once(tmp_path: Path)
     for name in ("a.jsonl", "b.jsonl"):
         calls = read_trace(tmp_path / name).of_kind("engine_call")
         assert len(calls) == 1 and calls[0].data["role"] == "policy"
+
+
+def test_a_missing_corpus_is_reported_with_its_line(tmp_path: Path) -> None:
+    from branchwise.orchestrator.spec import SpecError
+
+    path = tmp_path / "p.yaml"
+    path.write_text(
+        "engine: {backend: test, default: x}\nplanner: {kind: decompose}\ntools:\n  - retrieve: {corpus: nowhere/}\n"
+    )
+    with pytest.raises(SpecError, match="does not exist") as info:
+        Pipeline.from_yaml(path)
+    assert info.value.line == 4 and info.value.path == "tools.0.corpus"
