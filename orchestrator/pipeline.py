@@ -327,6 +327,7 @@ class Pipeline:
             raise ConfigError("Pipeline.run: the query must be a non-empty string")
         await self.start()  # load models before the run's clock (and its wall-clock budget) starts
         run_id = uuid.uuid4().hex[:12]
+        owned = budget is None
         budget = budget if budget is not None else self.new_budget()
         path = _trace_path(trace if trace is not None else self.trace, run_id)
         recorder = Recorder(listeners or [], secrets=self.secrets)
@@ -340,7 +341,7 @@ class Pipeline:
                 "query": query,
                 "spec": self.spec.redacted() if self.spec is not None else None,
             }
-            writer = TraceWriter(path, recorder._redact(header) if self.secrets else header)
+            writer = TraceWriter(path, recorder.redact(header))
             recorder.listeners.insert(0, writer)
         if self.otel and otel_available():
             recorder.add(OTelSink(self.tracer_provider))
@@ -373,7 +374,8 @@ class Pipeline:
             recorder("error", {"type": type(err).__name__, "message": str(err)})
             raise
         finally:
-            budget.stop()
+            if owned:
+                budget.stop()  # the run it meters is over (a budget passed in belongs to the caller)
             remove()
             if status != "ok":
                 counts.close_open(recorder, status)
@@ -533,6 +535,7 @@ class Pipeline:
             "tools": _tool_names(self.tools),
             "engines": {role: {"backend": e.backend, "model": e.model} for role, e in self.engines.items()},
             "budget": {k: getattr(budget, k) for k in _CAPS if getattr(budget, k) is not None},
+            "budget_path": budget.path,
         }
 
     def _progress_listener(self) -> Any:

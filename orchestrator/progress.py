@@ -65,6 +65,7 @@ class ProgressState:
     exhausted: str | None = None
     burn: list[tuple[float, int]] = field(default_factory=list)
     metered: bool = False
+    budget_path: str | None = None
 
     def update(self, event: Event) -> None:
         """Fold one event in."""
@@ -74,6 +75,7 @@ class ProgressState:
             self.query = str(d.get("query", ""))
             self.strategy = str(d.get("strategy", ""))
             self.caps = dict(d.get("budget") or self.caps)
+            self.budget_path = d.get("budget_path")
             self.status = "running"
         elif kind in ("plan_node", "node_start", "node_end", "node_error", "node_retry"):
             node = str(d.get("node", "?"))
@@ -121,7 +123,8 @@ class ProgressState:
             self.burn.append((event.t, self.prompt_tokens + self.completion_tokens))
         elif kind == "budget_charge":
             usage = d.get("usage") or {}
-            if "/" not in str(d.get("budget", "")):  # the root budget: the run's totals
+            path = str(d.get("budget", ""))
+            if path == self.budget_path or (self.budget_path is None and "/" not in path):  # the run's totals
                 self.metered = True
                 self.prompt_tokens = int(usage.get("prompt_tokens", self.prompt_tokens))
                 self.completion_tokens = int(usage.get("completion_tokens", self.completion_tokens))

@@ -176,11 +176,17 @@ def _engine(root: Any, events: list[Event]) -> None:
 
 
 def _budget(root: Any, events: list[Event]) -> None:
-    charges = [e for e in events if e.kind == "budget_charge" and "/" not in str(e.data.get("budget", ""))]
+    start = next((e for e in events if e.kind == "run_start"), None)
+    run_budget = start.data.get("budget_path") if start is not None else None
+    charges = [
+        e
+        for e in events
+        if e.kind == "budget_charge"
+        and (e.data.get("budget") == run_budget or (run_budget is None and "/" not in str(e.data.get("budget", ""))))
+    ]
     exhausted = [e for e in events if e.kind == "budget_exhausted"]
     if not charges and not exhausted:
         return
-    start = next((e for e in events if e.kind == "run_start"), None)
     cap = ((start.data.get("budget") or {}).get("max_tokens")) if start is not None else None
     branch = root.add("[bold]budget over time[/bold]" + (f" (max_tokens {cap})" if cap else ""))
     step = max(1, len(charges) // 12)

@@ -241,7 +241,7 @@ class Recorder:
         live = {k: v.value for k, v in data.items() if isinstance(v, LiveRef)}
         payload = jsonable({k: v for k, v in data.items() if k not in live})
         if self.secrets:
-            payload = self._redact(payload)
+            payload = self.redact(payload)
         event = Event(self.count, time.perf_counter() - self.started, kind, payload, live)
         self.count += 1
         for listener in list(self.listeners):
@@ -255,15 +255,18 @@ class Recorder:
         """Record an event (an `EventSink`-shaped alias of calling the recorder)."""
         self(kind, data)
 
-    def _redact(self, value: Any) -> Any:
+    def redact(self, value: Any) -> Any:
+        """``value`` (JSON data) with every secret replaced by ``***``."""
+        if not self.secrets:
+            return value
         if isinstance(value, str):
             for secret in self.secrets:
                 value = value.replace(secret, "***")
             return value
         if isinstance(value, dict):
-            return {k: self._redact(v) for k, v in value.items()}
+            return {k: self.redact(v) for k, v in value.items()}
         if isinstance(value, list):
-            return [self._redact(v) for v in value]
+            return [self.redact(v) for v in value]
         return value
 
 

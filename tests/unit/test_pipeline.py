@@ -226,3 +226,21 @@ def test_a_missing_corpus_is_reported_with_its_line(tmp_path: Path) -> None:
     with pytest.raises(SpecError, match="does not exist") as info:
         Pipeline.from_yaml(path)
     assert info.value.line == 4 and info.value.path == "tools.0.corpus"
+
+
+async def test_a_budget_passed_in_stays_the_callers_and_its_path_is_recorded(tmp_path: Path) -> None:
+    import io
+
+    parent = Budget(max_tokens=10_000, wall_clock_s=60, name="eval")
+    child = parent.child("problem-1")
+    out = io.StringIO()
+    trace = tmp_path / "t.jsonl"
+    pipeline = Pipeline(ScriptedEngine(default=ANSWERS), SelfConsistency(n=3), trace=trace, progress="on",
+                        progress_file=out, otel=False)  # fmt: skip
+    result = await pipeline.run(Q, budget=child)
+    assert child._stopped_at is None and parent._stopped_at is None  # not frozen: the caller's to stop
+    assert parent.usage.calls == 1 and result.usage.calls == 1
+    recorded = read_trace(trace)
+    assert recorded.events[0].data["budget_path"] == "eval/problem-1"
+    assert {e.data["budget"] for e in recorded.of_kind("budget_charge")} == {"eval/problem-1"}
+    assert f"tokens {result.usage.total_tokens}" in out.getvalue()  # the live view counted the child's charges
