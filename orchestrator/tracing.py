@@ -16,8 +16,8 @@ so far)::
 ``seq`` counts events from 0, ``t`` is seconds since the run started. Event kinds and their data:
 
 - ``run_start``: query, strategy and its params, planner, tools, engines by role, budget caps, budget_path
-  (the run budget's path; ``budget_charge`` events of that path are the run's totals).  ``run_end``: status ("ok", "error", "cancelled"),
-  answer, usage, pruned, budget_exhausted, seconds.
+  (the run budget's path; ``budget_charge`` events of that path are the run's totals).
+- ``run_end``: status ("ok", "error", "cancelled"), answer, usage, pruned, budget_exhausted, seconds.
 - ``strategy_start`` / ``strategy_end``: strategy name and parameters / answer, votes, pruned, usage,
   decisions, and ``traces`` (every trace node with its final scores).
 - ``trace_start``: tree, trace, parent, kind.  ``trace_end``: tree, trace, kind, status (finished, pruned,
