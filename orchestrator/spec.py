@@ -472,6 +472,9 @@ class PipelineSpec(_Model):
                         f"cannot set {dotted!r}: {here!r} is not a mapping", path=dotted, source="<override>"
                     )
                 node = child
+            if parts == ["engine"] and "engine" not in node and "policy" in (node.get("engines") or {}):
+                node["engines"]["policy"] = value  # the spec names its policy engine under `engines`
+                continue
             node[parts[-1]] = value
         # lines of overridden paths no longer describe their values: errors there point at the parent
         overridden = [tuple(str(k).split(".")) for k in overrides]

@@ -204,3 +204,10 @@ def test_tools_are_checked_with_lines_and_suggestions() -> None:
     assert "no planner" in str(err) and err.line == 2
     err = error_of(BASE + "planner: {kind: structured, max_stepz: 3}\n")
     assert err.path == "planner.max_stepz" and "Did you mean 'max_steps'?" in str(err)
+
+
+def test_engine_override_reaches_a_policy_declared_under_engines() -> None:
+    spec = load_spec("engines:\n  policy: {backend: vllm, model: smollm2-135m-instruct}\n")
+    replaced = spec.with_overrides({"engine": {"backend": "test", "default": "x"}})
+    assert replaced.engines["policy"].backend == "test"
+    assert spec.with_overrides({"engine.model": "other"}).engines["policy"].model == "other"
