@@ -110,12 +110,18 @@ class ProgressState:
             view.tokens = int(d.get("tokens") or 0)
             view.answer = d.get("answer")
             view.rule = d.get("rule")
-            scores = d.get("scores") or {}
-            view.confidence = next((float(v) for k, v in scores.items() if "confidence" in k and v is not None), None)
+            view.confidence = _confidence(d.get("scores") or {})
             if view.status == "pruned":
                 self.pruned += 1
             self.finished.append(view)
             del self.finished[:-8]
+        elif kind == "strategy_end":
+            # confidences are often computed after a trace closed: take the final scores
+            final = {(d.get("tree"), t.get("trace")): t.get("scores") or {} for t in d.get("traces") or []}
+            for view in self.finished:
+                scores = final.get((view.tree, view.trace))
+                if scores and view.confidence is None:
+                    view.confidence = _confidence(scores)
         elif kind == "engine_call" and not self.metered:
             self.calls += 1
             self.prompt_tokens += int(d.get("prompt_tokens") or 0)
@@ -147,6 +153,10 @@ class ProgressState:
     def tokens_per_second(self) -> float:
         """Completion plus prompt tokens per second over the run so far."""
         return self.total_tokens / self.t if self.t > 0 else 0.0
+
+
+def _confidence(scores: Mapping[str, Any]) -> float | None:
+    return next((float(v) for k, v in scores.items() if "confidence" in k and v is not None), None)
 
 
 def _bar(used: float, cap: float, width: int = 24) -> str:
@@ -234,8 +244,7 @@ class LiveProgress:
 
     def stop(self) -> None:
         if self._live is not None:
-            self._live.refresh()
-            self._live.stop()
+            self._live.stop()  # draws the final state once more
             self._live = None
 
 

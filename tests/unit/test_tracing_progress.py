@@ -175,3 +175,14 @@ def test_live_view_reads_running_traces_token_counts_but_records_no_objects(tmp_
     writer.close()
     start = read_trace(path).of_kind("trace_start")[0]
     assert start.data == {"tree": tree.uid, "trace": 0, "parent": None, "kind": "sample"}
+
+
+def test_final_confidences_from_strategy_end_reach_finished_traces() -> None:
+    state = ProgressState()
+    state.update(Event(0, 0.1, "trace_start", {"tree": 2, "trace": 0, "parent": None, "kind": "sample"}))
+    state.update(Event(1, 0.2, "trace_end", {"tree": 2, "trace": 0, "status": "finished", "tokens": 5, "scores": {}}))
+    assert state.finished[0].confidence is None
+    traces = [{"trace": 0, "scores": {"confidence_lowest_group": 0.42}}]
+    state.update(Event(2, 0.3, "strategy_end", {"tree": 2, "traces": traces}))
+    assert state.finished[0].confidence == 0.42
+    assert "0.42" in text_of(render_progress(state))
