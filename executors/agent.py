@@ -222,6 +222,9 @@ async def run_agent(
         _emit(events, "join", {"round": round_no, **decision.to_dict()})
         if decision.action == "finish":
             result.answer = decision.answer
+            join = results.get(plan.join.id)
+            if join is not None:  # the join "ran": it is the joiner's decision
+                join.status, join.output = "ok", decision.answer
             break
         context.plans.append(plan)
         context.observations.append({i: r.observation() for i, r in results.items() if r.kind != "join"})

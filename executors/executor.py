@@ -191,11 +191,12 @@ def resolve_strategy(spec: ThoughtSpec) -> Any:
 
 
 class _Entry:
-    __slots__ = ("dependents", "node", "result", "task", "waiting")
+    __slots__ = ("dependents", "has_refs", "node", "result", "task", "waiting")
 
-    def __init__(self, node: PlanNode, result: NodeResult) -> None:
+    def __init__(self, node: PlanNode, result: NodeResult, has_refs: bool) -> None:
         self.node = node
         self.result = result
+        self.has_refs = has_refs
         self.waiting = 0
         self.dependents: list[_Entry] = []
         self.task: asyncio.Task[None] | None = None
@@ -331,10 +332,13 @@ class Executor:
             check_node(node, self._entries, self.tools if node.kind == "tool" else None, references)
         elif node.id in self._entries:
             raise PlanError(f"duplicate node id {node.id}", node=str(node.id), field="id")
-        name = node.tool if node.kind == "tool" else ("think" if node.kind == "thought" else "join")
-        entry = _Entry(node, NodeResult(node.id, node.kind, name or ""))
-        self._entries[node.id] = entry
         deps = node.dependencies(references)
+        for dep_id in deps:
+            if dep_id not in self._entries:  # already checked when validating; kept cheap for validate=False
+                raise PlanError(f"dependency {dep_id} was not added before this node", node=str(node.id), field="deps")
+        name = node.tool if node.kind == "tool" else ("think" if node.kind == "thought" else "join")
+        entry = _Entry(node, NodeResult(node.id, node.kind, name or ""), bool(references))
+        self._entries[node.id] = entry
         if self.events is not None:
             self._emit(
                 "plan_node",
@@ -353,9 +357,7 @@ class Executor:
             self._done.clear()
         skipped_by: NodeResult | None = None
         for dep_id in deps:
-            dep = self._entries.get(dep_id)
-            if dep is None:  # only reachable with validate=False
-                raise PlanError(f"dependency {dep_id} was not added before this node", node=str(node.id), field="deps")
+            dep = self._entries[dep_id]
             status = dep.result.status
             if status == "ok":
                 continue
@@ -550,7 +552,10 @@ class Executor:
         node, result = entry.node, entry.result
         attempts = node.max_attempts or self.retry.max_attempts
         timeout = node.timeout_s or self.timeout_s
-        args, kwargs, question = node.resolved(self._outputs)
+        if entry.has_refs:
+            args, kwargs, question = node.resolved(self._outputs)
+        else:
+            args, kwargs, question = node.args, node.kwargs, node.question
         for attempt in range(1, attempts + 1):
             result.attempts = attempt
             try:

@@ -289,12 +289,20 @@ class PlanNode:
     def references(self) -> list[tuple[str, Reference]]:
         """Every reference with the field it sits in (``"args[0]"``, ``"kwargs.query"``, ``"question"``)."""
         out: list[tuple[str, Reference]] = []
+        found: list[Reference] = []
         for i, a in enumerate(self.args):
-            out.extend((f"args[{i}]", r) for r in find_references(a))
+            _collect(a, found)
+            if found:
+                out.extend((f"args[{i}]", r) for r in found)
+                found = []
         for k, v in self.kwargs.items():
-            out.extend((f"kwargs.{k}", r) for r in find_references(v))
+            _collect(v, found)
+            if found:
+                out.extend((f"kwargs.{k}", r) for r in found)
+                found = []
         if self.question is not None:
-            out.extend(("question", r) for r in find_references(self.question))
+            _collect(self.question, found)
+            out.extend(("question", r) for r in found)
         return out
 
     def dependencies(self, references: Sequence[tuple[str, Reference]] | None = None) -> list[int]:

@@ -285,3 +285,38 @@ def test_config_errors() -> None:
         Executor(failure="ignore")  # type: ignore[arg-type]
     with pytest.raises(ConfigError):
         RetryPolicy(max_attempts=0)
+
+
+async def test_unvalidated_executor_still_rejects_unknown_dependencies_without_side_effects() -> None:
+    ex = Executor(tools=Gate().registry(), validate=False)
+    with pytest.raises(PlanError, match="dependency 4"):
+        ex.add(n(5, "echo", "$4"))
+    assert ex.results == {}
+    ex.add(n(1, "echo", "a"))
+    ex.close()
+    assert (await ex.wait())[1].output == "a"
+
+
+def test_thought_specs_resolve_to_strategies() -> None:
+    from branchwise.errors import ConfigError
+    from branchwise.executors.executor import resolve_strategy
+    from branchwise.search import SelfConsistency, Single
+
+    assert isinstance(resolve_strategy(None), Single)
+    assert resolve_strategy(("self_consistency", {"n": 3})).n == 3
+    assert resolve_strategy({"strategy": "self_consistency", "n": 2}).n == 2
+    sc = SelfConsistency(n=5)
+    assert resolve_strategy(sc) is sc
+    with pytest.raises(UnknownNameError):
+        resolve_strategy("self_consistensy")
+    with pytest.raises(ConfigError):
+        resolve_strategy({"n": 2})
+
+
+async def test_a_node_strategy_overrides_the_run_default() -> None:
+    engine = ScriptedEngine([["The answer is 7.", "The answer is 7.", "The answer is 8."]])
+    ex = Executor(engine=engine, thought="single")
+    node = PlanNode(1, kind="thought", question="q", strategy={"strategy": "self_consistency", "n": 3})
+    results = await ex.run([node])
+    assert results[1].output == "7" and results[1].detail["strategy"] == "self_consistency"
+    assert engine.calls[0].n == 3
