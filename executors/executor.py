@@ -322,11 +322,12 @@ class Executor:
             PlanError: the node is invalid here (duplicate id, a reference to a node not added before it,
                 an unknown tool, literal arguments that do not match the tool).
             ConfigError: nodes were added after `close`.
+            NodeFailedError: the run already failed (fail-fast policy).
         """
+        if self._fatal is not None:  # the run already failed: the planner feeding it must stop too
+            raise self._fatal
         if self._closed:
             raise ConfigError("the executor is closed: no nodes can be added")
-        if self._fatal is not None:
-            raise self._fatal
         references = node.references()
         if self.validate:
             check_node(node, self._entries, self.tools if node.kind == "tool" else None, references)

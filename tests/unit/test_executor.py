@@ -320,3 +320,31 @@ async def test_a_node_strategy_overrides_the_run_default() -> None:
     results = await ex.run([node])
     assert results[1].output == "7" and results[1].detail["strategy"] == "self_consistency"
     assert engine.calls[0].n == 3
+
+
+@pytest.mark.parametrize("seed", range(5))
+async def test_random_dags_start_every_node_after_all_its_dependencies(seed: int) -> None:
+    import random
+
+    rng = random.Random(seed)
+    finished: list[int] = []
+    started: dict[int, int] = {}
+
+    async def work(i: int) -> int:
+        started[i] = len(finished)  # how many nodes had finished when this one started
+        for _ in range(rng.randint(0, 3)):
+            await asyncio.sleep(0)
+        finished.append(i)
+        return i
+
+    nodes = []
+    for i in range(1, 61):
+        deps = sorted(rng.sample(range(max(1, i - 8), i), min(i - 1, rng.randint(0, 3))))
+        nodes.append(PlanNode(i, tool="work", args=[i], deps=deps))
+    ex = Executor(tools=FakeRegistry(work), concurrency=rng.choice([1, 3, 60]))
+    results = await ex.run(nodes)
+    assert all(r.ok for r in results.values())
+    position = {node: k for k, node in enumerate(finished)}
+    for node in nodes:
+        assert all(position[d] < started[node.id] for d in node.deps), f"node {node.id} started too early"
+    assert ex.peak_running <= ex.concurrency

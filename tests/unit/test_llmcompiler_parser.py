@@ -224,3 +224,19 @@ async def test_planner_error_mid_stream_aborts_the_stream() -> None:
     with pytest.raises(PlanError, match="unknown tool"):
         await LLMCompilerPlanner().plan("q", engine=engine, tools=TOOLS)
     assert engine.aborted == 1 and engine.active == 0
+
+
+async def test_fail_fast_during_streaming_aborts_the_planner_stream() -> None:
+    from branchwise.errors import NodeFailedError, ToolError
+
+    def retrieve(query: str) -> str:
+        raise ToolError("retrieve", "index offline")
+
+    plan_text = '1. retrieve("a")\n' + "".join(f'{i}. retrieve("x{i}")\n' for i in range(2, 40)) + "40. join()"
+    engine = ScriptedEngine([ScriptedResponse([plan_text], token_delay=0.002)])
+    tools = FakeRegistry(retrieve)
+    ex = Executor(tools=tools, failure="fail_fast")
+    with pytest.raises(NodeFailedError):
+        async with ex:
+            await LLMCompilerPlanner().plan("q", engine=engine, tools=tools, on_node=lambda n, r: ex.add(n))
+    assert engine.aborted == 1 and engine.active == 0 and not ex._tasks
