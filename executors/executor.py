@@ -429,6 +429,11 @@ class Executor:
     async def _drain(self) -> None:
         while self._tasks:
             await asyncio.gather(*list(self._tasks), return_exceptions=True)
+        # a task cancelled before its first step never ran its own bookkeeping
+        for entry in self._entries.values():
+            if entry.result.status == "running":
+                entry.result.status = "cancelled"
+        self._running = 0
 
     def _done_event(self) -> asyncio.Event:
         if self._done is None:

@@ -348,3 +348,12 @@ async def test_random_dags_start_every_node_after_all_its_dependencies(seed: int
     for node in nodes:
         assert all(position[d] < started[node.id] for d in node.deps), f"node {node.id} started too early"
     assert ex.peak_running <= ex.concurrency
+
+
+async def test_cancel_right_after_dispatch_marks_every_node_cancelled() -> None:
+    gate = Gate()
+    ex = Executor(tools=gate.registry())
+    for i in range(1, 6):
+        ex.add(n(i, "wait", f"k{i}"))  # tasks created, none has started running yet
+    await ex.cancel()
+    assert {r.status for r in ex.results.values()} == {"cancelled"} and ex.running == 0 and not ex._tasks
