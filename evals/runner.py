@@ -396,15 +396,15 @@ async def run_eval(
         ConfigRecord(config_id(benchmark, c.label, c.params), c.label, benchmark.name, c.params) for c in configs
     ]
     for record in records:
-        store.register(record)
-        if not resume and store.count(record.config_id):
+        await asyncio.to_thread(store.register, record)  # disk writes stay off the event loop
+        if not resume and await asyncio.to_thread(store.count, record.config_id) > 0:
             raise ConfigError(
                 f"{store.path} already holds results of {record.label!r}: pass --resume to continue that run, "
                 "or choose another results file"
             )
     budget = budget if budget is not None else Budget(name="eval")
     grader = grader if grader is not None else benchmark.make_grader()
-    run_id = store.start_run(dict(repro or {}), argv)
+    run_id = await asyncio.to_thread(store.start_run, dict(repro or {}), argv)
     runner = _Runner(benchmark, store, budget, grader, concurrency, progress, run_id, resume)
     summaries: list[ConfigSummary] = []
     status = "failed"
@@ -424,7 +424,7 @@ async def run_eval(
     finally:
         if progress is not None:
             progress.finish()
-        store.finish_run(run_id, status)
+        store.finish_run(run_id, status)  # inline: this also runs while the task is being cancelled
 
 
 @dataclass
