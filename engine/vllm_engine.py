@@ -106,7 +106,9 @@ class VLLMEngine(Engine):
         tensor_parallel_size: GPUs per model replica for tensor parallelism.
         pipeline_parallel_size: pipeline stages.
         speculative_config: vLLM speculative decoding config, e.g.
-            ``{"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 4}``.
+            ``{"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 4}`` or
+            ``{"method": "draft_model", "model": "smollm2-135m-instruct", "num_speculative_tokens": 3}`` (a draft
+            ``model`` is resolved like ``model``: registered name, local folder, ``.gguf`` file or hub id).
         seed: engine-level sampling seed.
         max_num_seqs: cap on sequences batched together.
         engine_args: any other `vllm.AsyncEngineArgs` field, passed through unchanged.
@@ -200,6 +202,10 @@ class VLLMEngine(Engine):
 
             raise MissingDependencyError("VLLMEngine", "vllm", vllm_install_hint()) from err
         self.model_path = resolve_model(self.model)
+        draft = self._options.get("speculative_config")
+        if draft and isinstance(draft.get("model"), str):
+            # A draft model may be named like the policy model (registered name, folder, .gguf, hub id).
+            self._options["speculative_config"] = {**draft, "model": resolve_model(draft["model"])}
         on_cpu = _on_cpu()
         if on_cpu:
             os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(

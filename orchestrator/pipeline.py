@@ -28,18 +28,18 @@ import time
 import uuid
 import weakref
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Collection, Mapping
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any, Literal
+from typing import IO, Any, Literal, get_args
 
 from ..engine.base import Engine
 from ..engine.types import CallUsage, GenerationRequest
 from ..errors import ConfigError, EngineRequestError
 from .budget import Budget, UsageSnapshot
 from .events import use_sink
-from .spec import EngineSpec, PipelineSpec, build_strategy, load_spec
+from .spec import EngineRole, EngineSpec, PipelineSpec, build_strategy, load_spec
 from .tracing import Event, EventListener, OTelSink, Recorder, TraceWriter, now_iso, otel_available
 
 __all__ = ["Pipeline", "RunResult", "run", "run_sync"]
@@ -240,21 +240,19 @@ class Pipeline:
             engines: ready engines by role, used instead of building them (see `from_yaml`).
         """
         given = dict(engines or {})
-        unknown = sorted(set(given) - set(spec.engines))
+        unknown = sorted(set(given) - (set(spec.engines) & set(ENGINE_ROLES)))
         if unknown:
-            raise ConfigError(f"engines given for roles the spec does not declare: {', '.join(unknown)}")
+            raise ConfigError(
+                f"engines given for roles the spec does not declare as engine roles ({', '.join(ENGINE_ROLES)}): "
+                f"{', '.join(unknown)}"
+            )
         resolved = spec.resolved()
         secrets = _secret_values(spec)
         base = Path(spec.source).parent if spec.source not in ("<string>",) and Path(spec.source).exists() else None
-        engines = {}
-        built_engines: dict[str, Engine] = {}
         closeables: list[Any] = []
+        built_engines = build_engines(resolved, skip=given)
+        engines = {**built_engines, **given}
         try:
-            for role, engine_spec in resolved.engines.items():
-                if role in given:
-                    engines[role] = given[role]
-                else:
-                    engines[role] = built_engines[role] = build_engine(engine_spec, runtime=resolved.runtime)
             policy = engines["policy"]
             built = _build_components(resolved, engines, base)
             closeables.extend(built.closeables)
@@ -719,6 +717,34 @@ def _close_soon(engine: Engine) -> None:
 
 
 # -- building components from a spec --------------------------------------------------------------------------
+ENGINE_ROLES: tuple[str, ...] = get_args(EngineRole)
+"""Roles served by an `Engine`; ``draft`` configures the policy engine and ``embedder`` the embedding judge."""
+
+
+def build_engines(spec: PipelineSpec, *, skip: Collection[str] = ()) -> dict[str, Engine]:
+    """The engines of a resolved spec's engine roles, except those in ``skip`` (given ready by the caller).
+
+    A ``draft`` role becomes the policy engine's ``speculative_config``.
+    """
+    engines: dict[str, Engine] = {}
+    draft = spec.engines.get("draft")
+    try:
+        for role, engine_spec in spec.engines.items():
+            if role not in ENGINE_ROLES or role in skip:
+                continue
+            if role == "policy" and draft is not None:
+                options = {**engine_spec.options, "speculative_config": draft.speculative_config()}
+                engines[role] = build_engine(engine_spec.model_copy(update={"options": options}), runtime=spec.runtime)
+            else:
+                engines[role] = build_engine(engine_spec, runtime=spec.runtime)
+    except BaseException:
+        for engine in engines.values():
+            with contextlib.suppress(Exception):
+                _close_soon(engine)
+        raise
+    return engines
+
+
 def build_engine(spec: EngineSpec, *, runtime: Any = None) -> Engine:
     """An engine from its spec (``test`` specs become a scripted `FunctionEngine`)."""
     from ..engine import create_engine
@@ -836,6 +862,10 @@ def _build_components(spec: PipelineSpec, engines: Mapping[str, Engine], base: P
         elif r.kind == "lexical":
             out.judge = rd.LexicalRedundancy(**options)
         else:
+            embedder = spec.engines.get("embedder")
+            if embedder is not None:
+                options.setdefault("model", embedder.model)
+                options.update(embedder.options)
             out.judge = rd.EmbeddingRedundancy(**options)
     if v.verifier is not None:
         out.verifier = _run_verifier(role(v.verifier.engine, "judge") or engines["policy"], v.verifier)

@@ -58,11 +58,17 @@ __all__ = [
     "resolve_env",
 ]
 
-ROLES: tuple[str, ...] = ("policy", "judge")
+ROLES: tuple[str, ...] = ("policy", "judge", "draft", "embedder")
 """Engine roles: ``policy`` plans, samples every reasoning trace and joins; ``judge`` scores steps and verifies
-solutions (generative judge / GenRM) when declared (otherwise the policy judges itself)."""
+solutions (generative judge / GenRM) when declared (otherwise the policy judges itself); ``draft`` is the
+speculative-decoding proposer of the (vllm) policy engine: a small draft model with the policy's tokenizer, or
+``method: ngram`` (prompt lookup, no model); ``embedder`` is the sentence-embedding model of the ``embedding``
+redundancy judge (backend ``transformers``; no model means the packaged all-MiniLM-L6-v2)."""
 
-Role = Literal["policy", "judge"]
+Role = Literal["policy", "judge", "draft", "embedder"]
+EngineRole = Literal["policy", "judge"]
+"""Roles served by an engine (that a step scorer or verifier can name)."""
+_DRAFT_FIELDS = ("method", "num_speculative_tokens", "prompt_lookup_max", "prompt_lookup_min")
 SECRET_KEYS = ("api_key", "token", "secret", "password", "authorization")
 _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
@@ -129,7 +135,9 @@ class EngineSpec(_Model):
     gets the reply of the first rule matching its prompt, else the next queued reply, else ``default``.
     """
 
-    backend: Literal["vllm", "openai", "test"] = Field("vllm", description="Engine backend.")
+    backend: Literal["vllm", "openai", "test", "transformers"] = Field(
+        "vllm", description="Engine backend ('transformers': in-process sentence embeddings, embedder role only)."
+    )
     model: str | None = Field(None, description="Model name (vllm: a registered offline model or a path).")
     options: dict[str, Any] = Field(default_factory=dict, description="Extra backend constructor arguments.")
     api_key: str | None = Field(None, description="openai: bearer token; write it as ${ENV_VAR}.")
@@ -138,6 +146,24 @@ class EngineSpec(_Model):
     rules: list[RuleSpec] = Field(default_factory=list, description="test: prompt-matching replies.")
     default: Reply | None = Field(None, description="test: the reply once rules and queue give none.")
     token_delay: float = Field(0.0, ge=0, description="test: seconds between streamed tokens.")
+    method: Literal["draft_model", "ngram"] | None = Field(
+        None, description="draft role: 'draft_model' (default; needs model) or 'ngram' (prompt lookup)."
+    )
+    num_speculative_tokens: int | None = Field(None, ge=1, le=16, description="draft role: tokens proposed per step.")
+    prompt_lookup_max: int | None = Field(None, ge=1, description="draft role, ngram: longest n-gram looked up.")
+    prompt_lookup_min: int | None = Field(None, ge=1, description="draft role, ngram: shortest n-gram looked up.")
+
+    def speculative_config(self) -> dict[str, Any]:
+        """vLLM's ``speculative_config`` for this spec as the policy's draft."""
+        method = self.method or "draft_model"
+        config: dict[str, Any] = {"method": method, "num_speculative_tokens": self.num_speculative_tokens or 3}
+        if method == "draft_model":
+            config["model"] = self.model  # resolved by the engine when it starts (a registered name is pulled)
+        else:
+            config["prompt_lookup_max"] = self.prompt_lookup_max or 4
+            if self.prompt_lookup_min is not None:
+                config["prompt_lookup_min"] = self.prompt_lookup_min
+        return config
 
     @model_validator(mode="before")
     @classmethod
@@ -179,6 +205,7 @@ def _backend_params(backend: str) -> set[str]:
     target = {
         "vllm": ("branchwise.engine.vllm_engine", "VLLMEngine"),
         "openai": ("branchwise.engine.openai_engine", "OpenAIEngine"),
+        "transformers": ("branchwise.verifiers.redundancy", "EmbeddingRedundancy"),
     }.get(backend)
     if target is None:
         return set()
@@ -188,7 +215,8 @@ def _backend_params(backend: str) -> set[str]:
         cls = getattr(importlib.import_module(target[0]), target[1])
     except ImportError:
         return set()
-    return set(inspect.signature(cls.__init__).parameters) - {"self", "model", "base_url", "api_key", "transport"}
+    excluded = {"self", "model", "base_url", "api_key", "transport", "threshold"}
+    return set(inspect.signature(cls.__init__).parameters) - excluded
 
 
 # -- planner, tools -------------------------------------------------------------------------------------------
@@ -286,7 +314,7 @@ class StepScorerSpec(_Model):
     """
 
     kind: Literal["generative_judge", "scripted", "prm"] = "generative_judge"
-    engine: Role | None = None
+    engine: EngineRole | None = None
     top_logprobs: int = Field(20, ge=2, le=20)
     fallback: float = Field(0.5, ge=0, le=1)
     scores: dict[str, float] = Field(default_factory=dict, description="scripted: step text -> score in [0, 1].")
@@ -304,7 +332,7 @@ class StepScorerSpec(_Model):
 class VerifierSpec(_Model):
     """A generative verifier (GenRM): the share of k rationales ending in "Verdict: Yes" scores a solution."""
 
-    engine: Role | None = None
+    engine: EngineRole | None = None
     k: int = Field(4, ge=1)
     temperature: float = Field(0.7, ge=0)
     max_tokens: int = Field(256, ge=1)
@@ -641,7 +669,8 @@ def _allowed_for(loc: tuple[str, ...]) -> list[str]:
             return []
         model = _model_of(field.annotation)
     if model is EngineSpec:
-        return [*EngineSpec.model_fields, *sorted(_backend_params("vllm") | _backend_params("openai"))]
+        options = _backend_params("vllm") | _backend_params("openai") | _backend_params("transformers")
+        return [*EngineSpec.model_fields, *sorted(options)]
     return list(model.model_fields) if model is not None else []
 
 
@@ -754,15 +783,51 @@ def _check_planner(spec: PipelineSpec, lines: Mapping[tuple[str, ...], int], sou
 
 def _check_roles(spec: PipelineSpec, lines: Mapping[tuple[str, ...], int], source: str) -> None:
     declared = sorted(spec.engines)
+
+    def fail(message: str, *loc: str) -> None:
+        raise SpecError(message, path=".".join(loc), line=_line(lines, loc), source=source)
+
+    for role, engine in spec.engines.items():
+        used = [f for f in _DRAFT_FIELDS if getattr(engine, f) is not None]
+        if role == "draft":
+            if engine.backend != "vllm":
+                fail("the draft role runs inside the vllm policy engine: its backend must be 'vllm'", "engines", role)
+            if (engine.method or "draft_model") == "draft_model" and not engine.model:
+                fail("a draft model needs 'model' (a small model with the policy's tokenizer), or write "
+                     "'method: ngram'", "engines", role)  # fmt: skip
+            if engine.method == "ngram" and engine.model:
+                fail("'method: ngram' proposes tokens by prompt lookup and takes no model", "engines", role, "model")
+            if engine.options:
+                fail(f"the draft role takes no engine options ({', '.join(sorted(engine.options))}); allowed: "
+                     f"model, {', '.join(_DRAFT_FIELDS)}", "engines", role)  # fmt: skip
+            policy = spec.engines["policy"]
+            if policy.backend != "vllm":
+                fail(f"speculative decoding with a draft needs a vllm policy engine, not {policy.backend!r}", "engines",
+                     role)  # fmt: skip
+            if "speculative_config" in policy.options:
+                fail("give speculative decoding once: the policy's speculative_config or a draft role, not both",
+                     "engines", role)  # fmt: skip
+        elif used:
+            fail(f"{used[0]} only applies to the draft role", "engines", role, used[0])
+        if role == "embedder" and engine.backend != "transformers":
+            fail("the embedder role needs 'backend: transformers' (in-process sentence embeddings)", "engines", role,
+                 "backend")  # fmt: skip
+        if role != "embedder" and engine.backend == "transformers":
+            fail(f"the 'transformers' backend only serves the embedder role, not {role!r}", "engines", role,
+                 "backend")  # fmt: skip
+    redundancy = spec.verifiers.redundancy
+    if "embedder" in spec.engines and (redundancy is None or redundancy.kind != "embedding"):
+        fail("an embedder is declared but nothing uses it: set 'verifiers.redundancy.kind: embedding'",
+             "engines", "embedder")  # fmt: skip
     refs: list[tuple[tuple[str, ...], str | None]] = []
     if spec.verifiers.step_scorer is not None:
         refs.append((("verifiers", "step_scorer", "engine"), spec.verifiers.step_scorer.engine))
     if spec.verifiers.verifier is not None:
         refs.append((("verifiers", "verifier", "engine"), spec.verifiers.verifier.engine))
-    for loc, role in refs:
-        if role is not None and role not in spec.engines:
+    for loc, ref in refs:
+        if ref is not None and ref not in spec.engines:
             raise SpecError(
-                f"engine role {role!r} is not declared under 'engines' (declared: {', '.join(declared)})",
+                f"engine role {ref!r} is not declared under 'engines' (declared: {', '.join(declared)})",
                 path=".".join(loc),
                 line=_line(lines, loc),
                 source=source,

