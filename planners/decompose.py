@@ -55,6 +55,8 @@ def decomposition_plan(
 _PROMPT = """Split the question into sub-questions.
 "independent": searches that can run at the same time (one per entity or fact needed).
 "dependent": questions to answer after those searches, in order (the last one answers the question).
+Example: for "Which is older, Ann Lee or Bo Ray?" reply
+{{"independent": ["Ann Lee birth year", "Bo Ray birth year"], "dependent": ["Who is older, Ann Lee or Bo Ray?"]}}
 Question: {question}"""
 
 
@@ -135,6 +137,12 @@ class DecomposePlanner(Planner):
         except (ValueError, KeyError, TypeError) as err:
             raise PlanError(f"the decomposition is not the expected JSON: {text[:200]!r}") from err
         repairs: list[Repair] = []
+        unique = list(dict.fromkeys(q.strip() for q in independent))
+        if len(unique) < len(independent):
+            repairs.append(
+                Repair("duplicate_subquery", f"dropped {len(independent) - len(unique)} repeated sub-queries")
+            )
+            independent = unique
         if len(independent) > self.max_independent:
             repairs.append(Repair("truncated", f"kept the first {self.max_independent} of {len(independent)}"))
             independent = independent[: self.max_independent]

@@ -213,6 +213,9 @@ async def test_decompose_planner_runs_searches_in_parallel_then_a_chained_though
     assert [n.kind for n in plan] == ["tool", "tool", "thought", "join"] and plan.width() == 2
     assert result.answer == "Ann Lee" and result.llm_calls == 2  # the join template needs no joiner call
     assert "1961" in engine.calls[1].messages[-1].content  # type: ignore[index]
+    engine = ScriptedEngine([json.dumps({"independent": ["Ann Lee", "Ann Lee", "Bo Ray"], "dependent": []})])
+    plan = await DecomposePlanner().plan("q", engine=engine, tools=tools())
+    assert [r.kind for r in plan.repairs] == ["duplicate_subquery"] and len(plan.work_nodes()) == 3
     no_search = DecomposePlanner(search_tool=None)
     engine = ScriptedEngine([decomposition])
     plan = await no_search.plan("q", engine=engine, tools=tools())
