@@ -75,7 +75,7 @@ class AgentResult:
 
     @property
     def timings(self) -> dict[str, float | None]:
-        """Duration of every node of the last round, ``"<round>.<id>"`` keyed over all rounds."""
+        """Seconds each node took, keyed ``"<round>.<id>"`` over all rounds (None for nodes that never ran)."""
         return {f"{r}.{i}": res.duration_s for r, nodes in enumerate(self.nodes, 1) for i, res in nodes.items()}
 
     def node_errors(self) -> list[NodeResult]:
