@@ -49,7 +49,23 @@ _EXPORTS: dict[str, str] = {
     "run_sync": "branchwise.orchestrator.pipeline",
     "load_spec": "branchwise.orchestrator.spec",
     "read_trace": "branchwise.orchestrator.tracing",
+    "SpecError": "branchwise.orchestrator.spec",
+    "Plan": "branchwise.planners",
+    "get_planner": "branchwise.planners",
+    "Executor": "branchwise.executors",
+    "run_agent": "branchwise.executors",
+    "run_react": "branchwise.executors",
+    "AgentResult": "branchwise.executors",
+    "Tool": "branchwise.executors",
+    "ToolRegistry": "branchwise.executors",
+    "tool": "branchwise.executors",
+    "default_tools": "branchwise.executors",
+    "get_strategy": "branchwise.search",
+    "Result": "branchwise.search",
+    "SearchContext": "branchwise.search",
 }
+# Sub-packages reachable as attributes (``bw.search.DeepConf``) without importing them up front.
+_SUBPACKAGES = ("engine", "evals", "executors", "orchestrator", "planners", "search", "verifiers")
 _RENAMES = {"pull_model": "pull"}
 _ERRORS = (
     "BranchwiseError",
@@ -66,6 +82,13 @@ _ERRORS = (
     "RateLimited",
     "RequestValidationError",
     "ToolError",
+    "ToolArgumentError",
+    "ToolTimeout",
+    "SandboxViolation",
+    "ExecutionError",
+    "NodeFailedError",
+    "NodeTimeoutError",
+    "DatasetError",
     "UnknownNameError",
     "WorkerCrashError",
 )
@@ -73,6 +96,7 @@ _EXPORTS.update(dict.fromkeys(_ERRORS, "branchwise.errors"))
 
 __all__ = [
     "MODELS",
+    "AgentResult",
     "BranchwiseError",
     "Budget",
     "BudgetExhausted",
@@ -83,29 +107,43 @@ __all__ = [
     "Completion",
     "ConfigError",
     "CostModel",
+    "DatasetError",
     "Delta",
     "Engine",
     "EngineError",
     "EngineRequestError",
     "EngineTimeout",
     "EngineUnavailable",
+    "ExecutionError",
+    "Executor",
     "FunctionEngine",
     "Generation",
     "GenerationRequest",
     "GraderPoolError",
     "MissingDependencyError",
     "ModelProvisionError",
+    "NodeFailedError",
+    "NodeTimeoutError",
     "OpenAIEngine",
     "Pipeline",
+    "Plan",
     "PlanError",
     "RateLimited",
     "RequestValidationError",
+    "Result",
     "RunResult",
+    "SandboxViolation",
     "ScriptedEngine",
     "ScriptedResponse",
+    "SearchContext",
+    "SpecError",
     "StructuredOutput",
     "TokenLogprob",
+    "Tool",
+    "ToolArgumentError",
     "ToolError",
+    "ToolRegistry",
+    "ToolTimeout",
     "UnknownNameError",
     "Usage",
     "VLLMEngine",
@@ -114,17 +152,25 @@ __all__ = [
     "arithmetic_problems",
     "available_backends",
     "create_engine",
+    "default_tools",
+    "get_planner",
+    "get_strategy",
     "load_spec",
     "pull_model",
     "read_trace",
     "register_backend",
     "resolve_model",
     "run",
+    "run_agent",
+    "run_react",
     "run_sync",
+    "tool",
 ]
 
 
 def __getattr__(name: str) -> Any:
+    if name in _SUBPACKAGES:
+        return importlib.import_module(f"branchwise.{name}")
     module = _EXPORTS.get(name)
     if module is None:
         raise AttributeError(f"module 'branchwise' has no attribute {name!r}")
@@ -162,22 +208,32 @@ if TYPE_CHECKING:
         BranchwiseError,
         BudgetExhausted,
         ConfigError,
+        DatasetError,
         EngineError,
         EngineRequestError,
         EngineTimeout,
         EngineUnavailable,
+        ExecutionError,
         GraderPoolError,
         MissingDependencyError,
         ModelProvisionError,
+        NodeFailedError,
+        NodeTimeoutError,
         PlanError,
         RateLimited,
         RequestValidationError,
+        SandboxViolation,
+        ToolArgumentError,
         ToolError,
+        ToolTimeout,
         UnknownNameError,
         WorkerCrashError,
     )
     from .evals.arithmetic import arithmetic_problems
+    from .executors import AgentResult, Executor, Tool, ToolRegistry, default_tools, run_agent, run_react, tool
     from .orchestrator.budget import Budget, BudgetedEngine, CostModel, Usage
     from .orchestrator.pipeline import Pipeline, RunResult, run, run_sync
-    from .orchestrator.spec import load_spec
+    from .orchestrator.spec import SpecError, load_spec
     from .orchestrator.tracing import read_trace
+    from .planners import Plan, get_planner
+    from .search import Result, SearchContext, get_strategy

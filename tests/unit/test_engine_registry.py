@@ -83,3 +83,9 @@ def test_public_api_lazy_exports() -> None:
 def test_every_public_name_resolves() -> None:
     missing = [name for name in branchwise.__all__ if not hasattr(branchwise, name)]
     assert missing == []
+
+
+def test_subpackages_are_attributes() -> None:
+    # The DESIGN sketch's `bw.search.DeepConf(...)` works after a bare `import branchwise`.
+    assert branchwise.search.DeepConf is importlib.import_module("branchwise.search.deepconf").DeepConf
+    assert branchwise.planners.Plan is branchwise.Plan
