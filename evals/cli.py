@@ -134,7 +134,7 @@ def _eval(args: argparse.Namespace) -> int:
 async def _eval_async(args: argparse.Namespace, benchmark: Any, configs: list[tuple[str, dict[str, Any], Any]],
                       out: Path) -> int:  # fmt: skip
     from ..orchestrator.budget import Budget
-    from ..orchestrator.pipeline import Pipeline, build_engine
+    from ..orchestrator.pipeline import Pipeline, build_engines
     from .metrics import summarize
     from .repro import reproducibility_record
     from .runner import EvalConfig, LineProgress, ProgressSink, RichProgress, make_progress, run_eval
@@ -162,7 +162,7 @@ async def _eval_async(args: argparse.Namespace, benchmark: Any, configs: list[tu
     with ResultsStore(out) as store:
         for group in groups.values():
             resolved = group[0][2].resolved()
-            engines = {role: build_engine(es, runtime=resolved.runtime) for role, es in resolved.engines.items()}
+            engines = build_engines(resolved)
             pipelines: list[Pipeline] = []
             try:
                 for engine in engines.values():
