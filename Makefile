@@ -40,8 +40,14 @@ $(MODEL_STAMP): $(STAMP) $(LINKS)
 	$(BIN)/branchwise models pull $(MODEL)
 	@touch $@
 
+# The main job: the self-consistency pipeline evaluated by the harness on built-in arithmetic problems, then its
+# report (Markdown + HTML with plots next to the results file). Runs afresh each time.
+DEMO_DB := runs/demo.db
+
 demo: setup
-	$(BIN)/python examples/self_consistency_demo.py
+	@mkdir -p runs && rm -f $(DEMO_DB) $(DEMO_DB)-wal $(DEMO_DB)-shm
+	$(BIN)/branchwise eval examples/sc-math.yaml --benchmark arithmetic --limit 8 --out $(DEMO_DB)
+	$(BIN)/branchwise report $(DEMO_DB)
 
 test: setup
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
@@ -62,4 +68,4 @@ bench: setup
 	$(BIN)/python benchmarks/engine_overhead.py --quick
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache runs
