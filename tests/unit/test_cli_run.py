@@ -95,6 +95,14 @@ def test_trace_show(pipeline: Path, tmp_path: Path, capsys: pytest.CaptureFixtur
     assert main(["trace", "show", str(not_a_trace)]) == 2
 
 
+# A test run started in the background by a non-interactive shell (as CI may be) inherits SIGINT ignored, and
+# Python keeps an ignored SIGINT ignored: the child restores Ctrl-C as a terminal would have it, then runs the CLI.
+_CLI_WITH_CTRL_C = (
+    "import signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
+    "from branchwise.orchestrator.cli import main; sys.exit(main(sys.argv[1:]))"
+)
+
+
 def test_ctrl_c_stops_cleanly_and_keeps_the_trace(tmp_path: Path) -> None:
     slow = tmp_path / "slow.yaml"
     words = " ".join(f"w{i}" for i in range(3000))
@@ -106,7 +114,7 @@ def test_ctrl_c_stops_cleanly_and_keeps_the_trace(tmp_path: Path) -> None:
     trace = tmp_path / "t.jsonl"
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "branchwise.orchestrator.cli", "run", str(slow), "q?", "--trace", str(trace)],
+        [sys.executable, "-c", _CLI_WITH_CTRL_C, "run", str(slow), "q?", "--trace", str(trace)],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
