@@ -49,8 +49,12 @@ demo: setup
 	$(BIN)/branchwise eval examples/sc-math.yaml --benchmark arithmetic --limit 8 --out $(DEMO_DB)
 	$(BIN)/branchwise report $(DEMO_DB)
 
+# Tests with real servers (marker `server`) run in a pytest process of their own: with an embedded engine alive in
+# the same process, a `vllm serve` started beside it reported no running requests on /metrics and did not abort
+# a request whose client had gone (seen 2026-11-29; cause not found yet).
 test: setup
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -m "not server" $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -m server $(PYTEST_ARGS)
 
 test-unit: setup
 	$(BIN)/python -m pytest -m "not engine and not server" $(PYTEST_ARGS)

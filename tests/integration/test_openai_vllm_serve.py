@@ -39,14 +39,14 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def vllm_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def vllm_server(tmp_path_factory: pytest.TempPathFactory, pristine_env: dict[str, str]) -> Iterator[str]:
     """Start ``vllm serve`` on a free local port; yield its API root (``http://127.0.0.1:PORT/v1``)."""
     from branchwise.engine.models import pull
 
     model_path = pull(MODEL)
     port = _free_port()
     log_path: Path = tmp_path_factory.mktemp("vllm-serve") / "server.log"
-    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "2"}
+    env = {**pristine_env, "VLLM_CPU_KVCACHE_SPACE": "2"}
     command = [
         sys.executable,
         "-m",
