@@ -58,7 +58,8 @@ async def test_pdr_runs_with_bounded_workspace(vllm_engine: VLLMEngine) -> None:
     assert len(sizes) == 2 and all(0 < s <= WORKSPACE for s in sizes)
     # Round 2 sees the problem and the workspace, not the raw drafts of round 1.
     round2 = render_prompt(requests[2])
-    assert PROBLEM.question in round2 and nodes[distills[0]].text in round2
+    # The workspace is the summary without surrounding whitespace; the node keeps the raw sampled text.
+    assert PROBLEM.question in round2 and nodes[distills[0]].text.strip() in round2
     for draft in nodes[:3]:
         if len(draft.text.strip()) > 20:
             assert draft.text.strip() not in round2
