@@ -467,6 +467,7 @@ class Budget:
         self._usage = Usage()
         self._inflight: set[_Call] = set()
         self._exhausted_cap: str | None = None
+        self._clipped_calls = 0
         self._started_at: float | None = None
         self._stopped_at: float | None = None
         self._timer: asyncio.TimerHandle | None = None
@@ -550,6 +551,15 @@ class Budget:
     def in_flight(self) -> int:
         """Calls running under this budget (its descendants' included)."""
         return len(self._inflight)
+
+    @property
+    def clipped_calls(self) -> int:
+        """Calls under this budget (its descendants' included) whose ``max_tokens`` a cap lowered at admission.
+
+        A sample of such a call that stops for "length" before the ``max_tokens`` it asked for was cut short by
+        the budget, even if no cap was reached when it ended (with ``n`` samples each gets ``allowance // n``).
+        """
+        return self._clipped_calls
 
     @property
     def exhausted(self) -> bool:
@@ -730,6 +740,8 @@ class Budget:
             per_sample = min(per_sample, max(1, cost_model.max_tokens_within(left.cost, n)))
         if per_sample < request.max_tokens:
             request = request.replace(max_tokens=per_sample, min_tokens=min(request.min_tokens, per_sample))
+            for b in chain:
+                b._clipped_calls += 1
         call = _Call(chain, request, cost_model)
         for b in chain:
             b._usage.calls += 1

@@ -61,7 +61,8 @@ class RunResult:
         usage: what the run cost (tokens, calls, aborted tokens, wall time...).
         trace_path: the JSONL trace written, if any.
         pruned: traces aborted by a strategy rule.
-        budget_exhausted: a budget cap stopped the run early (the answer is the best one so far).
+        budget_exhausted: a budget cap stopped the run early or clipped a sample short (the answer is the best
+            one so far).
         seconds: wall time of the run.
         run_id: the run's id (also in the trace header).
     """

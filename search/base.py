@@ -164,7 +164,8 @@ class Result:
         votes: total weight per answer cluster (the representative answer is the key).
         trace: the trace tree.
         usage: what the run cost.
-        budget_exhausted: a budget cap stopped the run early; the answer is the best one so far.
+        budget_exhausted: a budget cap stopped the run early, or clipped a sample short of the tokens it asked
+            for (see `Budget.clipped_calls`); the answer is the best one so far.
         decisions: strategy decisions worth recording (thresholds, escalations, prune events).
     """
 

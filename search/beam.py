@@ -35,7 +35,7 @@ from ..errors import BudgetExhausted, ConfigError
 from ..verifiers.extraction import AnswerExtractor
 from ..verifiers.step_scorers import AGGREGATES, Aggregate, GenerativeJudgeScorer, StepScorer, aggregate
 from .base import Candidate, Result, SearchContext, Strategy, TraceNode, TraceTree
-from .sampling import cluster_votes, pick_answer
+from .sampling import clipped_by_budget, cluster_votes, pick_answer
 
 __all__ = [
     "PRUNE_DUPLICATE",
@@ -266,17 +266,11 @@ class StepSearch:
         except BudgetExhausted:
             exhausted = True
         finally:
-            budget = ctx.budget
             for i, exp in enumerate(expansions):
                 exp.text = exp.node.text = "".join(pieces[i])
                 exp.node.finish_reason = finish[i]
                 exp.end = step_end(finish[i], stops[i], self.delimiter)
-                if (
-                    exp.end == "length"
-                    and exp.node.tokens < request.max_tokens
-                    and budget is not None
-                    and budget.exhausted
-                ):
+                if exp.end == "length" and clipped_by_budget(ctx, request, finish[i], exp.node.tokens):
                     # The budget clipped this call's max_tokens to what was left: a budget cut, not the step cap.
                     exp.end = "incomplete"
                     exhausted = True

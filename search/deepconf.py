@@ -127,8 +127,9 @@ class DeepConf(Strategy):
                 trace = SampledTrace(tree.open("sample"))
                 trackers[trace.node.id] = ConfidenceTracker(window=self.window, tail=self.window)
                 await stream_trace(ctx, request, trace, tree, check)
-                if trace.node.status == "budget":
+                if trace.node.status == "budget" or trace.clipped:
                     halted.append("budget")
+                if trace.node.status == "budget":
                     return
                 if trace.finished:
                     candidates.extend(candidates_of([trace], confidence=self.metric, window=self.window))
@@ -140,7 +141,7 @@ class DeepConf(Strategy):
         async with asyncio.TaskGroup() as tg:
             for _ in range(remaining):
                 tg.create_task(one())
-        exhausted = exhausted or any(node.status == "budget" for node in tree.nodes)
+        exhausted = exhausted or "budget" in halted or any(node.status == "budget" for node in tree.nodes)
         pruned = [node for node in tree.nodes if node.status == "pruned"]
         decisions.append({"event": "pruned", "count": len(pruned), "tokens": sum(node.tokens for node in pruned)})
         votes = await _vote(candidates, ctx)

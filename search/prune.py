@@ -112,6 +112,7 @@ class Prune(Strategy):
             status = trace.node.status
             if status == "finished":
                 finished.append(trace)
+                budget_cut = budget_cut or trace.clipped
             elif status == "pruned":
                 rep = doomed[trace.node.id]
                 inherited[rep] = inherited.get(rep, 0) + 1 + inherited.pop(trace.node.id, 0)

@@ -33,10 +33,30 @@ class SampledTrace:
     text: str = ""
     logprobs: list[TokenLogprob] = field(default_factory=list)
     finish_reason: FinishReason | None = None
+    clipped: bool = False
+    """It finished (for "length") short of the tokens it asked for, because the budget clipped its call."""
 
     @property
     def finished(self) -> bool:
         return self.node.status == "finished"
+
+
+def clipped_by_budget(ctx: SearchContext, request: GenerationRequest, finish: FinishReason | None, tokens: int) -> bool:
+    """Whether a sample of ``request`` that ended with ``finish`` after ``tokens`` tokens was cut by the budget.
+
+    It stopped for "length" before the ``max_tokens`` it asked for while a cap of the budget had lowered the
+    ``max_tokens`` of some call (the model's context length is the only other way to stop short for "length").
+    """
+    budget = ctx.budget
+    return finish == "length" and tokens < request.max_tokens and budget is not None and budget.clipped_calls > 0
+
+
+def _close_finished(ctx: SearchContext, request: GenerationRequest, trace: SampledTrace, tree: TraceTree) -> None:
+    """Extract the answer of a trace that finished and close its node, noting a cut by the budget."""
+    trace.node.answer = ctx.extractor.extract(trace.text)
+    trace.clipped = clipped_by_budget(ctx, request, trace.finish_reason, trace.node.tokens)
+    detail = f"clipped by the budget to {trace.node.tokens} tokens" if trace.clipped else None
+    tree.close(trace.node, "finished", detail=detail)
 
 
 async def sample(
@@ -54,13 +74,13 @@ async def sample(
     and the unfinished ones are closed with status "budget". Answers are extracted from finished samples.
 
     Returns:
-        The traces in sample order, and whether the budget stopped the request.
+        The traces in sample order, and whether the budget stopped the request or clipped a sample short.
     """
+    request = ctx.request(question, n=n, **overrides)
     traces = [SampledTrace(tree.open(kind)) for _ in range(n)]
     pieces: list[list[str]] = [[] for _ in range(n)]
     exhausted = False
     try:
-        request = ctx.request(question, n=n, **overrides)
         async with contextlib.aclosing(ctx.llm.stream(request)) as deltas:
             async for delta in deltas:
                 trace = traces[delta.index]
@@ -76,8 +96,8 @@ async def sample(
         trace.text = trace.node.text = "".join(parts)
         trace.node.finish_reason = trace.finish_reason
         if trace.finish_reason in ("stop", "length"):
-            trace.node.answer = ctx.extractor.extract(trace.text)
-            tree.close(trace.node, "finished")
+            _close_finished(ctx, request, trace, tree)
+            exhausted = exhausted or trace.clipped
         else:
             tree.close(trace.node, "budget", detail="cut by the budget before it finished")
     return traces, exhausted
@@ -138,8 +158,8 @@ async def stream_trace(
 ) -> SampledTrace:
     """Stream one single-sample request into ``trace``, aborting it inside the engine when ``check`` says so.
 
-    The trace ends "finished", "pruned" (by the rule ``check`` named, after the tokens it had), or "budget".
-    `BudgetExhausted` is not raised: the trace records it.
+    The trace ends "finished" (``trace.clipped`` when the budget clipped it short), "pruned" (by the rule
+    ``check`` named, after the tokens it had), or "budget". `BudgetExhausted` is not raised: the trace records it.
     """
     if request.n != 1:
         raise ConfigError("stream_trace streams one sample; use sample() for n > 1")
@@ -163,8 +183,7 @@ async def stream_trace(
     trace.text = trace.node.text = "".join(pieces)
     trace.node.finish_reason = trace.finish_reason
     if trace.finish_reason in ("stop", "length"):
-        trace.node.answer = ctx.extractor.extract(trace.text)
-        tree.close(trace.node, "finished")
+        _close_finished(ctx, request, trace, tree)
     elif rule is not None:
         tree.close(trace.node, "pruned", rule=rule, detail=f"aborted after {trace.node.tokens} tokens")
     else:

@@ -12,9 +12,12 @@ from branchwise.orchestrator.budget import Budget
 from branchwise.search import (
     BestOfN,
     Candidate,
+    DeepConf,
+    Prune,
     SearchContext,
     SelfConsistency,
     Single,
+    Strategy,
     available_strategies,
     get_strategy,
 )
@@ -99,9 +102,41 @@ async def test_clipping_splits_remaining_budget_across_samples() -> None:
     budget = Budget(max_completion_tokens=60)
     result = await SelfConsistency(n=2).run(Q, ctx_for(engine, budget=budget, max_tokens=400))
     assert engine.calls[0].max_tokens == 30  # 60 remaining tokens over 2 samples
-    assert not result.budget_exhausted
     assert [n.finish_reason for n in result.trace.nodes] == ["stop", "length"]
     assert result.answer == "42"
+    # No cap was reached (34 of 60 tokens), but the budget cut the long sample short: the run says so.
+    assert not budget.exhausted and budget.clipped_calls == 1
+    assert result.budget_exhausted
+    assert result.trace.nodes[1].detail == "clipped by the budget to 30 tokens"
+    assert result.trace.nodes[0].detail is None
+
+
+@pytest.mark.parametrize("strategy", [Single(), SelfConsistency(n=2), Prune(n=2), DeepConf(n=3, warmup=1)])
+async def test_a_sample_ending_at_its_own_max_tokens_is_not_a_budget_cut(strategy: Strategy) -> None:
+    long = " ".join(["step"] * 200)
+    engine = ScriptedEngine(default=ScriptedResponse([long]))
+    budget = Budget(max_completion_tokens=10_000)
+    result = await strategy.run(Q, ctx_for(engine, budget=budget, max_tokens=20))
+    assert all(n.finish_reason == "length" and n.tokens == 20 for n in result.trace.nodes)
+    assert budget.clipped_calls == 0 and not result.budget_exhausted
+
+
+@pytest.mark.parametrize(
+    ("strategy", "cap"),
+    [
+        (Prune(n=1, min_tokens=1000), 50),  # the only trace is clipped from 60 to 50 tokens
+        (DeepConf(n=3, warmup=1, window=1000), 100),  # the warm-up trace leaves 40 tokens to the next ones
+    ],
+)
+async def test_streamed_traces_clipped_by_the_budget_mark_the_run(strategy: Strategy, cap: int) -> None:
+    long = " ".join(["step"] * 200)
+    engine = ScriptedEngine(default=ScriptedResponse([long]))
+    budget = Budget(max_completion_tokens=cap)
+    result = await strategy.run(Q, ctx_for(engine, budget=budget, max_tokens=60))
+    clipped = [n for n in result.trace.nodes if n.detail and n.detail.startswith("clipped by the budget")]
+    assert clipped and all(n.status == "finished" and n.tokens < 60 for n in clipped)
+    assert result.budget_exhausted
+    assert budget.usage.completion_tokens <= cap
 
 
 async def test_shared_budget_cut_mid_stream_keeps_finished_samples() -> None:
