@@ -17,8 +17,10 @@ otherwise over `SAMPLED_SUBSETS` random subsets drawn with a generator seeded by
 figures are deterministic. A problem contributes to the curve at k only if it has at least k samples.
 
 Accuracy intervals are Wilson score intervals (95%); a comparison of two runs on their shared problems reports
-the paired difference with a normal-approximation interval on the per-problem differences and McNemar's exact
-test on the discordant pairs.
+the paired difference with Newcombe's (1998) hybrid score interval for paired proportions (method 10: the two
+marginal Wilson intervals combined with a continuity-corrected correlation; unlike a normal approximation on the
+per-problem differences it does not shrink to a point when no problem is discordant) and McNemar's exact test on
+the discordant pairs.
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ __all__ = [
     "compare",
     "default_ks",
     "mcnemar_p",
+    "paired_difference_interval",
     "pass_at_k",
     "sample_curves",
     "subset_vote_accuracy",
@@ -348,6 +351,37 @@ class Comparison:
         return {**self.__dict__, "ci": list(self.ci)}
 
 
+def paired_difference_interval(
+    both: int, a_only: int, b_only: int, neither: int, z: float = Z95
+) -> tuple[float, float]:
+    """95% interval of accuracy(A) - accuracy(B) from the paired 2x2 table (Newcombe 1998, method 10).
+
+    Args:
+        both: problems both got right; a_only, b_only: the discordant problems; neither: both got wrong.
+
+    Raises:
+        ConfigError: a count is negative or the table is empty.
+    """
+    counts = (both, a_only, b_only, neither)
+    if min(counts) < 0:
+        raise ConfigError(f"paired counts must be >= 0, got {counts}")
+    m = sum(counts)
+    if m == 0:
+        raise ConfigError("paired counts are all zero: no problem to compare")
+    p_a, p_b = (both + a_only) / m, (both + b_only) / m
+    lo_a, hi_a = wilson_interval(both + a_only, m, z)
+    lo_b, hi_b = wilson_interval(both + b_only, m, z)
+    # The correlation of the two outcomes, its numerator shrunk towards 0 by m/2 when positive (continuity).
+    margins = (both + a_only) * (b_only + neither) * (both + b_only) * (a_only + neither)
+    cross = both * neither - a_only * b_only
+    corrected = max(cross - m / 2, 0.0) if cross > 0 else float(cross)
+    phi = corrected / math.sqrt(margins) if margins else 0.0
+    diff = p_a - p_b
+    lower = diff - math.sqrt(max(0.0, (p_a - lo_a) ** 2 - 2 * phi * (p_a - lo_a) * (hi_b - p_b) + (hi_b - p_b) ** 2))
+    upper = diff + math.sqrt(max(0.0, (p_b - lo_b) ** 2 - 2 * phi * (p_b - lo_b) * (hi_a - p_a) + (hi_a - p_a) ** 2))
+    return max(-1.0, lower), min(1.0, upper)
+
+
 def compare(rows_a: Sequence[ResultRow], rows_b: Sequence[ResultRow]) -> Comparison:
     """Compare two configurations on their shared problems (paired by problem id).
 
@@ -359,19 +393,16 @@ def compare(rows_a: Sequence[ResultRow], rows_b: Sequence[ResultRow]) -> Compari
     if not pairs:
         raise ConfigError("the two runs share no problem: nothing to compare")
     m = len(pairs)
-    diffs = [int(a.correct) - int(b.correct) for a, b in pairs]
-    mean = statistics.fmean(diffs)
-    sd = statistics.stdev(diffs) if m > 1 else 0.0
-    half = Z95 * sd / math.sqrt(m)
-    only_a = sum(1 for d in diffs if d > 0)
-    only_b = sum(1 for d in diffs if d < 0)
+    both = sum(1 for a, b in pairs if a.correct and b.correct)
+    only_a = sum(1 for a, b in pairs if a.correct and not b.correct)
+    only_b = sum(1 for a, b in pairs if b.correct and not a.correct)
     p = mcnemar_p(only_a, only_b)
     return Comparison(
         shared=m,
-        accuracy_a=sum(a.correct for a, _ in pairs) / m,
-        accuracy_b=sum(b.correct for _, b in pairs) / m,
-        diff=mean,
-        ci=(max(-1.0, mean - half), min(1.0, mean + half)),
+        accuracy_a=(both + only_a) / m,
+        accuracy_b=(both + only_b) / m,
+        diff=(only_a - only_b) / m,
+        ci=paired_difference_interval(both, only_a, only_b, m - both - only_a - only_b),
         a_only_right=only_a,
         b_only_right=only_b,
         p_value=p,

@@ -431,8 +431,8 @@ def build_report(results: str | Path, compare_with: str | Path | None = None, *,
         doc.heading("Comparisons (paired, on shared problems)")
         doc.table(_COMPARISON_HEADER, comparisons)
         doc.para(
-            "diff = accuracy A - accuracy B in points, with a 95% normal interval on the paired per-problem "
-            "differences; significance by McNemar's exact test (p < 0.05) on the discordant problems."
+            "diff = accuracy A - accuracy B in points, with a 95% interval for paired proportions (Newcombe's "
+            "hybrid score method); significance by McNemar's exact test (p < 0.05) on the discordant problems."
         )
 
     doc.heading("Reproducibility")

@@ -6,10 +6,11 @@ from __future__ import annotations
 import itertools
 import math
 import random
+import statistics
 from typing import Any
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from branchwise.errors import ConfigError
@@ -18,6 +19,7 @@ from branchwise.evals.metrics import (
     compare,
     default_ks,
     mcnemar_p,
+    paired_difference_interval,
     pass_at_k,
     sample_curves,
     subset_vote_accuracy,
@@ -196,7 +198,37 @@ def test_compare_pairs_shared_problems() -> None:
     assert c.a_only_right == 10 and c.b_only_right == 0
     assert c.diff == pytest.approx(10 / 18) and c.ci[0] > 0 and c.significant
     assert c.accuracy_a == pytest.approx(15 / 18) and c.accuracy_b == pytest.approx(5 / 18)
+    assert c.ci == paired_difference_interval(5, 10, 0, 3)
     same = compare(a, a)
     assert same.diff == 0 and same.p_value == 1.0 and not same.significant
+    # No discordant problem is not proof of equality: the interval still has width.
+    assert same.ci[0] < -0.1 and same.ci[1] > 0.1
     with pytest.raises(ConfigError, match="share no problem"):
         compare(a, [row("zzz", True)])
+
+
+def test_paired_interval_matches_wald_for_large_tables() -> None:
+    both, a_only, b_only, neither = 4000, 1500, 1000, 3500
+    m = both + a_only + b_only + neither
+    diffs = [1] * a_only + [-1] * b_only + [0] * (both + neither)
+    mean = (a_only - b_only) / m
+    half = 1.959963984540054 * statistics.stdev(diffs) / math.sqrt(m)
+    lo, hi = paired_difference_interval(both, a_only, b_only, neither)
+    assert lo == pytest.approx(mean - half, abs=2e-3) and hi == pytest.approx(mean + half, abs=2e-3)
+
+
+@given(st.integers(0, 30), st.integers(0, 30), st.integers(0, 30), st.integers(0, 30))
+def test_paired_interval_properties(both: int, a_only: int, b_only: int, neither: int) -> None:
+    assume(both + a_only + b_only + neither > 0)
+    lo, hi = paired_difference_interval(both, a_only, b_only, neither)
+    diff = (a_only - b_only) / (both + a_only + b_only + neither)
+    assert -1.0 <= lo <= diff <= hi <= 1.0 and lo < hi
+    swapped = paired_difference_interval(both, b_only, a_only, neither)
+    assert swapped == pytest.approx((-hi, -lo))
+
+
+def test_paired_interval_rejects_bad_tables() -> None:
+    with pytest.raises(ConfigError, match="all zero"):
+        paired_difference_interval(0, 0, 0, 0)
+    with pytest.raises(ConfigError, match=">= 0"):
+        paired_difference_interval(1, -1, 0, 0)
