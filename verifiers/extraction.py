@@ -54,7 +54,22 @@ _BOX_RE = re.compile(r"\\(?:boxed|fbox)\b\s*")
 _GSM8K_RE = re.compile(r"####[ \t]*([^\n]*)")
 _ANSWER_IS_RE = re.compile(r"\banswer\b\s*(?:\bis\b\s*:?|:)[ \t]*", re.IGNORECASE)
 _SENTENCE_END_RE = re.compile(r"[.!?;](?=\s|$)")
-# "18 dollars", "$18", "18%", "-3.5 m/s": a number followed by nothing but unit-like words.
+# Periods that do not end an answer: after a title or place word ("St. Louis", "Dr. Who"), and within initials
+# ("J. R. R. Tolkien", "U.S. Army"); see `_ends_answer`.
+_TITLE_RE = re.compile(
+    r"\b(?:Mr|Mrs|Ms|Dr|St|Mt|Ft|Jr|Sr|Prof|Gen|Col|Lt|Sgt|Capt|Gov|Sen|Pres|Hon|vs|etc|Inc|Ltd|Corp|Bros|approx)$"
+)
+_INITIAL_RE = re.compile(r"(?:^|[^\w.])(?:[A-Z]\.\s?)*[A-Z]$")
+_AFTER_INITIALS_RE = re.compile(r"(?:[A-Z]\.\s?)+[A-Z]$")
+_NEXT_INITIAL_RE = re.compile(r"\s*[A-Z]\.")
+_NEXT_WORD_RE = re.compile(r"\s*([A-Z][a-z]+)\b")
+# fmt: off
+_SENTENCE_STARTERS = frozenset({
+    "It", "The", "This", "That", "These", "Those", "He", "She", "They", "We", "I", "You", "So", "Thus", "Therefore",
+    "Hence", "Let", "Note", "But", "And", "However", "Also", "Here", "There", "In", "As", "To", "For", "If",
+    "Because", "Since", "Wait", "Final", "Answer", "Then", "Now", "My", "Our", "Its",
+})
+# fmt: on
 _NUMBER_WITH_UNITS_RE = re.compile(
     r"^(?:\\?\$)?\s*(?P<num>[-+]?(?:\d[\d,]*(?:\.\d+)?|\.\d+)(?:/\d+)?)\s*"
     r"(?:\\?%|[A-Za-z][A-Za-z/ ]*|\\text\{[^{}]*\})?$"
@@ -215,6 +230,24 @@ def extract_boxed(text: str) -> str | None:
     return boxes[-1] if boxes else None
 
 
+def _ends_answer(s: str, i: int) -> bool:
+    """Whether the punctuation at ``s[i]`` (followed by a space or the end) ends the answer."""
+    if s[i] != ".":
+        return True
+    before, after = s[:i], s[i + 1 :]
+    if _TITLE_RE.search(before):
+        return False
+    if not _INITIAL_RE.search(before):
+        return True
+    if _NEXT_INITIAL_RE.match(after):
+        return False  # "J. R. R. Tolkien": another initial follows
+    if _AFTER_INITIALS_RE.search(before):
+        # The last of several initials: "U.S. Army" goes on, "Washington, D.C. It is..." does not.
+        word = _NEXT_WORD_RE.match(after)
+        return word is None or word.group(1) in _SENTENCE_STARTERS
+    return True  # one capital letter alone ("B. Because...") is a whole answer
+
+
 def _clean_answer(raw: str) -> str | None:
     s = raw.strip().replace("**", "").strip()
     if s.startswith("$") and not s.startswith("$$") and _NUMBER_WITH_UNITS_RE.match(s) is None:
@@ -225,9 +258,10 @@ def _clean_answer(raw: str) -> str | None:
     elif s.startswith("\\(") and "\\)" in s:
         s = s[2 : s.index("\\)")]
     else:
-        end = _SENTENCE_END_RE.search(s)
-        if end is not None:
-            s = s[: end.start()]
+        for end in _SENTENCE_END_RE.finditer(s):
+            if _ends_answer(s, end.start()):
+                s = s[: end.start()]
+                break
     s = s.strip().strip("$").strip().rstrip(".").strip()
     if not s:
         return None
@@ -252,8 +286,9 @@ def extract_gsm8k(text: str) -> str | None:
 def extract_answer_is(text: str) -> str | None:
     """The answer in the last "The (final) answer is X" / "Answer: X" phrase (case-insensitive).
 
-    The answer runs to the end of its sentence or line; markdown bold, surrounding ``$`` and a trailing
-    period are stripped, and a number followed only by units ("18 dollars", "$18", "25%") becomes the number.
+    The answer runs to the end of its sentence or line (a period after a title such as "St." or within initials
+    such as "J. R. R." does not end it); markdown bold, surrounding ``$`` and a trailing period are stripped,
+    and a number followed only by units ("18 dollars", "$18", "25%") becomes the number.
     """
     for match in reversed(list(_ANSWER_IS_RE.finditer(text))):
         line_end = text.find("\n", match.end())

@@ -104,6 +104,16 @@ def test_gsm8k_marker_without_answer_yet() -> None:
         ("The answer is 5. Let me double check: 2 + 3 = 5.", "5"),
         ("The answer is 2. Wait, no. The answer is 3.", "3"),  # the last phrase wins
         ("The answer is 1,2,3.", "1,2,3"),  # not a number: kept as written
+        # QA answers with periods inside: titles and initials do not end the answer, sentence starters do
+        ("The answer is St. Louis.", "St. Louis"),
+        ("The answer is Dr. Who! Great show.", "Dr. Who"),
+        ("The answer is J. R. R. Tolkien. He wrote it.", "J. R. R. Tolkien"),
+        ("The answer is J.R.R. Tolkien.", "J.R.R. Tolkien"),
+        ("The answer is the U.S. Army.", "the U.S. Army"),
+        ("The answer is Washington, D.C. It is the capital.", "Washington, D.C"),
+        ("The answer is B. Because the others are wrong.", "B"),  # one capital letter is a whole answer
+        ("The answer is No. The reason is simple.", "No"),
+        ("The answer is Paris. Done.", "Paris"),
     ],
 )
 def test_answer_is_variants(text: str, expected: str) -> None:
