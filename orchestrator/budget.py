@@ -30,6 +30,9 @@ ancestor has been reached. Otherwise its per-sample ``max_tokens`` is clipped to
 samples, ``min(max_tokens, allowance // n)`` but at least 1, where ``allowance`` is the smallest remaining
 completion-token or total-token allowance along the budget chain; with a cost cap, also to the most tokens per
 sample the remaining cost could pay for (a lower-bound cost, since the prompt length is not known yet).
+`Budget.clipped_calls` counts the calls clipped this way; a sample that then stops for "length" short of the
+``max_tokens`` it asked for was cut by the budget, and strategies mark their result ``budget_exhausted`` even
+when no cap was reached (n samples sharing what is left each get ``allowance // n``).
 
 Exhaustion: a cap is *reached* when usage >= cap (calls, tokens, cost) or the deadline has passed. Reaching a
 token, cost or wall-clock cap aborts, at once, every in-flight call under that budget (its descendants
