@@ -19,6 +19,7 @@ import argparse
 import asyncio
 import json
 import random
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -109,7 +110,12 @@ async def main() -> None:
     async with VLLMEngine(args.model, max_model_len=2048) as engine:
         await engine.start()
         for label, n, strategy in strategies(ns, args.window):
-            runs[label] = {"n": n, **await run_one(engine, strategy, problems, args.max_tokens, args.concurrency)}
+            runs[label] = run = {"n": n, **await run_one(engine, strategy, problems, args.max_tokens, args.concurrency)}
+            print(  # progress on stderr: a full run takes an hour or more
+                f"{label}: {sum(run['correct'])}/{len(problems)} right, {run['tokens']} tokens, {run['seconds']:.0f} s",
+                file=sys.stderr,
+                flush=True,
+            )
 
     table = Table(title=f"test-time scaling on {len(problems)} {'GSM8K' if args.gsm8k else 'arithmetic'} problems")
     for column in ("strategy", "accuracy", "tokens", "pruned", "vs SC@N tokens", "vs SC@N accuracy (95% CI)", "s"):
