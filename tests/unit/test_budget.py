@@ -303,6 +303,8 @@ async def test_child_budgets_charge_themselves_and_the_parent() -> None:
     assert run.usage.completion_tokens == 40 and run.usage.calls == 2 == a.usage.calls + b.usage.calls
     assert run.usage.prompt_tokens == a.usage.prompt_tokens + b.usage.prompt_tokens == 2
     assert a.exhausted and not run.exhausted and not b.exhausted
+    # the clip is counted where it happened and up the tree, not in the sibling
+    assert (a.clipped_calls, b.clipped_calls, run.clipped_calls) == (1, 0, 1)
 
     # a tight child cap aborts only that child's call; its sibling runs on
     c = run.child("c", max_completion_tokens=5)
