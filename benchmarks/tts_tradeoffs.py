@@ -3,7 +3,8 @@
 Strategies: single (greedy), self_consistency at N, deepconf (online, N; DeepConf-high keep=0.9 and DeepConf-low
 keep=0.1), prune (N) and adaptive (up to N), for
 each N in --ns. For every strategy: accuracy, total completion tokens, and against self_consistency at the same
-N the token reduction and the accuracy difference with a 95% paired-bootstrap interval.
+N the token reduction and the accuracy difference with a 95% paired interval (Newcombe's hybrid score method)
+and the discordant problems behind it.
 
 Problems: built-in arithmetic word problems (default), or the first --limit GSM8K test problems from
 ../shared/benchmarks/gsm8k_test.jsonl with --gsm8k.
@@ -18,7 +19,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import random
 import sys
 import time
 from pathlib import Path
@@ -29,6 +29,7 @@ from rich.table import Table
 
 from branchwise.engine.vllm_engine import VLLMEngine
 from branchwise.evals.arithmetic import arithmetic_problems
+from branchwise.evals.metrics import paired_difference_interval
 from branchwise.orchestrator.budget import Budget
 from branchwise.search import Adaptive, DeepConf, Prune, SearchContext, SelfConsistency, Single, Strategy
 from branchwise.verifiers.grading import NumericGrader
@@ -58,13 +59,13 @@ def strategies(ns: list[int], window: int) -> list[tuple[str, int, Strategy]]:
     return result
 
 
-def bootstrap_diff(a: list[bool], b: list[bool], rounds: int = 2000, seed: int = 0) -> tuple[float, float, float]:
-    """Mean of a - b (accuracy points) with a 95% paired-bootstrap interval."""
-    rng = random.Random(seed)
-    diffs = [int(x) - int(y) for x, y in zip(a, b, strict=True)]
-    k = len(diffs)
-    samples = sorted(sum(diffs[rng.randrange(k)] for _ in range(k)) / k for _ in range(rounds))
-    return sum(diffs) / k, samples[int(0.025 * rounds)], samples[int(0.975 * rounds) - 1]
+def paired_diff(a: list[bool], b: list[bool]) -> tuple[float, float, float, int, int]:
+    """Accuracy of a minus b with its 95% paired interval (Newcombe), and the discordant counts."""
+    both = sum(1 for x, y in zip(a, b, strict=True) if x and y)
+    only_a = sum(1 for x, y in zip(a, b, strict=True) if x and not y)
+    only_b = sum(1 for x, y in zip(a, b, strict=True) if y and not x)
+    lo, hi = paired_difference_interval(both, only_a, only_b, len(a) - both - only_a - only_b)
+    return (only_a - only_b) / len(a), lo, hi, only_a, only_b
 
 
 async def run_one(
@@ -118,7 +119,15 @@ async def main() -> None:
             )
 
     table = Table(title=f"test-time scaling on {len(problems)} {'GSM8K' if args.gsm8k else 'arithmetic'} problems")
-    for column in ("strategy", "accuracy", "tokens", "pruned", "vs SC@N tokens", "vs SC@N accuracy (95% CI)", "s"):
+    for column in (
+        "strategy",
+        "accuracy",
+        "tokens",
+        "pruned",
+        "vs SC@N tokens",
+        "vs SC@N accuracy (95% CI; discordant)",
+        "s",
+    ):
         table.add_column(column)
     figures = []
     for label, run in runs.items():
@@ -127,11 +136,13 @@ async def main() -> None:
         reduction = diff = None
         if baseline is not None and baseline is not run:
             reduction = 1 - run["tokens"] / baseline["tokens"] if baseline["tokens"] else None
-            diff = bootstrap_diff(run["correct"], baseline["correct"])
+            diff = paired_diff(run["correct"], baseline["correct"])
         table.add_row(
             label, f"{acc:.1%}", str(run["tokens"]), str(run["pruned"]),
             "" if reduction is None else f"{reduction:+.1%} fewer" if reduction >= 0 else f"{-reduction:.1%} more",
-            "" if diff is None else f"{diff[0] * 100:+.1f} pts [{diff[1] * 100:+.1f}, {diff[2] * 100:+.1f}]",
+            "" if diff is None else (
+                f"{diff[0] * 100:+.1f} pts [{diff[1] * 100:+.1f}, {diff[2] * 100:+.1f}]; {diff[3]} vs {diff[4]}"
+            ),
             f"{run['seconds']:.0f}",
         )  # fmt: skip
         figures.append(
@@ -139,7 +150,8 @@ async def main() -> None:
                 "strategy": label, "accuracy": round(acc, 4), "tokens": run["tokens"], "pruned": run["pruned"],
                 "seconds": round(run["seconds"], 1),
                 "token_reduction_vs_sc": None if reduction is None else round(reduction, 4),
-                "accuracy_diff_vs_sc": None if diff is None else [round(x, 4) for x in diff],
+                "accuracy_diff_vs_sc": None if diff is None else [round(x, 4) for x in diff[:3]],
+                "discordant_vs_sc": None if diff is None else list(diff[3:]),
             }
         )  # fmt: skip
     Console().print(table)
