@@ -2,7 +2,8 @@
 
 Both are event listeners (see `branchwise.orchestrator.tracing`). The live view keeps a `ProgressState` up to
 date from the events and redraws `render_progress(state)` a few times a second: the plan's nodes and their
-states, the traces running now and the latest finished ones (tokens, answer, confidence), the budget burn-down
+states, the traces running now (tokens and mean token logprob so far, read from the live trace node) and the
+latest finished ones (tokens, answer, final confidence), the budget burn-down
 and tokens per second. `PlainProgress` writes one line per significant event instead.
 """
 
@@ -191,7 +192,9 @@ def render_progress(state: ProgressState) -> Any:
         traces.add_column(column)
     for view in list(state.traces.values())[:8]:
         tokens = str(view.live_tokens()) if view.node is not None else "…"
-        traces.add_row(f"{view.tree}.{view.trace}", view.kind, Text("running", style="yellow"), tokens, "", "")
+        live = getattr(view.node, "live_confidence", None)
+        conf = f"{live:.2f}" if live is not None else ""
+        traces.add_row(f"{view.tree}.{view.trace}", view.kind, Text("running", style="yellow"), tokens, conf, "")
     for view in list(state.finished)[-6:]:
         style = {"finished": "green", "pruned": "magenta", "budget": "red"}.get(view.status, "red")
         label = view.status + (f" ({view.rule})" if view.rule else "")

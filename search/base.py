@@ -54,6 +54,8 @@ class TraceNode:
         finish_reason: the engine's finish reason.
         pruned_by: the rule that pruned it.
         detail: a human-readable note on the decision.
+        live_confidence: the mean token logprob so far, while the trace streams with logprobs (what the live
+            progress view shows for running traces; final confidences go to ``scores``).
     """
 
     id: int
@@ -69,6 +71,7 @@ class TraceNode:
     detail: str | None = None
     started_at: float = field(default_factory=time.perf_counter)
     ended_at: float | None = None
+    live_confidence: float | None = None
 
 
 class TraceTree:

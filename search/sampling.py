@@ -35,10 +35,21 @@ class SampledTrace:
     finish_reason: FinishReason | None = None
     clipped: bool = False
     """It finished (for "length") short of the tokens it asked for, because the budget clipped its call."""
+    logprob_sum: float = 0.0
 
     @property
     def finished(self) -> bool:
         return self.node.status == "finished"
+
+    def take(self, delta: Delta) -> None:
+        """Count one delta of this trace: tokens, logprobs (and the node's live confidence), finish reason."""
+        self.node.tokens += len(delta.token_ids)
+        if delta.logprobs:
+            self.logprobs.extend(delta.logprobs)
+            self.logprob_sum += sum(t.logprob for t in delta.logprobs)
+            self.node.live_confidence = self.logprob_sum / len(self.logprobs)
+        if delta.finish_reason is not None:
+            self.finish_reason = delta.finish_reason
 
 
 def clipped_by_budget(ctx: SearchContext, request: GenerationRequest, finish: FinishReason | None, tokens: int) -> bool:
@@ -83,13 +94,8 @@ async def sample(
     try:
         async with contextlib.aclosing(ctx.llm.stream(request)) as deltas:
             async for delta in deltas:
-                trace = traces[delta.index]
                 pieces[delta.index].append(delta.text)
-                trace.node.tokens += len(delta.token_ids)
-                if delta.logprobs:
-                    trace.logprobs.extend(delta.logprobs)
-                if delta.finish_reason is not None:
-                    trace.finish_reason = delta.finish_reason
+                traces[delta.index].take(delta)
     except BudgetExhausted:
         exhausted = True
     for trace, parts in zip(traces, pieces, strict=True):
@@ -169,11 +175,8 @@ async def stream_trace(
         async with contextlib.aclosing(ctx.llm.stream(request)) as deltas:
             async for delta in deltas:
                 pieces.append(delta.text)
-                trace.node.tokens += len(delta.token_ids)
-                if delta.logprobs:
-                    trace.logprobs.extend(delta.logprobs)
+                trace.take(delta)
                 if delta.finish_reason is not None:
-                    trace.finish_reason = delta.finish_reason
                     break
                 rule = check(trace, delta)
                 if rule is not None:

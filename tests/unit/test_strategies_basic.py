@@ -81,6 +81,10 @@ async def test_confidence_weighted_vote_can_overturn_majority() -> None:
     sure = next(c for c in weighted.candidates if c.answer == "42")
     assert sure.confidence is not None
     assert weighted.trace.nodes[sure.trace_id].scores["confidence_mean"] == sure.confidence
+    # the live confidence kept while streaming ends as the mean token logprob
+    for node in weighted.trace.nodes:
+        assert node.live_confidence == pytest.approx(node.scores["confidence_mean"])
+    assert all(node.live_confidence is None for node in majority.trace.nodes)  # no logprobs asked
 
 
 async def test_best_of_n_with_custom_verifier() -> None:

@@ -172,6 +172,8 @@ def test_live_view_reads_running_traces_token_counts_but_records_no_objects(tmp_
     assert "17" in text_of(render_progress(state))
     node.tokens = 23
     assert "23" in text_of(render_progress(state))
+    node.live_confidence = -0.375  # the mean token logprob so far, kept up to date by the sampler
+    assert "-0.38" in text_of(render_progress(state))
     writer.close()
     start = read_trace(path).of_kind("trace_start")[0]
     assert start.data == {"tree": tree.uid, "trace": 0, "parent": None, "kind": "sample"}
