@@ -294,8 +294,11 @@ def _plots(results: Sequence[ConfigResults], front: list[int]) -> dict[str, byte
 
 
 def _describe_runs(doc: _Doc, source: str, runs: Sequence[RunRecord]) -> None:
-    for run in runs:
-        doc.heading(f"{Path(source).name}: invocation {run.run_id} ({run.status})", 3)
+    for i, run in enumerate(runs):
+        status = run.status
+        if status == "running":  # nothing recorded its end: a later invocation proves it is not running now
+            status = "running, or killed" if i == len(runs) - 1 else "killed: it recorded no end"
+        doc.heading(f"{Path(source).name}: invocation {run.run_id} ({status})", 3)
         if run.argv:
             doc.code(" ".join(run.argv))
         repro = run.repro

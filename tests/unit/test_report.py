@@ -7,6 +7,7 @@ import importlib.util
 import json
 import random
 import re
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -92,6 +93,18 @@ def test_two_file_comparison(results: tuple[Path, Path]) -> None:
     assert cells[1] == "24" and cells[4].startswith("+") and cells[8] in ("yes", "no")
     assert "a.db: invocation 1" in report.markdown and "b.db: invocation 1" in report.markdown
     assert "| single (a.db) |" in report.markdown  # sources named when two files are shown
+
+
+def test_invocations_that_recorded_no_end_are_labelled(results: tuple[Path, Path], tmp_path: Path) -> None:
+    path = tmp_path / "killed.db"
+    shutil.copy(results[0], path)
+    with ResultsStore(path) as store:  # two invocations that never finished (killed with SIGKILL, say)
+        store.start_run({}, ["branchwise", "eval", "--resume"])
+        store.start_run({}, ["branchwise", "eval", "--resume"])
+    md = build_report(path, plots=False).markdown
+    assert "killed.db: invocation 1 (finished)" in md
+    assert "killed.db: invocation 2 (killed: it recorded no end)" in md
+    assert "killed.db: invocation 3 (running, or killed)" in md
 
 
 def test_report_without_matplotlib(results: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch) -> None:
