@@ -59,10 +59,12 @@ async def test_pdr_runs_with_bounded_workspace(vllm_engine: VLLMEngine) -> None:
     # Round 2 sees the problem and the workspace, not the raw drafts of round 1.
     round2 = render_prompt(requests[2])
     # The workspace is the summary without surrounding whitespace; the node keeps the raw sampled text.
-    assert PROBLEM.question in round2 and nodes[distills[0]].text.strip() in round2
+    workspace = nodes[distills[0]].text.strip()
+    assert PROBLEM.question in round2 and workspace in round2
+    outside_workspace = round2.replace(workspace, "")  # a summary may quote a short draft word for word
     for draft in nodes[:3]:
         if len(draft.text.strip()) > 20:
-            assert draft.text.strip() not in round2
+            assert draft.text.strip() not in outside_workspace
     assert result.usage.completion_tokens == sum(n.tokens for n in nodes)
     assert elapsed < 120
 
