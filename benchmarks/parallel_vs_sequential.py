@@ -154,10 +154,12 @@ async def oracle_setting(
     return [summarise("oracle DAG (LLMCompiler, streamed)", dag), summarise("oracle ReAct", react)]
 
 
-async def real_setting(questions: list[MultiHopQuestion], tools: ToolRegistry, model: str) -> list[dict[str, Any]]:
+async def real_setting(
+    questions: list[MultiHopQuestion], tools: ToolRegistry, model: str, *, compact_json: bool
+) -> list[dict[str, Any]]:
     from branchwise.engine.vllm_engine import VLLMEngine
 
-    engine = VLLMEngine(model, max_model_len=4096, seed=0)
+    engine = VLLMEngine(model, max_model_len=4096, seed=0, compact_json=compact_json)
     await engine.start()
     dag, react = [], []
     try:
@@ -225,6 +227,7 @@ async def main() -> None:
     parser.add_argument("--tool-latency", type=float, default=0.3)
     parser.add_argument("--token-delay", type=float, default=0.02, help="oracle decoding, s per token")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--compact-json", action="store_true", help="one-line JSON plans and turns")
     args = parser.parse_args()
     n, real_n, max_hops = (6, 3, 5) if args.quick else (args.n, args.real_n, 8)
     kb, questions = multihop_dataset(args.seed, n, min_hops=2, max_hops=max_hops)
@@ -244,8 +247,8 @@ async def main() -> None:
         out["oracle"],
     )
     if not args.skip_real:
-        real = await real_setting(questions[:real_n], tools, args.model)
-        out["real"] = {"rows": real, **ratios(real), "model": args.model}
+        real = await real_setting(questions[:real_n], tools, args.model, compact_json=args.compact_json)
+        out["real"] = {"rows": real, **ratios(real), "model": args.model, "compact_json": args.compact_json}
         print_table(console, f"{args.model}: structured DAG planner vs ReAct ({real_n} questions)", real, out["real"])
     print(json.dumps(out))
 

@@ -88,17 +88,10 @@ def _cpu_has_fast_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
-def _json_layout(whitespace: bool) -> dict[str, Any]:
-    """vLLM ``structured_outputs_config`` for JSON with or without free whitespace.
-
-    vLLM ignores the per-request whitespace flag and accepts the engine-wide one only with a named grammar
-    backend. Without whitespace we name llguidance: like vLLM's "auto" choice it compiles every JSON-schema
-    feature (auto falls back to it when xgrammar cannot), and it is told to refuse properties the schema does not
-    list, as xgrammar's strict mode does under "auto".
-    """
-    if whitespace:
-        return {}
-    return {"backend": "guidance", "disable_any_whitespace": True, "disable_additional_properties": True}
+# vLLM ignores the per-request whitespace flag and takes the engine-wide one only with a named grammar backend. We
+# name llguidance: like vLLM's "auto" choice it compiles every JSON-schema feature (auto falls back to it when
+# xgrammar cannot), and it is told to refuse properties a schema does not list, as xgrammar's strict mode does.
+_COMPACT_JSON = {"backend": "guidance", "disable_any_whitespace": True, "disable_additional_properties": True}
 
 
 class VLLMEngine(Engine):
@@ -124,10 +117,11 @@ class VLLMEngine(Engine):
             ``model`` is resolved like ``model``: registered name, local folder, ``.gguf`` file or hub id).
         seed: engine-level sampling seed.
         max_num_seqs: cap on sequences batched together.
-        json_whitespace: allow free whitespace (newlines, indentation) between the tokens of JSON constrained by
-            a schema. Off by default: such JSON comes out on one line, which costs fewer tokens and keeps small
-            models from looping on blank lines until the token cap. It is engine-wide because vLLM's grammar
-            backends read it from the engine config, not from each request (see `_json_layout`).
+        compact_json: lay out JSON constrained by a schema on one line, with no free whitespace between tokens
+            (vLLM's ``disable_any_whitespace``, with the llguidance backend; see `_COMPACT_JSON`). It costs fewer
+            tokens and stops a small model from looping on blank lines until the token cap, but it pushes a model
+            off the layout it learned: SmolLM2-135M made worse plans with it (BENCHMARKS.md), so it is off by
+            default. Engine-wide, because vLLM reads it from the engine config, not from each request.
         engine_args: any other `vllm.AsyncEngineArgs` field, passed through unchanged.
     """
 
@@ -148,7 +142,7 @@ class VLLMEngine(Engine):
         speculative_config: Mapping[str, Any] | None = None,
         seed: int = 0,
         max_num_seqs: int | None = None,
-        json_whitespace: bool = False,
+        compact_json: bool = False,
         engine_args: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__(model=model)
@@ -173,8 +167,8 @@ class VLLMEngine(Engine):
         }
         self._options.update(engine_args or {})
         structured = self._options.get("structured_outputs_config") or {}
-        if isinstance(structured, Mapping):  # engine_args' own settings win
-            self._options["structured_outputs_config"] = {**_json_layout(json_whitespace), **structured}
+        if compact_json and isinstance(structured, Mapping):  # engine_args' own settings win
+            self._options["structured_outputs_config"] = {**_COMPACT_JSON, **structured}
         self._enforce_eager = enforce_eager
         self._kv_cache_gib = kv_cache_gib
         self._llm: AsyncLLM | None = None

@@ -143,34 +143,55 @@ async def test_cancelling_generate_task_aborts(vllm_engine: VLLMEngine) -> None:
     assert (await vllm_engine.wait_idle(timeout=30)).idle
 
 
-async def test_structured_json_schema(vllm_engine: VLLMEngine) -> None:
-    # Every field is bounded: with an unbounded integer the small model once ran digits up to max_tokens.
-    schema = {
-        "type": "object",
-        "properties": {
-            "city": {"type": "string", "maxLength": 20},
-            "population": {"type": "integer", "minimum": 0, "maximum": 99_999_999},
-        },
-        "required": ["city", "population"],
-        "additionalProperties": False,
-    }
-    req = GenerationRequest(
+# Every field is bounded: with an unbounded integer the small model once ran digits up to max_tokens.
+CITY_SCHEMA = {
+    "type": "object",
+    "properties": {
+        "city": {"type": "string", "maxLength": 20},
+        "population": {"type": "integer", "minimum": 0, "maximum": 99_999_999},
+    },
+    "required": ["city", "population"],
+    "additionalProperties": False,
+}
+
+
+def city_request(n: int) -> GenerationRequest:
+    # Seeded: with free whitespace this model now and then loops on blank lines until the token cap.
+    return GenerationRequest(
         messages=[{"role": "user", "content": "Describe Paris as JSON."}],
-        n=6,
+        n=n,
         max_tokens=200,
         temperature=0.7,
-        structured=StructuredOutput(json_schema=schema),
+        seed=7,
+        structured=StructuredOutput(json_schema=CITY_SCHEMA),
     )
-    gen = await vllm_engine.generate(req)
+
+
+def check_city(text: str) -> None:
+    value = json.loads(text)
+    assert set(value) == {"city", "population"}
+    assert isinstance(value["city"], str) and len(value["city"]) <= 20
+    assert isinstance(value["population"], int) and 0 <= value["population"] <= 99_999_999
+
+
+async def test_structured_json_schema(vllm_engine: VLLMEngine) -> None:
+    gen = await vllm_engine.generate(city_request(2))
     for c in gen.completions:
         assert c.finish_reason == "stop", c.text  # the grammar closed the object before the token cap
-        # No free whitespace by default (a raw newline cannot sit inside a JSON string). With it, this model lays
-        # most objects out over several lines and now and then loops on blank lines until the token cap.
-        assert "\n" not in c.text, c.text
-        value = json.loads(c.text)
-        assert set(value) == {"city", "population"}
-        assert isinstance(value["city"], str) and len(value["city"]) <= 20
-        assert isinstance(value["population"], int) and 0 <= value["population"] <= 99_999_999
+        check_city(c.text)
+
+
+async def test_compact_json_engine_lays_json_out_on_one_line(vllm_engine: VLLMEngine) -> None:
+    # The shared engine (free whitespace) lays most of these objects out over several lines.
+    spread = await vllm_engine.generate(city_request(6))
+    assert any("\n" in c.text for c in spread.completions)
+    async with VLLMEngine("smollm2-135m-instruct", max_model_len=1024, seed=0, compact_json=True) as engine:
+        gen = await engine.generate(city_request(6))
+    for c in gen.completions:
+        assert c.finish_reason == "stop", c.text
+        # No free whitespace: no newline (a raw one cannot sit inside a JSON string), no space after the brace.
+        assert "\n" not in c.text and c.text.startswith('{"'), c.text
+        check_city(c.text)
 
 
 async def test_structured_choices_and_regex(vllm_engine: VLLMEngine) -> None:
