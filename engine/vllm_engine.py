@@ -1,10 +1,15 @@
 """`VLLMEngine`: vLLM's AsyncLLM embedded in the caller's process.
 
-The engine starts lazily on first use (or with ``await engine.start()``) in a worker thread, so the event loop
-keeps running while weights load. vLLM runs its engine core in a child process; on CPU it forces the ``spawn``
-start method, which would re-run the user's main script in the child (the reason vLLM scripts need an
-``if __name__ == "__main__":`` guard). `VLLMEngine` hides the main module from multiprocessing while the core
-starts, so user scripts need no guard: the child only imports vLLM.
+The engine starts lazily on first use (or with ``await engine.start()``) in a daemon thread, so the event loop
+keeps running while weights load, and a start that is cancelled (Ctrl-C, a timeout) returns at once: the load
+goes on in the background and a later `start` waits for it, or, if the engine was closed meanwhile, the thread
+shuts the loaded engine down. Being a daemon, the thread does not hold up interpreter exit; vLLM's own exit
+handler stops the engine core process it had started.
+
+vLLM runs its engine core in a child process; on CPU it forces the ``spawn`` start method, which would re-run
+the user's main script in the child (the reason vLLM scripts need an ``if __name__ == "__main__":`` guard).
+`VLLMEngine` hides the main module from multiprocessing while the core starts, so user scripts need no guard: the
+child only imports vLLM.
 
 Cancelling the task that consumes `stream` (or closing the stream) aborts the vLLM request. `n` samples go to
 vLLM as one request so the prompt's KV cache is shared; prefix caching is on by default.
@@ -17,8 +22,9 @@ import contextlib
 import gc
 import logging
 import os
+import threading
 import uuid
-from collections.abc import AsyncGenerator, Mapping
+from collections.abc import AsyncGenerator, Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -92,6 +98,36 @@ def _cpu_has_fast_bf16() -> bool:
 # name llguidance: like vLLM's "auto" choice it compiles every JSON-schema feature (auto falls back to it when
 # xgrammar cannot), and it is told to refuse properties a schema does not list, as xgrammar's strict mode does.
 _COMPACT_JSON = {"backend": "guidance", "disable_any_whitespace": True, "disable_additional_properties": True}
+
+
+def _in_daemon_thread(fn: Callable[[], None], *, name: str) -> asyncio.Future[None]:
+    """Run ``fn`` in a new daemon thread; the future ends with it (cancelling the future leaves ``fn`` running).
+
+    Unlike `asyncio.to_thread`, the thread does not belong to the loop's default executor, whose shutdown at the
+    end of `asyncio.run` would wait for it.
+    """
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[None] = loop.create_future()
+
+    def settle(err: BaseException | None) -> None:
+        if future.done():  # cancelled meanwhile
+            return
+        if err is None:
+            future.set_result(None)
+        else:
+            future.set_exception(err)
+
+    def run() -> None:
+        err: BaseException | None = None
+        try:
+            fn()
+        except BaseException as exc:  # handed to the awaiting task, like to_thread does
+            err = exc
+        with contextlib.suppress(RuntimeError):  # the loop is closed: nobody is waiting any more
+            loop.call_soon_threadsafe(settle, err)
+
+    threading.Thread(target=run, name=name, daemon=True).start()
+    return future
 
 
 class VLLMEngine(Engine):
@@ -174,7 +210,9 @@ class VLLMEngine(Engine):
         self._llm: AsyncLLM | None = None
         self._tokenizer: Any = None
         self._capabilities: Capabilities | None = None
-        self._start_lock = asyncio.Lock()
+        self._starting: asyncio.Future[None] | None = None  # the load in flight, shared by concurrent `start` calls
+        self._loading: AsyncLLM | None = None  # the engine being built, until it is published as _llm
+        self._publish_lock = threading.Lock()  # the load thread publishes; `aclose` may close meanwhile
         self._closed = False
         self._last_stats: Any = None
         self._prefix_hits = 0
@@ -193,20 +231,30 @@ class VLLMEngine(Engine):
         return {k: v for k, v in self._options.items() if v is not None}
 
     async def start(self) -> None:
-        """Provision the model and start vLLM (idempotent; also done lazily by the first request)."""
+        """Provision the model and start vLLM (idempotent; also done lazily by the first request).
+
+        Cancelling it does not stop the load (vLLM offers no way to); see the module docstring.
+        """
         if self._llm is not None:
             return
-        async with self._start_lock:
-            if self._llm is not None:
-                return
-            if self._closed:
-                raise EngineUnavailable("this VLLMEngine was closed")
-            await asyncio.to_thread(self._build)
+        if self._closed:
+            raise EngineUnavailable("this VLLMEngine was closed")
+        if self._starting is None:
+            self._starting = _in_daemon_thread(self._build, name=f"branchwise-vllm-start-{self.model}")
+            self._starting.add_done_callback(self._start_ended)
+        await asyncio.shield(self._starting)
+        if self._llm is None:  # closed while loading
+            raise EngineUnavailable("this VLLMEngine was closed while it was starting")
+
+    def _start_ended(self, future: asyncio.Future[None]) -> None:
+        self._starting = None  # a failed start may be retried
+        if not future.cancelled():
+            future.exception()  # retrieved here, so a start nobody awaits any more logs no "never retrieved"
 
     def _build(self) -> None:
-        # Runs in a worker thread. It stores the engine on self instead of returning it: some module that vLLM
-        # imports lazily keeps a traceback whose frames chain back to this one, and a returned AsyncLLM would
-        # stay referenced from those frames' locals after `aclose`.
+        # Runs in the load thread. It keeps the engine on self instead of in a local: some module that vLLM
+        # imports lazily keeps a traceback whose frames chain back to this one, and an AsyncLLM held in a local
+        # would stay referenced from those frames after `aclose`.
         try:
             from vllm.engine.arg_utils import AsyncEngineArgs
             from vllm.v1.engine.async_llm import AsyncLLM
@@ -260,13 +308,13 @@ class VLLMEngine(Engine):
         logger.info("starting vLLM for %s (%s)", self.model, self.model_path)
         try:
             with main_hidden_from_spawn():
-                self._llm = AsyncLLM.from_engine_args(args, stat_loggers=[_StatsTap])
+                self._loading = AsyncLLM.from_engine_args(args, stat_loggers=[_StatsTap])
         except (ConfigError, ModelProvisionError):
             raise
         except Exception as err:
             raise EngineUnavailable(f"vLLM failed to start for model {self.model!r}: {err}") from err
-        self._tokenizer = self._llm.get_tokenizer()
-        cfg = self._llm.model_config
+        self._tokenizer = self._loading.get_tokenizer()
+        cfg = self._loading.model_config
         # What "auto" became (the model's own dtype, or float32 on CPUs without it): outputs depend on it.
         self._options["dtype"] = str(cfg.dtype).removeprefix("torch.")
         self._capabilities = Capabilities(
@@ -281,11 +329,23 @@ class VLLMEngine(Engine):
             max_model_len=int(cfg.max_model_len),
             extra={"platform": "cpu" if on_cpu else "gpu", "model_path": self.model_path},
         )
+        with self._publish_lock:
+            if not self._closed:
+                self._llm, self._loading = self._loading, None
+                return
+        logger.info("vLLM for %s finished loading after the engine was closed; shutting it down", self.model)
+        self._loading.shutdown()  # no request ever reached it, so no output handler runs
+        self._loading = None
+        gc.collect()
 
     async def aclose(self) -> None:
-        """Shut vLLM down and release its processes. Idempotent."""
-        self._closed = True
-        llm, self._llm = self._llm, None
+        """Shut vLLM down and release its processes. Idempotent.
+
+        A load still in flight is not waited for: its thread shuts the engine down when the load ends.
+        """
+        with self._publish_lock:
+            self._closed = True
+            llm, self._llm = self._llm, None
         if llm is None:
             return
         # Stop the output handler first: shutting the core down under it would log a spurious EngineDeadError.

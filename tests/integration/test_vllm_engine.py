@@ -6,12 +6,19 @@ import asyncio
 import contextlib
 import json
 import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
 
+import psutil
 import pytest
 
 from branchwise.engine import CallUsage, GenerationRequest, StructuredOutput
 from branchwise.engine.vllm_engine import VLLMEngine
-from branchwise.errors import ConfigError, EngineRequestError
+from branchwise.errors import ConfigError, EngineRequestError, EngineUnavailable
 
 pytestmark = [pytest.mark.engine, pytest.mark.asyncio(loop_scope="session"), pytest.mark.timeout(300)]
 
@@ -273,3 +280,110 @@ async def test_bad_structured_outputs_config_is_a_config_error() -> None:
     with pytest.raises(ConfigError, match="invalid vLLM engine argument"):
         await engine.start()
     assert not engine.started
+
+
+def _load_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name.startswith("branchwise-vllm-start")]
+
+
+def _engine_children() -> set[int]:
+    """This process's child processes, less multiprocessing's resource tracker (started once, kept)."""
+    children = set()
+    for child in psutil.Process().children(recursive=True):
+        with contextlib.suppress(psutil.Error):
+            alive = child.is_running() and child.status() != psutil.STATUS_ZOMBIE
+            if alive and not any("resource_tracker" in part for part in child.cmdline()):
+                children.add(child.pid)
+    return children
+
+
+async def test_cancelled_start_returns_at_once_and_a_later_start_joins_the_load() -> None:
+    engine = VLLMEngine("smollm2-135m-instruct", max_model_len=1024, seed=0)
+    task = asyncio.create_task(engine.start())
+    await asyncio.sleep(1.0)  # the load takes 10 s or more
+    cancelled_at = time.perf_counter()
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    assert time.perf_counter() - cancelled_at < 1.0  # Ctrl-C does not wait for the weights
+    assert not engine.started
+    (load,) = _load_threads()  # the load goes on in the background
+    try:
+        await engine.start()  # joins the load in flight instead of starting a second one
+        assert engine.started and all(t is load for t in _load_threads())
+        gen = await engine.generate(GenerationRequest(prompt="The sky is", max_tokens=4))
+        assert gen.completions[0].num_tokens >= 1
+    finally:
+        await engine.aclose()
+
+
+async def test_closing_while_loading_shuts_the_loaded_engine_down() -> None:
+    before = _engine_children()
+    engine = VLLMEngine("smollm2-135m-instruct", max_model_len=1024, seed=0)
+    task = asyncio.create_task(engine.start())
+    await asyncio.sleep(1.0)
+    (load,) = _load_threads()
+    await engine.aclose()  # returns without waiting for the load
+    assert load.is_alive()
+    with pytest.raises(EngineUnavailable, match="closed while it was starting"):
+        await task
+    await asyncio.to_thread(load.join, 300)
+    assert not load.is_alive() and not engine.started
+    for _ in range(50):  # vLLM reaps its engine core process within its own shutdown; allow a little slack
+        if not _engine_children() - before:
+            break
+        await asyncio.sleep(0.2)
+    assert not _engine_children() - before
+    with pytest.raises(EngineUnavailable, match="closed"):
+        await engine.start()
+
+
+def test_ctrl_c_while_the_model_loads_exits_at_once_and_leaves_no_process(tmp_path: Path) -> None:
+    spec = tmp_path / "p.yaml"
+    spec.write_text(
+        "engine: {backend: vllm, model: smollm2-135m-instruct, max_model_len: 1024}\n"
+        "thought: {strategy: single, max_tokens: 8}\n"
+        "outputs: {progress: off, otel: false}\n"
+    )
+    trace = tmp_path / "t.jsonl"
+    # Ctrl-C as a terminal delivers it, even when this test runs under a shell that ignores SIGINT.
+    script = tmp_path / "cli.py"
+    script.write_text(
+        "import signal, sys\nsignal.signal(signal.SIGINT, signal.default_int_handler)\n"
+        "from branchwise.orchestrator.cli import main\nsys.exit(main(sys.argv[1:]))\n"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, str(script), "run", str(spec), "Say hi.", "--trace", str(trace)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        # Interrupt once vLLM's engine core process exists, i.e. in the middle of the load.
+        deadline = time.monotonic() + 120
+        core: list[psutil.Process] = []
+        while not core:
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() < deadline, "vLLM never started its engine core"
+            with contextlib.suppress(psutil.Error):
+                core = [
+                    c
+                    for c in psutil.Process(proc.pid).children(recursive=True)
+                    if not any("resource_tracker" in part for part in c.cmdline())
+                ]
+            time.sleep(0.1)
+        interrupted = time.monotonic()
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+        waited = time.monotonic() - interrupted
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 130, err[-2000:]
+    # vLLM's exit handler gives its core 5 s to stop after SIGTERM before killing it.
+    assert waited < 15, f"exit took {waited:.1f} s after Ctrl-C"
+    assert "interrupted" in err
+    assert not trace.exists()  # the run had not begun: engines start before its trace opens
+    time.sleep(1)
+    assert not [p for p in core if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]

@@ -1,0 +1,69 @@
+"""VLLMEngine's parts that need no running engine: options as they reach vLLM's engine arguments, and the daemon
+thread the engine loads in."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import threading
+import time
+
+import pytest
+
+from branchwise.engine.vllm_engine import VLLMEngine, _in_daemon_thread
+
+
+def test_compact_json_option_reaches_the_engine_config() -> None:
+    assert "structured_outputs_config" not in VLLMEngine().engine_args  # vLLM's own default
+    compact = VLLMEngine(compact_json=True).engine_args["structured_outputs_config"]
+    assert compact == {"backend": "guidance", "disable_any_whitespace": True, "disable_additional_properties": True}
+    own = {"structured_outputs_config": {"backend": "xgrammar"}}
+    assert VLLMEngine(compact_json=True, engine_args=own).engine_args["structured_outputs_config"] == {
+        **compact,
+        "backend": "xgrammar",
+    }
+    assert VLLMEngine(engine_args=own).engine_args["structured_outputs_config"] == {"backend": "xgrammar"}
+
+
+async def test_daemon_thread_result_and_error_reach_the_awaiting_task() -> None:
+    ran: list[str] = []
+    await _in_daemon_thread(lambda: ran.append(threading.current_thread().name), name="bw-test-ok")
+    assert ran == ["bw-test-ok"]
+
+    def fail() -> None:
+        raise ValueError("bad weights")
+
+    with pytest.raises(ValueError, match="bad weights"):
+        await _in_daemon_thread(fail, name="bw-test-fail")
+
+
+async def test_cancelling_the_future_leaves_the_work_running() -> None:
+    release, finished = threading.Event(), threading.Event()
+
+    def work() -> None:
+        release.wait(10)
+        finished.set()
+
+    future = _in_daemon_thread(work, name="bw-test-cancel")
+    future.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await future
+    (thread,) = [t for t in threading.enumerate() if t.name == "bw-test-cancel"]
+    assert thread.daemon and thread.is_alive() and not finished.is_set()
+    release.set()  # the work ends on its own; settling a cancelled future is skipped without error
+    await asyncio.to_thread(thread.join, 10)
+    assert finished.is_set()
+
+
+def test_asyncio_run_does_not_wait_for_a_cancelled_load() -> None:
+    release = threading.Event()
+
+    async def main() -> None:
+        future = _in_daemon_thread(lambda: release.wait(30), name="bw-test-exit")
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(future, 0.1)
+
+    started = time.perf_counter()
+    asyncio.run(main())  # to_thread's default executor would be joined here, for the full 30 s
+    assert time.perf_counter() - started < 5
+    release.set()
