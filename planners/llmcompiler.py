@@ -18,11 +18,15 @@ where the fix is unambiguous, and every repair is recorded as a `Repair`:
 - ``trailing_prose``: text after the join or the end marker is ignored.
 - ``ref_braces``: ``${1}`` is rewritten ``$1``.
 - ``numbered``: a task line without a number gets the next one.
+- ``numbering_gap``: task numbers that skip some (1, 2, 4) are kept as written, and the gap is recorded.
 - ``unclosed_call``: a call missing its closing parenthesis is closed.
 - ``tool_name``: an unknown tool name with exactly one close match is replaced by it.
 - ``duplicate_join``: a second join is dropped.
 - ``join_moved``: tasks after the join are kept and the join moved to the end.
 - ``missing_join``: a plan without a join gets one.
+
+A plan that is only a join (``1. join()``) is valid: the planner decided no tool is needed and the joiner
+answers directly, as in LLMCompiler. A task written on the same line as the end marker is part of the plan.
 
 Anything else (an unparseable argument list, a duplicate task number, a reference to a later task, an unknown
 tool without a single close match) raises `PlanError` naming the node and field.
@@ -38,7 +42,7 @@ import re
 from collections.abc import Sequence
 from typing import Any
 
-from ..engine.types import ChatMessage
+from ..engine.types import ChatMessage, GenerationRequest
 from ..errors import PlanError
 from .base import NodeCallback, Planner, ReplanContext, describe_tools
 from .plan import Plan, PlanNode, Repair, ToolsLike, check_node
@@ -181,7 +185,7 @@ class PlanParser:
             if node is not None:
                 out.append(node)
         self._buffer = ""
-        if not self.nodes:
+        if not self.nodes and self._join is None:
             raise PlanError("the planner output holds no task lines (expected `1. tool(args)` lines)")
         if self._join is None:
             next_id = max((n.id for n in self.nodes), default=0) + 1
@@ -224,9 +228,13 @@ class PlanParser:
                 self._repair("trailing_prose", "ignored text after the end of the plan", line=line)
             return None
         if END_OF_PLAN in line:
-            before = line.split(END_OF_PLAN, 1)[0].strip()
+            before, after = line.split(END_OF_PLAN, 1)
+            # The task before the marker is still part of the plan: parse it before the plan counts as ended.
+            node = self._line(before) if before.strip() else None
             self._ended = True
-            return self._line(before) if before else None
+            if after.strip():
+                self._line(after)  # records the trailing prose once
+            return node
         if line.lower().startswith("thought:"):
             return None
         m = _TASK.match(line)
@@ -248,6 +256,12 @@ class PlanParser:
         if number is None:
             number = last + 1
             self._repair("numbered", f"gave an unnumbered task the number {number}", node=number, line=line)
+        elif number > last + 1:
+            # Kept as written (references use these numbers), but a skipped number often means a lost task.
+            skipped = f"{last + 1}" if number == last + 2 else f"{last + 1}-{number - 1}"
+            self._repair(
+                "numbering_gap", f"task {number} follows task {last}; {skipped} missing", node=number, line=line
+            )
         name, args, kwargs, closed = parse_call(body, node=number)
         if not closed:
             self._repair("unclosed_call", "added the missing ')'", node=number, line=line)
@@ -363,8 +377,6 @@ class LLMCompilerPlanner(Planner):
         context: ReplanContext | None = None,
         on_node: NodeCallback | None = None,
     ) -> Plan:
-        from ..engine.types import GenerationRequest
-
         request = GenerationRequest(
             messages=self.messages(query, tools, context),
             temperature=self.temperature,

@@ -12,7 +12,7 @@ from pydantic import ValidationError, create_model
 from branchwise.engine.testing import ScriptedEngine, ScriptedResponse
 from branchwise.errors import PlanError, ToolArgumentError, UnknownNameError
 from branchwise.executors.executor import Executor
-from branchwise.planners.llmcompiler import LLMCompilerPlanner, PlanParser, parse_call, parse_plan
+from branchwise.planners.llmcompiler import END_OF_PLAN, LLMCompilerPlanner, PlanParser, parse_call, parse_plan
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -180,6 +180,68 @@ def test_unrepairable_output_raises_plan_error(text: str, node: str | None, fiel
         parse_plan(text, TOOLS)
     if node is not None:
         assert info.value.node == node and info.value.field == field
+
+
+def test_task_on_the_end_marker_line_is_kept() -> None:
+    plan = parse_plan('1. retrieve("a")\n2. join()<END_OF_PLAN>', TOOLS)
+    assert [n.describe() for n in plan] == ['1. retrieve("a")', "2. join()"]
+    assert plan.repairs == []  # the join was read, not added back as a repair
+    plan = parse_plan('1. retrieve("a")\n2. calculator("$1")<END_OF_PLAN>', TOOLS)
+    assert [n.id for n in plan.work_nodes()] == [1, 2]
+    assert [r.kind for r in plan.repairs] == ["missing_join"]
+    plan = parse_plan('1. retrieve("a")\n2. join("$1") <END_OF_PLAN> thanks!', TOOLS)
+    assert plan.join.question == "$1"
+    assert [r.kind for r in plan.repairs] == ["trailing_prose"]
+
+
+def test_task_on_the_end_marker_line_is_kept_when_streamed() -> None:
+    parser = PlanParser(TOOLS)
+    emitted = []
+    for piece in ('1. retrieve("a")\n2. retr', 'ieve("b")<END_OF', "_PLAN>\n", "after the end\n"):
+        emitted += parser.feed(piece)
+    emitted += parser.finish()
+    assert [n.id for n in emitted] == [1, 2]
+    plan = parser.plan().validate(TOOLS)
+    assert [n.id for n in plan] == [1, 2, 3]
+    assert [r.kind for r in plan.repairs] == ["trailing_prose", "missing_join"]
+
+
+@pytest.mark.parametrize(
+    ("text", "answer"),
+    [("1. join()<END_OF_PLAN>", None), ('1. join("Paris")\n<END_OF_PLAN>', "Paris"), ("join()", None)],
+)
+def test_a_plan_of_only_a_join_is_accepted(text: str, answer: str | None) -> None:
+    """The planner may decide no tool is needed (LLMCompiler allows it): the joiner answers directly."""
+    plan = parse_plan(text, TOOLS)
+    assert len(plan) == 1 and plan.join.id == 1 and plan.work_nodes() == []
+    assert plan.join.question == answer
+
+
+async def test_planner_returns_a_join_only_plan() -> None:
+    engine = ScriptedEngine([ScriptedResponse(["1. join()"])])
+    plan = await LLMCompilerPlanner().plan("What is 2 + 2?", engine=engine, tools=TOOLS)
+    assert [n.kind for n in plan] == ["join"]
+
+
+def test_numbering_gaps_are_recorded_as_repairs() -> None:
+    plan = parse_plan('1. retrieve("a")\n2. retrieve("b")\n4. calculator("$1 $2")\n5. join($4)', TOOLS)
+    assert [n.id for n in plan] == [1, 2, 4, 5]  # numbers kept: references use them
+    (gap,) = plan.repairs
+    assert (gap.kind, gap.node) == ("numbering_gap", 4)
+    assert "3 missing" in gap.detail
+    plan = parse_plan('2. retrieve("a")\n5. join()', TOOLS)
+    assert [(r.kind, r.node) for r in plan.repairs] == [("numbering_gap", 2), ("numbering_gap", 5)]
+    assert "3-4 missing" in plan.repairs[1].detail
+
+
+def test_plan_with_ten_or_more_nodes_reads_multi_digit_references() -> None:
+    lines = [f'{i}. retrieve("q{i}")' for i in range(1, 13)]
+    lines += ["13. calculator($12)", '14. calculator("${11} + $10 + $1")', "15. join($13)", END_OF_PLAN]
+    plan = parse_plan("\n".join(lines), TOOLS)
+    assert plan.repairs[0].kind == "ref_braces" and len(plan.repairs) == 1
+    assert plan.node(13).args == ["$12"] and plan.node(13).dependencies() == [12]
+    assert plan.node(14).dependencies() == [11, 10, 1]
+    assert plan.join.dependencies() == [13]
 
 
 def test_parser_emits_nodes_as_lines_complete() -> None:

@@ -106,6 +106,20 @@ def test_resolution_keeps_types_for_whole_references_and_interpolates_in_strings
         resolve_value("$9", outputs)
 
 
+def test_multi_digit_references_name_the_whole_number() -> None:
+    """``$12`` is node 12, never node 1 followed by the text "2" (plans with ten or more nodes)."""
+    refs = find_references("add $12 to $1, then ${10}.total and $11.items.3")
+    assert [(r.node, r.path) for r in refs] == [(12, ()), (1, ()), (10, ("total",)), (11, ("items", "3"))]
+    outputs = {1: "one", 10: {"total": 7}, 11: {"items": [0, 1, 2, 3]}, 12: 1200}
+    assert resolve_value("$12", outputs) == 1200
+    assert resolve_value("$12/$1 ${10}.total $11.items.3", outputs) == "1200/one 7 3"
+    nodes: list[dict[str, Any]] = [{"id": i, "tool": "retrieve", "args": [f"q{i}"]} for i in range(1, 13)]
+    nodes += [{"id": 13, "tool": "add", "args": ["$12", "$10"]}, {"id": 14, "kind": "join", "question": "$13"}]
+    plan = _plan(*nodes).validate(TOOLS)
+    assert plan.node(13).dependencies() == [12, 10]
+    assert plan.node(14).dependencies() == [13]
+
+
 def test_node_resolved_names_the_field() -> None:
     node = PlanNode(3, tool="add", args=["$1"], kwargs={"b": "$2.missing"})
     with pytest.raises(PlanError) as info:
