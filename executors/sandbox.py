@@ -16,8 +16,9 @@ bootstrap then, before running it:
 The parent reads stdout and stderr concurrently without blocking the event loop, kills the process group when
 stdout or stderr exceeds the output cap or the wall clock runs out, and maps how the child ended onto a
 `SandboxViolation` naming the limit (``cpu_time``, ``wall_time``, ``memory``, ``output``, ``file_size``,
-``network``, ``filesystem``, ``processes``, ``forbidden``). Other non-zero exits raise `ToolError` with the tail
-of stderr.
+``network``, ``filesystem``, ``processes``, ``forbidden``). ``memory`` is reported only when the child shows it
+ran out of memory (``MemoryError``); a death by a signal no limit sent (the code signalling itself, the system's
+OOM killer) is reported as that signal. Other non-zero exits raise `ToolError` with the tail of stderr.
 
 Like every in-process audit-hook sandbox this is defence in depth, not a security boundary against a determined
 attacker with native code (CPython documents audit hooks as such): it stops accidents and ordinary escapes
@@ -40,7 +41,7 @@ import signal
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 from ..errors import ConfigError, SandboxViolation, ToolError
 from .tools import Tool
@@ -105,7 +106,8 @@ class SandboxResult:
         stderr: the tail of standard error.
         returncode: exit status (negative: killed by that signal).
         violation: the limit that was hit, or ``None``.
-        detail: a short explanation of the violation.
+        detail: a short explanation of the violation, or of a death by a signal that was no limit's doing
+            (``"killed by signal SIGKILL (9)"``); empty otherwise.
         wall_seconds: elapsed time.
     """
 
@@ -283,11 +285,45 @@ async def run_python(code: str, limits: SandboxLimits | None = None, *, check: b
 
     Raises:
         SandboxViolation: (when ``check``) a limit was hit; ``limit`` names it.
-        ToolError: (when ``check``) the code exited with a non-zero status (the message ends with stderr's tail).
+        ToolError: (when ``check``) the code exited with a non-zero status or was killed by a signal no limit
+            sent (the message names the signal and ends with stderr's tail).
     """
     if not isinstance(code, str):
         raise ToolError(_TOOL, f"code must be a string, got {type(code).__name__}")
     limits = limits or SandboxLimits()
+    started = time.monotonic()
+    run = await _run_child(code, limits)
+    elapsed = time.monotonic() - started
+    out_text = run.stdout.decode("utf-8", "replace")
+    err_text = run.stderr.decode("utf-8", "replace")[-_STDERR_TAIL:]
+    violation, detail = _classify(
+        limits, run.returncode, err_text, overflow=run.overflow, timed_out=run.timed_out, elapsed=elapsed
+    )
+    result = SandboxResult(out_text, err_text, run.returncode, violation, detail, elapsed)
+    logger.debug("python sandbox: rc=%s violation=%s in %.2fs", run.returncode, violation, elapsed)
+    if check:
+        if violation is not None:
+            raise SandboxViolation(_TOOL, violation, detail)
+        if run.returncode != 0:
+            tail = err_text.strip()[-1500:] or "(no stderr)"
+            how = f"was {detail}" if run.returncode < 0 else f"exited with status {run.returncode}"
+            raise ToolError(_TOOL, f"the code {how}:\n{tail}")
+    return result
+
+
+@dataclass
+class _ChildRun:
+    """What the parent saw of one sandboxed interpreter."""
+
+    returncode: int = 0
+    stdout: bytearray = field(default_factory=bytearray)
+    stderr: bytearray = field(default_factory=bytearray)
+    overflow: list[str] = field(default_factory=list)  # the streams that exceeded the output cap
+    timed_out: bool = False
+
+
+async def _run_child(code: str, limits: SandboxLimits) -> _ChildRun:
+    """Start the interpreter on ``code`` in a fresh directory, collect its output, and reap it, however it ends."""
     config = json.dumps(
         {
             "cpu": max(1, math.ceil(limits.cpu_seconds)),
@@ -298,12 +334,8 @@ async def run_python(code: str, limits: SandboxLimits | None = None, *, check: b
         }
     )
     workdir = tempfile.mkdtemp(prefix="branchwise-python-")
-    started = time.monotonic()
+    run = _ChildRun()
     proc: asyncio.subprocess.Process | None = None
-    overflow: list[str] = []
-    stdout = bytearray()
-    stderr = bytearray()
-    timed_out = False
     try:
         try:
             proc = await asyncio.create_subprocess_exec(
@@ -324,38 +356,16 @@ async def run_python(code: str, limits: SandboxLimits | None = None, *, check: b
             )
         except OSError as err:
             raise ToolError(_TOOL, f"could not start the sandbox interpreter {sys.executable}: {err}") from err
-        running = proc
-
-        async def feed() -> None:
-            assert running.stdin is not None
-            with contextlib.suppress(BrokenPipeError, ConnectionResetError):
-                running.stdin.write(code.encode("utf-8", "surrogatepass"))
-                await running.stdin.drain()
-            running.stdin.close()
-
-        async def pump(stream: asyncio.StreamReader | None, buffer: bytearray, name: str, keep_tail: bool) -> None:
-            assert stream is not None
-            total = 0
-            while chunk := await stream.read(65536):
-                total += len(chunk)
-                if total > limits.max_output_bytes:
-                    overflow.append(name)
-                    _kill_group(running)
-                    return
-                buffer.extend(chunk)
-                if keep_tail and len(buffer) > 4 * _STDERR_TAIL:
-                    del buffer[: len(buffer) - _STDERR_TAIL]
-
         try:
             async with asyncio.timeout(limits.wall_seconds):
                 await asyncio.gather(
-                    feed(),
-                    pump(proc.stdout, stdout, "stdout", keep_tail=False),
-                    pump(proc.stderr, stderr, "stderr", keep_tail=True),
+                    _feed(proc, code),
+                    _pump(proc, proc.stdout, run, "stdout", limits.max_output_bytes),
+                    _pump(proc, proc.stderr, run, "stderr", limits.max_output_bytes),
                 )
                 await proc.wait()
         except TimeoutError:
-            timed_out = True
+            run.timed_out = True
             _kill_group(proc)
             await proc.wait()
     finally:
@@ -364,31 +374,49 @@ async def run_python(code: str, limits: SandboxLimits | None = None, *, check: b
             with contextlib.suppress(ProcessLookupError):
                 await asyncio.shield(proc.wait())
         await asyncio.shield(asyncio.to_thread(shutil.rmtree, workdir, True))
-    elapsed = time.monotonic() - started
     assert proc.returncode is not None
-    returncode = proc.returncode
-    out_text = stdout.decode("utf-8", "replace")
-    err_text = stderr.decode("utf-8", "replace")[-_STDERR_TAIL:]
-    violation, detail = _classify(limits, returncode, err_text, overflow=overflow, timed_out=timed_out, elapsed=elapsed)
-    result = SandboxResult(out_text, err_text, returncode, violation, detail, elapsed)
-    logger.debug("python sandbox: rc=%s violation=%s in %.2fs", returncode, violation, elapsed)
-    if check:
-        if violation is not None:
-            raise SandboxViolation(_TOOL, violation, detail)
-        if returncode != 0:
-            tail = err_text.strip()[-1500:] or "(no stderr)"
-            raise ToolError(_TOOL, f"the code exited with status {returncode}:\n{tail}")
-    return result
+    run.returncode = proc.returncode
+    return run
+
+
+async def _feed(proc: asyncio.subprocess.Process, code: str) -> None:
+    assert proc.stdin is not None
+    with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+        proc.stdin.write(code.encode("utf-8", "surrogatepass"))
+        await proc.stdin.drain()
+    proc.stdin.close()
+
+
+async def _pump(
+    proc: asyncio.subprocess.Process, stream: asyncio.StreamReader | None, run: _ChildRun, name: str, cap: int
+) -> None:
+    """Collect one output stream; kill the process group once it exceeds ``cap`` bytes (stderr keeps its tail)."""
+    assert stream is not None
+    buffer = run.stdout if name == "stdout" else run.stderr
+    total = 0
+    while chunk := await stream.read(65536):
+        total += len(chunk)
+        if total > cap:
+            run.overflow.append(name)
+            _kill_group(proc)
+            return
+        buffer.extend(chunk)
+        if name == "stderr" and len(buffer) > 4 * _STDERR_TAIL:
+            del buffer[: len(buffer) - _STDERR_TAIL]
 
 
 def _classify(
     limits: SandboxLimits, returncode: int, stderr: str, *, overflow: list[str], timed_out: bool, elapsed: float
 ) -> tuple[str | None, str]:
+    """The limit that ended the run (or None) and a short explanation, from how the child ended."""
     if overflow:
         return "output", f"{overflow[0]} exceeded {limits.max_output_bytes} bytes; the process was killed"
     if timed_out:
         return "wall_time", f"still running after {limits.wall_seconds:g} s; the process group was killed"
-    if returncode == -signal.SIGXCPU or (returncode == -signal.SIGKILL and elapsed >= limits.cpu_seconds):
+    # RLIMIT_CPU sends SIGXCPU at the soft limit and SIGKILL at the hard one (a second later, reached only when
+    # SIGXCPU is ignored), so a SIGKILL counts as the CPU limit only once that much time can have been used.
+    cpu_hard = max(1, math.ceil(limits.cpu_seconds)) + 1
+    if returncode == -signal.SIGXCPU or (returncode == -signal.SIGKILL and elapsed >= cpu_hard):
         return "cpu_time", f"used more than {limits.cpu_seconds:g} s of CPU time"
     if returncode == -signal.SIGXFSZ:
         return "file_size", f"wrote a file larger than {limits.max_file_bytes} bytes"
@@ -401,9 +429,23 @@ def _classify(
     last_line = stderr.strip().splitlines()[-1] if stderr.strip() else ""
     if f"[Errno {errno.EFBIG}]" in last_line:
         return "file_size", f"wrote a file larger than {limits.max_file_bytes} bytes"
-    if last_line.startswith("MemoryError") or returncode == -signal.SIGKILL:
+    # RLIMIT_AS makes allocations fail, which Python reports as MemoryError (a traceback, or a fatal error when
+    # the interpreter itself could not allocate); a signal alone is no evidence of the memory limit.
+    if last_line.startswith("MemoryError") or (returncode < 0 and _OUT_OF_MEMORY_RE.search(stderr)):
         return "memory", f"exceeded the {limits.memory_bytes // (1024 * 1024)} MiB memory limit"
+    if returncode < 0:
+        return None, f"killed by signal {_signal_name(-returncode)}"
     return None, ""
+
+
+_OUT_OF_MEMORY_RE = re.compile(r"MemoryError|Cannot allocate memory|out of memory", re.IGNORECASE)
+
+
+def _signal_name(number: int) -> str:
+    try:
+        return f"{signal.Signals(number).name} ({number})"
+    except ValueError:
+        return str(number)
 
 
 def python_tool(limits: SandboxLimits | None = None, *, max_concurrency: int | None = 2) -> Tool:

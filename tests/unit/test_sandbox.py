@@ -94,6 +94,30 @@ async def test_memory_hog_hits_the_memory_limit() -> None:
     assert error.limit == "memory" and elapsed < QUICK
 
 
+@pytest.mark.parametrize(
+    ("code", "name"),
+    [
+        ("import signal\nsignal.raise_signal(signal.SIGKILL)", "SIGKILL"),
+        ("import signal\nsignal.raise_signal(signal.SIGSEGV)", "SIGSEGV"),
+        ("import os\nos.abort()", "SIGABRT"),
+    ],
+)
+async def test_code_killing_its_own_interpreter_is_reported_as_that_signal(code: str, name: str) -> None:
+    """A signal the code sent itself is no limit: never "memory" (SIGKILL used to be read as the memory limit)."""
+    result = await run_python(code, FAST, check=False)
+    assert result.violation is None and result.returncode < 0
+    assert result.detail.startswith(f"killed by signal {name}")
+    with pytest.raises(ToolError) as info:
+        await run_python(code, FAST)
+    assert not isinstance(info.value, SandboxViolation)
+    assert f"killed by signal {name}" in str(info.value)
+
+
+async def test_signalling_itself_with_os_kill_is_refused() -> None:
+    error, _ = await _violation("import os, signal\nos.kill(os.getpid(), signal.SIGKILL)")
+    assert error.limit == "processes"
+
+
 async def test_network_is_refused_and_nothing_connects() -> None:
     with socket.socket() as listener:
         listener.bind(("127.0.0.1", 0))
