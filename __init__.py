@@ -39,10 +39,10 @@ _EXPORTS: dict[str, str] = {
     "pull_model": "branchwise.engine.models",
     "resolve_model": "branchwise.engine.models",
     "arithmetic_problems": "branchwise.evals.arithmetic",
-    "Budget": "branchwise.orchestrator.budget",
-    "BudgetedEngine": "branchwise.orchestrator.budget",
-    "CostModel": "branchwise.orchestrator.budget",
-    "Usage": "branchwise.orchestrator.budget",
+    "Budget": "branchwise.budget",
+    "BudgetedEngine": "branchwise.budget",
+    "CostModel": "branchwise.budget",
+    "Usage": "branchwise.budget",
     "Pipeline": "branchwise.orchestrator.pipeline",
     "RunResult": "branchwise.orchestrator.pipeline",
     "run": "branchwise.orchestrator.pipeline",
@@ -65,7 +65,7 @@ _EXPORTS: dict[str, str] = {
     "SearchContext": "branchwise.search",
 }
 # Sub-packages reachable as attributes (``bw.search.DeepConf``) without importing them up front.
-_SUBPACKAGES = ("engine", "evals", "executors", "orchestrator", "planners", "search", "verifiers")
+_SUBPACKAGES = ("budget", "engine", "evals", "executors", "orchestrator", "planners", "search", "verifiers")
 _RENAMES = {"pull_model": "pull"}
 _ERRORS = (
     "BranchwiseError",
@@ -184,6 +184,7 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:
+    from .budget import Budget, BudgetedEngine, CostModel, Usage
     from .engine import (
         CallUsage,
         Capabilities,
@@ -231,7 +232,6 @@ if TYPE_CHECKING:
     )
     from .evals.arithmetic import arithmetic_problems
     from .executors import AgentResult, Executor, Tool, ToolRegistry, default_tools, run_agent, run_react, tool
-    from .orchestrator.budget import Budget, BudgetedEngine, CostModel, Usage
     from .orchestrator.pipeline import Pipeline, RunResult, run, run_sync
     from .orchestrator.spec import SpecError, load_spec
     from .orchestrator.tracing import read_trace

@@ -90,7 +90,7 @@ async def harness_overhead(problems: int) -> dict[str, Any]:
     engine = FunctionEngine(reply)
     solve = strategy_solver(SelfConsistency(n=3), engine, bench)
     # baseline: the same solves, no grading or store
-    from branchwise.orchestrator.budget import Budget
+    from branchwise.budget import Budget
 
     began = time.perf_counter()
     gate = asyncio.Semaphore(8)

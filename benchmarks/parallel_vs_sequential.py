@@ -35,13 +35,13 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from branchwise.budget import Budget
 from branchwise.engine.testing import FunctionEngine, render_prompt
 from branchwise.engine.types import GenerationRequest
 from branchwise.evals.multihop import KnowledgeBase, MultiHopQuestion, extract_attribute, multihop_dataset
 from branchwise.executors.agent import AgentResult, run_agent
 from branchwise.executors.react import run_react
 from branchwise.executors.tools import Tool, ToolRegistry
-from branchwise.orchestrator.budget import Budget
 from branchwise.planners import LLMCompilerPlanner, StructuredPlanner
 
 

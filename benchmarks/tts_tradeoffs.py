@@ -27,10 +27,10 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from branchwise.budget import Budget
 from branchwise.engine.vllm_engine import VLLMEngine
 from branchwise.evals.arithmetic import arithmetic_problems
 from branchwise.evals.metrics import paired_difference_interval
-from branchwise.orchestrator.budget import Budget
 from branchwise.search import Adaptive, DeepConf, Prune, SearchContext, SelfConsistency, Single, Strategy
 from branchwise.verifiers.grading import NumericGrader
 

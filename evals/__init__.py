@@ -4,12 +4,12 @@
   NQ-open, TriviaQA and StrategyQA (local JSONL or a sha256-verified, cached URL), and the generated sets
   ``arithmetic`` (`arithmetic`) and ``multihop`` (`multihop`).
 - `runner`: `run_eval` runs configurations x problems concurrently under one budget; `strategy_solver` adapts a
-  search strategy, `cli.pipeline_solver` a YAML pipeline.
+  search strategy, `pipelines.pipeline_solver` a YAML pipeline.
 - `store`: `ResultsStore`, SQLite in WAL mode, one row per (configuration, problem), one transaction per row.
 - `metrics`: accuracy with Wilson intervals, pass@k / maj@k / weighted@k from one pool of samples, costs,
   paired comparisons (McNemar).
 - `report`: Markdown and self-contained HTML reports with plots; `repro`: the reproducibility record.
-- `cli`: ``branchwise eval`` and ``branchwise report``.
+- `pipelines`: YAML pipelines evaluated on a benchmark (`evaluate_pipelines`, used by ``branchwise eval``).
 
 Names are imported lazily, so ``import branchwise.evals`` stays cheap.
 """

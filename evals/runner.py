@@ -4,7 +4,7 @@ The runner knows nothing about pipelines or strategies: a configuration is a lab
 ``solve`` coroutine ``solve(problem, budget) -> result``, where the result looks like a search `Result` (an
 ``answer``, ``candidates`` with answer/confidence/tokens/score, ``votes``, ``usage``, ``budget_exhausted``) or
 like a pipeline run result (the same, with the candidates in ``.result``). `strategy_solver` adapts a search
-strategy on an engine; `evals.cli` adapts YAML pipelines.
+strategy on an engine; `evals.pipelines` adapts YAML pipelines.
 
 For each configuration the pending problems (all of them, or with ``resume`` those without a stored row) run
 ``concurrency`` at a time. Each problem gets a child of the global `Budget`, so its own usage is recorded while
@@ -30,6 +30,7 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import IO, Any, Protocol
 
+from ..budget import Budget
 from ..engine.base import Engine
 from ..errors import (
     BranchwiseError,
@@ -38,7 +39,6 @@ from ..errors import (
     EngineUnavailable,
     GraderPoolError,
 )
-from ..orchestrator.budget import Budget
 from ..search.base import SearchContext, Strategy
 from ..verifiers.grading import BaseGrader
 from .datasets import Benchmark, Problem

@@ -154,7 +154,7 @@ async def run_agent(
         NodeFailedError: a node failed under ``failure="fail_fast"``.
         ConfigError: invalid arguments.
     """
-    from ..orchestrator.budget import Budget
+    from ..budget import Budget
 
     if isinstance(max_replans, bool) or not isinstance(max_replans, int) or max_replans < 0:
         raise ConfigError(f"max_replans must be an integer >= 0, got {max_replans!r}")

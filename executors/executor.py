@@ -285,7 +285,7 @@ class Executor:
     @property
     def budget(self) -> Any:
         if self._budget is None:
-            from ..orchestrator.budget import Budget
+            from ..budget import Budget
 
             self._budget = Budget(name="executor")
         return self._budget

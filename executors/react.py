@@ -130,7 +130,7 @@ async def run_react(
         An `AgentResult` with ``agent="react"``: ``nodes[0]`` holds one result per step (its ``detail`` keeps the
         model's turn), ``plans`` is empty.
     """
-    from ..orchestrator.budget import Budget
+    from ..budget import Budget
 
     if isinstance(max_steps, bool) or not isinstance(max_steps, int) or max_steps < 1:
         raise ConfigError(f"max_steps must be an integer >= 1, got {max_steps!r}")

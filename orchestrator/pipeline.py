@@ -34,11 +34,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, Literal, get_args
 
+from ..budget import Budget, UsageSnapshot
 from ..engine.base import Engine
 from ..engine.types import CallUsage, GenerationRequest
 from ..errors import ConfigError, EngineRequestError
-from .budget import Budget, UsageSnapshot
-from .events import use_sink
+from ..events import use_sink
 from .spec import EngineRole, EngineSpec, PipelineSpec, build_strategy, load_spec
 from .tracing import Event, EventListener, OTelSink, Recorder, TraceWriter, now_iso, otel_available
 
@@ -329,7 +329,7 @@ class Pipeline:
         owned = budget is None
         budget = budget if budget is not None else self.new_budget()
         path = _trace_path(trace if trace is not None else self.trace, run_id)
-        recorder = Recorder(listeners or [], secrets=self.secrets)
+        recorder = Recorder(listeners or [], secrets=self.secrets, budget_path=budget.path)
         writer: TraceWriter | None = None
         live: Any = None
         if path is not None:
@@ -350,7 +350,6 @@ class Pipeline:
             live.start()
         counts = _Counts()
         recorder.add(counts)
-        remove = budget.add_listener(recorder.emit)
         started = time.perf_counter()
         status, error = "ok", None
         outcome: Any = None
@@ -375,7 +374,6 @@ class Pipeline:
         finally:
             if owned:
                 budget.stop()  # the run it meters is over (a budget passed in belongs to the caller)
-            remove()
             if status != "ok":
                 counts.close_open(recorder, status)
             usage = budget.usage.snapshot()
@@ -587,7 +585,7 @@ def _install_hook(engine: Engine) -> None:
 
 
 def _call_hook(engine: Engine) -> Callable[[GenerationRequest, CallUsage], None]:
-    from .events import emit
+    from ..events import emit
 
     def hook(request: GenerationRequest, usage: CallUsage) -> None:
         emit(

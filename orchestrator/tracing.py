@@ -225,10 +225,15 @@ class Recorder:
     Args:
         listeners: receive every event, in order.
         secrets: strings that must never reach a listener (replaced by ``***`` in any text).
+        budget_path: the run budget's path; as an event sink (`emit`), the recorder then keeps only that budget's
+            ``budget_charge`` events (the event channel also carries those of its ancestors and descendants).
     """
 
-    def __init__(self, listeners: Iterable[EventListener] = (), *, secrets: Iterable[str] = ()) -> None:
+    def __init__(
+        self, listeners: Iterable[EventListener] = (), *, secrets: Iterable[str] = (), budget_path: str | None = None
+    ) -> None:
         self.listeners: list[EventListener] = list(listeners)
+        self.budget_path = budget_path
         self.secrets = [s for s in secrets if s]
         self.started = time.perf_counter()
         self.count = 0
@@ -237,7 +242,7 @@ class Recorder:
         self.listeners.append(listener)
 
     def __call__(self, kind: str, data: Mapping[str, Any]) -> Event:
-        from .events import LiveRef
+        from ..events import LiveRef
 
         live = {k: v.value for k, v in data.items() if isinstance(v, LiveRef)}
         payload = jsonable({k: v for k, v in data.items() if k not in live})
@@ -253,7 +258,9 @@ class Recorder:
         return event
 
     def emit(self, kind: str, data: Mapping[str, Any]) -> None:
-        """Record an event (an `EventSink`-shaped alias of calling the recorder)."""
+        """Record an event from the event channel (the run's `EventSink`)."""
+        if kind == "budget_charge" and self.budget_path is not None and data.get("budget") != self.budget_path:
+            return
         self(kind, data)
 
     def redact(self, value: Any) -> Any:

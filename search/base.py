@@ -14,11 +14,11 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any, ClassVar, Literal
 
+from ..budget import Budget, UsageSnapshot
 from ..engine.base import Engine
 from ..engine.types import ChatMessage, GenerationRequest
 from ..errors import ConfigError
-from ..orchestrator.budget import Budget, UsageSnapshot
-from ..orchestrator.events import LiveRef, emit
+from ..events import LiveRef, emit
 from ..verifiers.extraction import AnswerExtractor
 from ..verifiers.grading import BaseGrader, NumericGrader
 
@@ -78,7 +78,7 @@ class TraceTree:
     """All traces of one strategy run, in the order they were opened.
 
     Opening and closing a trace reports a ``trace_start`` / ``trace_end`` event to the current run's event sink
-    (`branchwise.orchestrator.events`), tagged with the tree's process-unique ``uid``.
+    (`branchwise.events`), tagged with the tree's process-unique ``uid``.
     """
 
     def __init__(self) -> None:

@@ -22,7 +22,7 @@ from ..engine.types import CallUsage, ChatMessage, FinishReason, GenerationReque
 from ..errors import BudgetExhausted, ConfigError
 
 if TYPE_CHECKING:  # search imports verifiers; only the annotation is needed here
-    from ..orchestrator.budget import Budget
+    from ..budget import Budget
     from ..search.base import Candidate
 
 __all__ = ["DEFAULT_VERIFY_PROMPT", "GenerativeVerifier", "VerificationResult", "parse_verdict"]

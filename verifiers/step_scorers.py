@@ -39,7 +39,7 @@ from ..engine.types import ChatMessage, GenerationRequest, TokenLogprob
 from ..errors import ConfigError, EngineError, EngineRequestError, EngineUnavailable, MissingDependencyError
 
 if TYPE_CHECKING:
-    from ..orchestrator.budget import Budget
+    from ..budget import Budget
 
 __all__ = [
     "AGGREGATES",

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
+from branchwise.budget import Budget
 from branchwise.engine.vllm_engine import VLLMEngine
 from branchwise.evals.arithmetic import arithmetic_problems
-from branchwise.orchestrator.budget import Budget
 from branchwise.search import SearchContext
 from branchwise.search.beam import PRUNE_LOW_SCORE, Beam, BeamPath, StepSearch
 from branchwise.search.dvts import DVTS

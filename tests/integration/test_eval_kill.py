@@ -46,7 +46,7 @@ def test_kill_minus_nine_then_resume(tmp_path: Path) -> None:
     pipeline = tmp_path / "slow.yaml"
     pipeline.write_text(PIPELINE)
     db = tmp_path / "results.db"
-    argv = [sys.executable, "-m", "branchwise.orchestrator.cli", "eval", str(pipeline), "--benchmark", "gsm8k",
+    argv = [sys.executable, "-m", "branchwise.cli", "eval", str(pipeline), "--benchmark", "gsm8k",
             "--data", str(data), "--out", str(db), "--concurrency", "3", "--progress", "off", "--no-hash",
             "--sweep", "thought.n=2,3"]  # fmt: skip
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}

@@ -7,15 +7,15 @@ from pathlib import Path
 
 import pytest
 
+from branchwise.budget import Budget
 from branchwise.engine.vllm_engine import VLLMEngine
-from branchwise.evals.cli import pipeline_configs, pipeline_solver
 from branchwise.evals.datasets import load_benchmark
 from branchwise.evals.metrics import summarize
+from branchwise.evals.pipelines import pipeline_configs, pipeline_solver
 from branchwise.evals.report import build_report
 from branchwise.evals.repro import reproducibility_record, weights_hash
 from branchwise.evals.runner import EvalConfig, run_eval
 from branchwise.evals.store import ResultsStore
-from branchwise.orchestrator.budget import Budget
 from branchwise.orchestrator.pipeline import Pipeline
 from branchwise.orchestrator.spec import load_spec
 
@@ -33,11 +33,10 @@ async def test_pipeline_eval_on_the_real_engine(vllm_engine: VLLMEngine, tmp_pat
     spec_path = tmp_path / "real.yaml"
     spec_path.write_text(PIPELINE)
     configs = pipeline_configs(load_spec(spec_path), bench, ["thought.n=1,2"])
-    pipelines = [Pipeline.from_spec(spec, engines={"policy": vllm_engine}) for _, _, spec in configs]
+    pipelines = [Pipeline.from_spec(c.spec, engines={"policy": vllm_engine}) for c in configs]
     try:
         evals = [
-            EvalConfig(label, pipeline_solver(p), {"sweep": combo})
-            for (label, combo, _), p in zip(configs, pipelines, strict=True)
+            EvalConfig(c.label, pipeline_solver(p), {"sweep": c.sweep}) for c, p in zip(configs, pipelines, strict=True)
         ]
         repro = reproducibility_record(engines={"policy": vllm_engine}, settings={"concurrency": 2})
         with ResultsStore(tmp_path / "real.db") as store:

@@ -6,11 +6,11 @@ import time
 
 import pytest
 
+from branchwise.budget import Budget
 from branchwise.engine.testing import render_prompt
 from branchwise.engine.types import CallUsage, GenerationRequest
 from branchwise.engine.vllm_engine import VLLMEngine
 from branchwise.evals.arithmetic import arithmetic_problems
-from branchwise.orchestrator.budget import Budget
 from branchwise.search.base import SearchContext
 from branchwise.search.pdr import PDR
 from branchwise.verifiers.genrm import GenerativeVerifier

@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import pytest
 
+from branchwise.budget import Budget
 from branchwise.engine.vllm_engine import VLLMEngine
 from branchwise.executors.agent import run_agent
 from branchwise.executors.react import run_react
 from branchwise.executors.retrieval import Document
 from branchwise.executors.tools import ToolRegistry, default_tools
-from branchwise.orchestrator.budget import Budget
 from branchwise.planners import StructuredPlanner
 
 pytestmark = [pytest.mark.engine, pytest.mark.asyncio(loop_scope="session"), pytest.mark.timeout(300)]

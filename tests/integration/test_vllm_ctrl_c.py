@@ -27,7 +27,7 @@ def test_ctrl_c_while_the_model_loads_exits_at_once_and_leaves_no_process(tmp_pa
     script = tmp_path / "cli.py"
     script.write_text(
         "import signal, sys\nsignal.signal(signal.SIGINT, signal.default_int_handler)\n"
-        "from branchwise.orchestrator.cli import main\nsys.exit(main(sys.argv[1:]))\n"
+        "from branchwise.cli import main\nsys.exit(main(sys.argv[1:]))\n"
     )
     proc = subprocess.Popen(
         [sys.executable, str(script), "run", str(spec), "Say hi.", "--trace", str(trace)],

@@ -9,12 +9,12 @@ from typing import Any
 
 import pytest
 
+from branchwise.budget import Budget
 from branchwise.engine.testing import ScriptedEngine
 from branchwise.engine.types import GenerationRequest
 from branchwise.errors import ConfigError, NodeFailedError, PlanError, ToolError, UnknownNameError
 from branchwise.executors.agent import AgentResult, run_agent
 from branchwise.executors.tools import ToolRegistry
-from branchwise.orchestrator.budget import Budget
 from branchwise.planners import (
     DecomposePlanner,
     Joiner,

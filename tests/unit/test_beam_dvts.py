@@ -8,10 +8,10 @@ from collections.abc import Sequence
 
 import pytest
 
+from branchwise.budget import Budget
 from branchwise.engine.testing import FunctionEngine, ScriptedResponse
 from branchwise.engine.types import GenerationRequest
 from branchwise.errors import ConfigError
-from branchwise.orchestrator.budget import Budget
 from branchwise.search import SearchContext
 from branchwise.search.base import TraceNode, TraceTree
 from branchwise.search.beam import PRUNE_DUPLICATE, PRUNE_LOW_SCORE, Beam, step_end

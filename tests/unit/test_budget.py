@@ -19,10 +19,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from branchwise.engine import CallMeter, CallUsage, Delta, GenerationRequest
-from branchwise.engine.testing import FunctionEngine, ScriptedEngine, ScriptedResponse
-from branchwise.errors import BudgetExhausted, ConfigError, UnknownNameError
-from branchwise.orchestrator.budget import (
+from branchwise.budget import (
     DEFAULT_MEMORY_WEIGHT,
     Budget,
     BudgetedEngine,
@@ -31,6 +28,9 @@ from branchwise.orchestrator.budget import (
     Usage,
     UsageSnapshot,
 )
+from branchwise.engine import CallMeter, CallUsage, Delta, GenerationRequest
+from branchwise.engine.testing import FunctionEngine, ScriptedEngine, ScriptedResponse
+from branchwise.errors import BudgetExhausted, ConfigError, UnknownNameError
 
 WORDS = " ".join(f"w{i}" for i in range(200))  # 200 one-word tokens
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from branchwise.orchestrator.cli import main
+from branchwise.cli import main
 
 
 def test_models_list(capsys: pytest.CaptureFixture[str]) -> None:

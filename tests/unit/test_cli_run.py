@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from branchwise.orchestrator.cli import main
+from branchwise.cli import main
 from branchwise.orchestrator.tracing import read_trace
 
 PIPELINE = """\
@@ -99,7 +99,7 @@ def test_trace_show(pipeline: Path, tmp_path: Path, capsys: pytest.CaptureFixtur
 # Python keeps an ignored SIGINT ignored: the child restores Ctrl-C as a terminal would have it, then runs the CLI.
 _CLI_WITH_CTRL_C = (
     "import signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
-    "from branchwise.orchestrator.cli import main; sys.exit(main(sys.argv[1:]))"
+    "from branchwise.cli import main; sys.exit(main(sys.argv[1:]))"
 )
 
 

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from branchwise.evals.cli import benchmark_overrides
+from branchwise.cli import main
 from branchwise.evals.datasets import load_benchmark
+from branchwise.evals.pipelines import benchmark_overrides
 from branchwise.evals.store import ResultsStore
-from branchwise.orchestrator.cli import main
 
 DATA = [
     {"question": "Q1 What is 2+3?", "answer": "2+3=5\n#### 5"},

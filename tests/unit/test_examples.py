@@ -9,8 +9,8 @@ from typing import Any
 
 import pytest
 
+from branchwise.budget import Budget
 from branchwise.engine.testing import ScriptedEngine, ScriptedResponse
-from branchwise.orchestrator.budget import Budget
 from branchwise.orchestrator.pipeline import Pipeline, RunResult
 from branchwise.orchestrator.spec import load_spec
 from branchwise.orchestrator.tracing import read_trace

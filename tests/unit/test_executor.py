@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 from pydantic import ValidationError, create_model
 
+from branchwise.budget import Budget
 from branchwise.engine.testing import ScriptedEngine
 from branchwise.errors import (
     NodeFailedError,
@@ -20,7 +21,6 @@ from branchwise.errors import (
     UnknownNameError,
 )
 from branchwise.executors.executor import Executor, RetryPolicy
-from branchwise.orchestrator.budget import Budget
 from branchwise.planners.plan import Plan, PlanNode
 
 pytestmark = pytest.mark.timeout(30)

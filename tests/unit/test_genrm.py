@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
+from branchwise.budget import Budget
 from branchwise.engine.testing import FunctionEngine, ScriptedEngine, ScriptedResponse, render_prompt
 from branchwise.engine.types import GenerationRequest
 from branchwise.errors import ConfigError
-from branchwise.orchestrator.budget import Budget
 from branchwise.search.base import Candidate, SearchContext
 from branchwise.search.best_of_n import BestOfN
 from branchwise.verifiers.genrm import GenerativeVerifier, VerificationResult, parse_verdict

@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 
 import branchwise as bw
+from branchwise.budget import Budget
 from branchwise.engine.testing import ScriptedEngine, ScriptedResponse
 from branchwise.errors import ConfigError, EngineRequestError
-from branchwise.orchestrator.budget import Budget
 from branchwise.orchestrator.pipeline import Pipeline
 from branchwise.orchestrator.tracing import read_trace
 from branchwise.search import Refine, SelfConsistency, Single

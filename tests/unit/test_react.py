@@ -6,11 +6,11 @@ import json
 
 import pytest
 
+from branchwise.budget import Budget
 from branchwise.engine.testing import ScriptedEngine
 from branchwise.errors import ConfigError
 from branchwise.executors.react import react_schema, run_react
 from branchwise.executors.tools import ToolRegistry
-from branchwise.orchestrator.budget import Budget
 
 pytestmark = pytest.mark.timeout(30)
 

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
+from branchwise.budget import Budget
 from branchwise.engine.testing import FunctionEngine, ScriptedEngine, ScriptedResponse, render_prompt, tokenize
 from branchwise.engine.types import GenerationRequest
 from branchwise.errors import ConfigError
-from branchwise.orchestrator.budget import Budget
 from branchwise.search.base import SearchContext
 from branchwise.search.pdr import PDR
 from branchwise.search.refine import Refine

@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 
+from branchwise.budget import Budget
 from branchwise.engine.testing import FunctionEngine
 from branchwise.engine.types import GenerationRequest
 from branchwise.errors import ConfigError, EngineTimeout, EngineUnavailable
@@ -26,7 +27,6 @@ from branchwise.evals.runner import (
     strategy_solver,
 )
 from branchwise.evals.store import ResultsStore
-from branchwise.orchestrator.budget import Budget
 from branchwise.search import SelfConsistency, Single
 
 

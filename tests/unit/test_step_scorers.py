@@ -14,6 +14,7 @@ from typing import Any
 import httpx
 import pytest
 
+from branchwise.budget import Budget
 from branchwise.engine.testing import FunctionEngine, ScriptedResponse
 from branchwise.engine.types import Capabilities, ChatMessage, GenerationRequest, TokenLogprob
 from branchwise.errors import (
@@ -23,7 +24,6 @@ from branchwise.errors import (
     EngineUnavailable,
     MissingDependencyError,
 )
-from branchwise.orchestrator.budget import Budget
 from branchwise.verifiers.step_scorers import (
     EmbeddedPoolingClient,
     GenerativeJudgeScorer,

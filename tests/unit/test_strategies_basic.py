@@ -6,9 +6,9 @@ import asyncio
 
 import pytest
 
+from branchwise.budget import Budget
 from branchwise.engine.testing import ScriptedEngine, ScriptedResponse
 from branchwise.errors import ConfigError, UnknownNameError
-from branchwise.orchestrator.budget import Budget
 from branchwise.search import (
     BestOfN,
     Candidate,

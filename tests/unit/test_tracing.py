@@ -7,9 +7,10 @@ from pathlib import Path
 
 import pytest
 
+from branchwise.budget import Budget
 from branchwise.engine.testing import ScriptedEngine, ScriptedResponse
-from branchwise.orchestrator.budget import Budget
-from branchwise.orchestrator.events import current_sink, emit, use_sink
+from branchwise.engine.types import GenerationRequest
+from branchwise.events import current_sink, emit, use_sink
 from branchwise.orchestrator.pipeline import Pipeline
 from branchwise.orchestrator.tracing import (
     TRACE_FORMAT,
@@ -97,21 +98,17 @@ def test_emit_without_a_sink_is_a_no_op_and_sink_is_context_local() -> None:
     assert end["tokens"] == 3 and end["scores"] == {"confidence": 0.5}
 
 
-async def test_budget_listener_reports_charges_and_exhaustion() -> None:
+async def test_budget_reports_charges_and_exhaustion_on_the_event_channel() -> None:
     budget = Budget(max_completion_tokens=5)
     got: list[tuple[str, dict[str, object]]] = []
-    remove = budget.add_listener(lambda kind, data: got.append((kind, data)))
     engine = budget.bind(ScriptedEngine(default="one two three four five six seven"))
-    from branchwise.engine.types import GenerationRequest
-
-    await engine.generate(GenerationRequest(prompt="p", max_tokens=20))
+    with use_sink(lambda kind, data: got.append((kind, data))):
+        await engine.generate(GenerationRequest(prompt="p", max_tokens=20))
     kinds = [k for k, _ in got]
     assert "budget_exhausted" in kinds and kinds[-1] == "budget_charge"
     charge = got[-1][1]
     assert charge["completion_tokens"] == 5 and charge["budget"] == "run"
     assert charge["usage"]["completion_tokens"] == 5  # type: ignore[index]
-    remove()
-    remove()  # idempotent
 
 
 async def test_a_deepconf_run_records_prunes_scores_engine_calls_and_budget(tmp_path: Path) -> None:

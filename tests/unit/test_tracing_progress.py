@@ -8,6 +8,7 @@ from typing import Any
 
 from rich.console import Console
 
+from branchwise.cli.trace_view import render_trace
 from branchwise.engine.testing import ScriptedEngine, ScriptedResponse
 from branchwise.orchestrator.pipeline import Pipeline
 from branchwise.orchestrator.progress import (
@@ -17,7 +18,6 @@ from branchwise.orchestrator.progress import (
     make_progress,
     render_progress,
 )
-from branchwise.orchestrator.trace_view import render_trace
 from branchwise.orchestrator.tracing import Event, Recorder, TraceWriter, read_trace
 from branchwise.search import DeepConf
 
@@ -158,7 +158,7 @@ def test_trace_show_renders_plan_nodes_and_an_interrupted_run(tmp_path: Path) ->
 
 
 def test_live_view_reads_running_traces_token_counts_but_records_no_objects(tmp_path: Path) -> None:
-    from branchwise.orchestrator.events import use_sink
+    from branchwise.events import use_sink
     from branchwise.search import TraceTree
 
     state = ProgressState()

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections import defaultdict
 from typing import Any
 
-from .tracing import Event, TraceFile
+from ..orchestrator.tracing import Event, TraceFile
 
 __all__ = ["render_trace"]
 

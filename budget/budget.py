@@ -1,74 +1,6 @@
-"""The compute `Budget`: hard caps on tokens, calls, wall clock and estimated compute, shared by a whole run.
+"""`Budget` (caps, admission, charging, aborts) and `BudgetedEngine`, the engine wrapper every call goes through.
 
-Everything that runs under one budget (strategies, DAG nodes, nested strategies) calls its engine through a
-`BudgetedEngine` bound to that budget, or to a `Budget.child` of it. Every call is admitted, clipped, metered and,
-when a cap is reached, aborted inside the engine, by the same object, so the caps hold for the run as a whole:
-
-```python
-budget = Budget(max_completion_tokens=20_000, max_calls=40, wall_clock_s=120)
-engine = budget.bind(raw_engine)              # or BudgetedEngine(raw_engine, budget)
-node_engine = budget.child("node-3").bind(raw_engine)   # its own Usage, charged to the run's as well
-```
-
-What is counted, and when (per call):
-
-- **calls**: when the call is admitted, before the engine sees it. The call that would exceed ``max_calls``
-  raises `BudgetExhausted` instead; ``max_calls`` never aborts running calls.
-- **completion tokens** (and their FLOPs, KV-cache traffic and cost): when the engine delivers a `Delta`,
-  synchronously, before the delta is handed to the consumer. A background task per call pulls deltas from the
-  engine as soon as they are produced, so charging does not wait for a slow consumer.
-- **prompt tokens** (and their FLOPs): as soon as the backend reports them, which is checked at each delivered
-  delta (vLLM and the test engines report them before the first delta), otherwise when the call ends (e.g. an
-  HTTP backend that sends usage last, or a call aborted before its first delta). The KV-cache traffic of
-  completion tokens charged before the prompt length was known is corrected at that moment.
-- **aborted tokens**: when a call ends without finishing (cancelled or closed by its consumer, or aborted by
-  the budget), its completion tokens are added to ``aborted_tokens`` (they stay in ``completion_tokens``).
-  Calls that fail with an engine error are not counted as aborted.
-
-Admission: a call is refused (`BudgetExhausted`, the engine is not called) once any cap of its budget or of an
-ancestor has been reached. Otherwise its per-sample ``max_tokens`` is clipped to what remains: for ``n``
-samples, ``min(max_tokens, allowance // n)`` but at least 1, where ``allowance`` is the smallest remaining
-completion-token or total-token allowance along the budget chain; with a cost cap, also to the most tokens per
-sample the remaining cost could pay for (a lower-bound cost, since the prompt length is not known yet).
-`Budget.clipped_calls` counts the calls clipped this way; a sample that then stops for "length" short of the
-``max_tokens`` it asked for was cut by the budget, and strategies mark their result ``budget_exhausted`` even
-when no cap was reached (n samples sharing what is left each get ``allowance // n``).
-
-Exhaustion: a cap is *reached* when usage >= cap (calls, tokens, cost) or the deadline has passed. Reaching a
-token, cost or wall-clock cap aborts, at once, every in-flight call under that budget (its descendants
-included) that still has an unfinished sample: the call's engine task is cancelled, which closes the backend's
-stream and so aborts the request inside the engine, and its consumer gets `BudgetExhausted` at its next read
-(immediately if it is waiting), even if deltas are still buffered. A call whose samples have all delivered their
-final delta is complete and is not aborted. The wall clock is enforced by a ``loop.call_later`` timer, armed
-only while calls are in flight, that fires the abort at the deadline; nothing polls.
-
-Guarantee (for every budget in a tree, and each of its caps). Charges are made synchronously as deltas arrive
-and the caps are checked right after every charge; when a cap is crossed, every other affected call is cancelled
-before any task runs again (a cancelled task never receives the delta it was about to get) and the crossing
-call stops pulling, so no delta of an aborted call is received, let alone charged, after the crossing:
-
-- ``usage.completion_tokens <= max_completion_tokens + d - 1``, where ``d`` is the token count of the one delta
-  whose charge crossed the cap. With one token per delta (the test engines; vLLM while the loop keeps up with
-  its output, since it merges steps into one delta only when they pile up) the cap is never exceeded at all.
-  Tokens a backend computed but never delivered because of the abort are not counted (the engine's own usage
-  hooks do not count them either).
-- ``usage.total_tokens <= max_tokens + d - 1 + p + q``: as above, plus ``p``, the prompt charged in the crossing
-  step (when that delta was its call's first), plus ``q``, the prompts of aborted calls whose backend had
-  counted their prompt but that had not delivered a delta yet (charged when they end, because that compute was
-  spent).
-- ``usage.estimated_cost <= max_cost + c + r``: ``c`` is the cost charged in the crossing step (one delta, plus
-  its call's prompt when charged in that step), ``r`` the prompt cost of aborted calls as in ``q``.
-- ``usage.calls <= max_calls`` exactly.
-- wall clock: no call is admitted after the deadline, and every in-flight call is aborted when the timer fires
-  (the first loop iteration at or after the deadline); no delta is charged to an aborted call after that.
-
-These bounds assume backends honour the `Engine` contract: nothing is yielded for a sample after its final
-delta, and a cancelled stream yields nothing more.
-
-Threading: all budget state changes happen on the event loop thread (admission, charging, timers); there are no
-awaits between a check and its charge, so no locks are needed. Do not share a budget across event loops that
-run at the same time; using it from one loop after another is fine. `Budget.start` may be called from
-synchronous code.
+See the package documentation (`branchwise.budget`) for what is counted when and the guarantee.
 """
 
 from __future__ import annotations
@@ -76,316 +8,27 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import math
 import time
 from collections import deque
-from collections.abc import AsyncGenerator, Callable, Mapping, Sequence
+from collections.abc import AsyncGenerator
 from dataclasses import asdict, dataclass
-from typing import Any, ClassVar, Final
+from typing import Any, Final
 
 from ..engine.base import CallMeter, Engine
 from ..engine.types import Capabilities, Delta, GenerationRequest
-from ..errors import BudgetExhausted, ConfigError, UnknownNameError
+from ..errors import BudgetExhausted, ConfigError
+from ..events import current_sink, emit
+from .cost import CostModel, positive
+from .usage import Usage
 
-__all__ = [
-    "DEFAULT_MEMORY_WEIGHT",
-    "Budget",
-    "BudgetedEngine",
-    "CostEstimate",
-    "CostModel",
-    "Remaining",
-    "Usage",
-    "UsageSnapshot",
-]
+__all__ = ["Budget", "BudgetedEngine", "Remaining"]
 
 logger = logging.getLogger(__name__)
 
 # Caps whose reaching aborts the calls in flight (max_calls only refuses new calls).
 _ABORTING_CAPS: Final = frozenset({"max_tokens", "max_completion_tokens", "max_cost", "wall_clock_s"})
 
-DEFAULT_MEMORY_WEIGHT: Final = 300.0
-"""FLOP-equivalents per byte of KV cache read, by default.
 
-Decoding is memory-bound: while a byte is streamed from accelerator memory, the compute units could have done
-``peak FLOP/s / memory bandwidth`` operations, the hardware's arithmetic intensity. For an H100 SXM that is
-about 989e12 dense BF16 FLOP/s over 3.35e12 B/s, roughly 295, rounded to 300. Pass ``memory_weight`` to model
-other hardware (a CPU's ratio is typically 5-20).
-"""
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Usage
-# ---------------------------------------------------------------------------------------------------------------
-_USAGE_FIELDS: Final = (
-    "prompt_tokens",
-    "completion_tokens",
-    "calls",
-    "wall_time_s",
-    "aborted_tokens",
-    "estimated_flops",
-    "estimated_kv_bytes",
-    "estimated_cost",
-)
-
-
-class _UsageFields:
-    """Behaviour shared by `Usage` and `UsageSnapshot` (fields are declared by the dataclasses)."""
-
-    __slots__ = ()
-
-    prompt_tokens: int
-    completion_tokens: int
-
-    @property
-    def total_tokens(self) -> int:
-        """Prompt plus completion tokens."""
-        return self.prompt_tokens + self.completion_tokens
-
-    def to_dict(self) -> dict[str, float | int]:
-        """Every field, plus ``total_tokens``, as a plain dict (for JSON traces and reports)."""
-        out: dict[str, float | int] = {name: getattr(self, name) for name in _USAGE_FIELDS}
-        out["total_tokens"] = self.total_tokens
-        return out
-
-    def _summed(self, other: object) -> dict[str, Any] | None:
-        if not isinstance(other, _UsageFields):
-            return None
-        return {name: getattr(self, name) + getattr(other, name) for name in _USAGE_FIELDS}
-
-
-@dataclass(slots=True)
-class Usage(_UsageFields):
-    """What has been spent: a mutable accumulator (the live figures of a `Budget`).
-
-    ``a + b`` adds every field (wall times add too, as for runs done one after another); `snapshot` gives a
-    frozen copy to keep in results.
-
-    Attributes:
-        prompt_tokens: prompt tokens, once per call (n samples share their prompt).
-        completion_tokens: generated tokens of all samples, aborted ones included.
-        calls: engine calls admitted.
-        wall_time_s: seconds since the budget started (its first call or `Budget.start`) until now, or until
-            `Budget.stop`. Per budget, not summed over children.
-        aborted_tokens: completion tokens of calls that were cancelled or aborted before they finished.
-        estimated_flops: FLOPs by the call's `CostModel` (0 without one).
-        estimated_kv_bytes: KV-cache bytes read while decoding, by the `CostModel`.
-        estimated_cost: ``flops + memory_weight * kv_bytes``.
-    """
-
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    calls: int = 0
-    wall_time_s: float = 0.0
-    aborted_tokens: int = 0
-    estimated_flops: float = 0.0
-    estimated_kv_bytes: float = 0.0
-    estimated_cost: float = 0.0
-
-    def snapshot(self) -> UsageSnapshot:
-        """A frozen copy of the current figures."""
-        return UsageSnapshot(**{name: getattr(self, name) for name in _USAGE_FIELDS})
-
-    def __add__(self, other: object) -> Usage:
-        summed = self._summed(other)
-        if summed is None:
-            return NotImplemented
-        return Usage(**summed)
-
-
-@dataclass(frozen=True, slots=True)
-class UsageSnapshot(_UsageFields):
-    """A frozen copy of a `Usage` (same fields), as returned by `Usage.snapshot`; supports ``+``."""
-
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    calls: int = 0
-    wall_time_s: float = 0.0
-    aborted_tokens: int = 0
-    estimated_flops: float = 0.0
-    estimated_kv_bytes: float = 0.0
-    estimated_cost: float = 0.0
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> UsageSnapshot:
-        """The inverse of `to_dict` (``total_tokens`` and unknown keys are ignored)."""
-        return cls(**{name: data[name] for name in _USAGE_FIELDS if name in data})
-
-    def __add__(self, other: object) -> UsageSnapshot:
-        summed = self._summed(other)
-        if summed is None:
-            return NotImplemented
-        return UsageSnapshot(**summed)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Cost model
-# ---------------------------------------------------------------------------------------------------------------
-def _positive(name: str, value: Any, *, integer: bool = False) -> None:
-    kinds = (int,) if integer else (int, float)
-    if isinstance(value, bool) or not isinstance(value, kinds):
-        raise ConfigError(f"{name} must be {'an integer' if integer else 'a number'}, got {value!r}")
-    if not math.isfinite(value) or value <= 0:
-        raise ConfigError(f"{name} must be a finite number > 0, got {value!r}")
-
-
-@dataclass(frozen=True, slots=True)
-class CostEstimate:
-    """Estimated compute of some tokens.
-
-    Attributes:
-        flops: forward-pass FLOPs.
-        kv_bytes: KV-cache bytes read while decoding.
-        cost: ``flops + memory_weight * kv_bytes`` (FLOP-equivalents).
-    """
-
-    flops: float
-    kv_bytes: float
-    cost: float
-
-
-@dataclass(frozen=True, slots=True)
-class CostModel:
-    """Estimated compute of generation: FLOPs plus KV-cache memory traffic, in FLOP-equivalents.
-
-    - FLOPs: a forward pass costs about ``2 * parameters`` FLOPs per token, for prompt tokens (once per call,
-      the n samples share the prefill) and for every completion token.
-    - KV traffic: producing a sample's completion token k (1-based) attends over the ``P + k - 1`` positions
-      before it (P prompt tokens), reading ``kv_bytes_per_token`` bytes for each, where ``kv_bytes_per_token =
-      2 (K and V) * layers * kv_heads * head_dim * dtype_bytes``. A sample of T tokens reads
-      ``kv_bytes_per_token * (T * P + T * (T - 1) / 2)``; n samples sharing a prompt each read the shared prompt
-      KV plus their own tokens, so the traffic grows with context length times live samples (the argument of the
-      Kinetics test-time scaling law). Prefill's own attention reads are not counted (prefill is compute-bound).
-    - cost = ``flops + memory_weight * kv_bytes`` (see `DEFAULT_MEMORY_WEIGHT`).
-
-    Attributes:
-        parameters: model parameter count.
-        kv_bytes_per_token: KV-cache bytes per token position over all layers.
-        memory_weight: FLOP-equivalents per KV byte read.
-        name: a label (the preset name, if any).
-    """
-
-    parameters: float
-    kv_bytes_per_token: int
-    memory_weight: float = DEFAULT_MEMORY_WEIGHT
-    name: str = ""
-
-    PRESETS: ClassVar[Mapping[str, tuple[float, int, int, int]]] = {
-        "smollm2-135m-instruct": (135e6, 30, 3, 64),
-        "qwen2.5-coder-0.5b-instruct": (494e6, 24, 2, 64),
-    }
-    """name -> (parameters, layers, kv_heads, head_dim); dtype is bf16 (2 bytes)."""
-
-    def __post_init__(self) -> None:
-        _positive("CostModel parameters", self.parameters)
-        _positive("CostModel kv_bytes_per_token", self.kv_bytes_per_token, integer=True)
-        if isinstance(self.memory_weight, bool) or not isinstance(self.memory_weight, (int, float)):
-            raise ConfigError(f"CostModel memory_weight must be a number, got {self.memory_weight!r}")
-        if not math.isfinite(self.memory_weight) or self.memory_weight < 0:
-            raise ConfigError(f"CostModel memory_weight must be a finite number >= 0, got {self.memory_weight!r}")
-
-    @classmethod
-    def for_model(
-        cls,
-        parameters: float,
-        layers: int,
-        kv_heads: int,
-        head_dim: int,
-        dtype_bytes: int = 2,
-        *,
-        memory_weight: float = DEFAULT_MEMORY_WEIGHT,
-        name: str = "",
-    ) -> CostModel:
-        """A cost model from a transformer's shape.
-
-        Args:
-            parameters: parameter count.
-            layers: transformer layers.
-            kv_heads: key/value heads per layer (fewer than query heads with grouped-query attention).
-            head_dim: dimension of one head.
-            dtype_bytes: bytes per KV-cache element (2 for bf16/fp16, 1 for fp8).
-            memory_weight: FLOP-equivalents per KV byte read.
-            name: a label.
-        """
-        _positive("parameters", parameters)
-        for arg, value in (("layers", layers), ("kv_heads", kv_heads), ("head_dim", head_dim)):
-            _positive(arg, value, integer=True)
-        _positive("dtype_bytes", dtype_bytes, integer=True)
-        return cls(
-            parameters=float(parameters),
-            kv_bytes_per_token=2 * layers * kv_heads * head_dim * dtype_bytes,
-            memory_weight=memory_weight,
-            name=name,
-        )
-
-    @classmethod
-    def preset(cls, name: str, *, memory_weight: float = DEFAULT_MEMORY_WEIGHT) -> CostModel:
-        """The cost model of a known model (`PRESETS`); raises `UnknownNameError` for others."""
-        key = name.strip().lower()
-        if key not in cls.PRESETS:
-            raise UnknownNameError("cost model preset", name, list(cls.PRESETS))
-        parameters, layers, kv_heads, head_dim = cls.PRESETS[key]
-        return cls.for_model(parameters, layers, kv_heads, head_dim, memory_weight=memory_weight, name=key)
-
-    @classmethod
-    def find(cls, model: str) -> CostModel | None:
-        """The preset for ``model`` (a registry name, or a path/id ending in one), or None."""
-        key = model.strip().lower().rstrip("/").rsplit("/", 1)[-1]
-        return cls.preset(key) if key in cls.PRESETS else None
-
-    # -- arithmetic -----------------------------------------------------------------------------------------
-    def prompt_flops(self, prompt_tokens: int) -> float:
-        """FLOPs of the prefill of ``prompt_tokens`` tokens."""
-        return 2.0 * self.parameters * prompt_tokens
-
-    def decode_flops(self, tokens: int) -> float:
-        """FLOPs of producing ``tokens`` completion tokens."""
-        return 2.0 * self.parameters * tokens
-
-    def decode_kv_bytes(self, prompt_tokens: int, generated: int, new_tokens: int) -> int:
-        """KV bytes read to produce a sample's next ``new_tokens`` tokens after ``generated`` ones."""
-        m = new_tokens
-        # sum over k = generated+1 .. generated+m of (P + k - 1)
-        positions = m * (prompt_tokens + generated) + m * (m - 1) // 2
-        return self.kv_bytes_per_token * positions
-
-    def cost(self, flops: float, kv_bytes: float) -> float:
-        """FLOP-equivalents of ``flops`` FLOPs and ``kv_bytes`` KV bytes read."""
-        return flops + self.memory_weight * kv_bytes
-
-    def estimate(self, prompt_tokens: int, completion_tokens: int | Sequence[int]) -> CostEstimate:
-        """Estimated compute of one call.
-
-        Args:
-            prompt_tokens: prompt length (prefilled once for all samples).
-            completion_tokens: the length of each sample (an int for a single sample).
-        """
-        lengths = [completion_tokens] if isinstance(completion_tokens, int) else list(completion_tokens)
-        flops = self.prompt_flops(prompt_tokens) + self.decode_flops(sum(lengths))
-        kv = sum(self.decode_kv_bytes(prompt_tokens, 0, t) for t in lengths)
-        return CostEstimate(flops=flops, kv_bytes=float(kv), cost=self.cost(flops, kv))
-
-    def max_tokens_within(self, cost: float, n: int = 1, prompt_tokens: int = 0) -> int:
-        """The largest per-sample length T such that n samples of T tokens cost at most ``cost`` to decode."""
-        if cost <= 0:
-            return 0
-
-        def spend(t: int) -> float:
-            return n * self.cost(self.decode_flops(t), self.decode_kv_bytes(prompt_tokens, 0, t))
-
-        a = n * self.memory_weight * self.kv_bytes_per_token / 2
-        b = n * (2 * self.parameters + self.memory_weight * self.kv_bytes_per_token * (prompt_tokens - 0.5))
-        guess = cost / b if a == 0 else (-b + math.sqrt(b * b + 4 * a * cost)) / (2 * a)
-        t = max(0, math.floor(guess))
-        while t > 0 and spend(t) > cost:  # float rounding of the closed form
-            t -= 1
-        while spend(t + 1) <= cost:
-            t += 1
-        return t
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Budget
-# ---------------------------------------------------------------------------------------------------------------
 @dataclass(frozen=True, slots=True)
 class Remaining:
     """What a budget has left, counting its ancestors' caps too; None means uncapped.
@@ -408,7 +51,7 @@ class Remaining:
 def _cap(name: str, value: Any, *, integer: bool) -> Any:
     if value is None:
         return None
-    _positive(name, value, integer=integer)
+    positive(name, value, integer=integer)
     return value
 
 
@@ -474,24 +117,6 @@ class Budget:
         self._started_at: float | None = None
         self._stopped_at: float | None = None
         self._timer: asyncio.TimerHandle | None = None
-        self._listeners: list[Callable[[str, dict[str, Any]], None]] = []
-
-    def add_listener(self, listener: Callable[[str, dict[str, Any]], None]) -> Callable[[], None]:
-        """Observe this budget: ``listener(kind, data)`` gets a "budget_charge" event when a call under it
-        (or a descendant) leaves the engine, and "budget_exhausted" when one of its caps is reached.
-
-        Returns:
-            A function that removes the listener.
-        """
-        self._listeners.append(listener)
-        return lambda: self._listeners.remove(listener) if listener in self._listeners else None
-
-    def _notify(self, kind: str, data: dict[str, Any]) -> None:
-        for listener in list(self._listeners):
-            try:
-                listener(kind, data)
-            except Exception:  # an observer must not break metering
-                logger.exception("budget listener %r failed", listener)
 
     # -- tree ---------------------------------------------------------------------------------------------------
     def child(
@@ -696,8 +321,7 @@ class Budget:
         if self._exhausted_cap is None:
             self._exhausted_cap = cap
             logger.info("%s", self._describe(cap))
-            if self._listeners:
-                self._notify("budget_exhausted", {"budget": self.path, "cap": cap, "detail": self._describe(cap)})
+            emit("budget_exhausted", {"budget": self.path, "cap": cap, "detail": self._describe(cap)})
         if cap not in _ABORTING_CAPS:
             return
         for call in list(self._inflight):
@@ -824,19 +448,20 @@ class Budget:
         if not call.prompt_charged and call.meter.prompt_tokens:
             self._charge_prompt(call)
             self._enforce(call.chain)
+        if current_sink() is None:  # the events below cost a `remaining()` per budget; skip them unobserved
+            return
         for b in call.chain:
-            if b._listeners:
-                b._notify(
-                    "budget_charge",
-                    {
-                        "budget": b.path,
-                        "prompt_tokens": call.meter.prompt_tokens,
-                        "completion_tokens": call.completion_tokens,
-                        "aborted": aborted,
-                        "usage": b.usage.to_dict(),
-                        "remaining": {k: v for k, v in asdict(b.remaining()).items() if v is not None},
-                    },
-                )
+            emit(
+                "budget_charge",
+                {
+                    "budget": b.path,
+                    "prompt_tokens": call.meter.prompt_tokens,
+                    "completion_tokens": call.completion_tokens,
+                    "aborted": aborted,
+                    "usage": b.usage.to_dict(),
+                    "remaining": {k: v for k, v in asdict(b.remaining()).items() if v is not None},
+                },
+            )
 
 
 class _Call:

@@ -1,0 +1,133 @@
+"""``branchwise eval`` and ``branchwise report``: the evaluation harness on the command line.
+
+```
+branchwise eval PIPELINE.yaml --benchmark gsm8k [--data PATH|URL --sha256 HEX] [--limit N] [--seed S]
+                [--concurrency K] [--sweep thought.n=1,2,4 ...] [--out results.db] [--resume]
+                [--max-tokens T --max-completion-tokens T --max-calls C --wall-clock S] [--progress auto|on|off]
+branchwise report RESULTS.db [OTHER.db] [--out DIR] [--no-plots]
+```
+
+``eval`` builds one pipeline per configuration (the YAML with each ``--sweep`` combination applied as dotted-path
+overrides; several ``--sweep`` flags make the cartesian product). Unless the YAML sets them, the benchmark's
+prompt (``thought.prompt.user``), grader (``verifiers.grader``) and extraction rules (``verifiers.extractor``)
+are applied. Configurations whose engines are the same share one engine, built once. The YAML's ``budget``
+caps each problem; the ``--max-*`` flags cap the whole evaluation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from pathlib import Path
+from typing import Any
+
+from ..budget import Budget
+from ..errors import ConfigError
+from ..evals.datasets import Benchmark, load_benchmark
+from ..evals.metrics import summarize
+from ..evals.pipelines import EvalSettings, PipelineConfig, evaluate_pipelines, pipeline_configs
+from ..evals.report import write_report
+from ..evals.runner import LineProgress, ProgressSink, RichProgress, make_progress
+from ..evals.store import ResultsStore
+from ..orchestrator.spec import load_spec
+
+__all__ = ["add_commands"]
+
+
+def add_commands(subparsers: Any) -> None:
+    """Register ``eval`` and ``report`` on the ``branchwise`` command's subparsers."""
+    ev = subparsers.add_parser("eval", help="evaluate a pipeline on a benchmark (resumable results store)")
+    ev.add_argument("pipeline", metavar="PIPELINE.yaml")
+    ev.add_argument("--benchmark", required=True, help="benchmark name (gsm8k, math500, ..., arithmetic, multihop)")
+    ev.add_argument("--data", help="benchmark file or http(s) URL (default: $BRANCHWISE_BENCHMARKS/<standard name>)")
+    ev.add_argument("--sha256", help="expected sha256 of the data (required for URLs)")
+    ev.add_argument("--limit", type=int, help="first N problems (generated sets: how many to generate)")
+    ev.add_argument("--seed", type=int, default=0, help="seed of generated benchmarks (default 0)")
+    ev.add_argument("--concurrency", type=int, default=4, help="problems in flight at once (default 4)")
+    ev.add_argument(
+        "--sweep", action="append", default=[], metavar="KEY=V1,V2", help="one configuration per value (repeatable)"
+    )
+    ev.add_argument("--out", help="results file (default results/<pipeline>-<benchmark>.db)")
+    ev.add_argument("--resume", action="store_true", help="continue: skip problems that already have a result")
+    ev.add_argument("--max-tokens", type=int, help="cap on all tokens of the whole evaluation")
+    ev.add_argument("--max-completion-tokens", type=int, help="cap on generated tokens of the whole evaluation")
+    ev.add_argument("--max-calls", type=int, help="cap on engine calls of the whole evaluation")
+    ev.add_argument("--wall-clock", type=float, help="seconds the whole evaluation may take")
+    ev.add_argument("--progress", choices=("auto", "on", "off"), default="auto", help="progress bar (auto: on a tty)")
+    ev.add_argument("--no-hash", action="store_true", help="do not hash the model weights for the record")
+    ev.add_argument(
+        "--traces",
+        action="store_true",
+        help="keep the YAML's outputs.trace (one JSONL trace per problem); off by default",
+    )
+    ev.set_defaults(func=_eval)
+
+    rep = subparsers.add_parser("report", help="Markdown + HTML report of results (or a comparison of two)")
+    rep.add_argument("results", metavar="RESULTS.db")
+    rep.add_argument("other", metavar="OTHER.db", nargs="?", help="a second results file to compare with")
+    rep.add_argument("--out", help="output folder (default: next to RESULTS, named <results>-report)")
+    rep.add_argument("--no-plots", action="store_true", help="tables only")
+    rep.set_defaults(func=_report)
+
+
+def _eval(args: argparse.Namespace) -> int:
+    if args.concurrency < 1:
+        raise ConfigError(f"--concurrency must be >= 1, got {args.concurrency}")
+    benchmark = load_benchmark(args.benchmark, args.data, args.limit, sha256=args.sha256, seed=args.seed)
+    spec = load_spec(args.pipeline)
+    configs = pipeline_configs(spec, benchmark, args.sweep, traces=args.traces)
+    out = Path(args.out) if args.out else Path("results") / f"{Path(args.pipeline).stem}-{benchmark.name}.db"
+    code = asyncio.run(_eval_async(args, benchmark, configs, out))
+    print(out)
+    return code
+
+
+def _progress(choice: str) -> ProgressSink:
+    if choice == "on":
+        return RichProgress()
+    if choice == "off":
+        return LineProgress(every=10)
+    return make_progress()
+
+
+async def _eval_async(args: argparse.Namespace, benchmark: Benchmark, configs: list[PipelineConfig], out: Path) -> int:
+    budget = Budget(
+        max_tokens=args.max_tokens,
+        max_completion_tokens=args.max_completion_tokens,
+        max_calls=args.max_calls,
+        wall_clock_s=args.wall_clock,
+        name="eval",
+    )
+    settings = EvalSettings(
+        concurrency=args.concurrency,
+        resume=args.resume,
+        progress=_progress(args.progress),
+        hash_weights=not args.no_hash,
+        seed=args.seed,
+        record={"sweep": list(args.sweep), "pipeline": str(args.pipeline)},
+        argv=["branchwise", *sys.argv[1:]],
+    )
+    with ResultsStore(out) as store:
+        summaries = await evaluate_pipelines(benchmark, configs, store, budget, settings)
+        for summary in summaries:
+            for cs in summary.configs:
+                metrics = summarize(store.rows(cs.config_id), curves=False)
+                lo, hi = metrics.ci
+                sys.stderr.write(
+                    f"[eval] {cs.label}: {metrics.correct}/{metrics.n} right ({metrics.accuracy:.1%}, 95% CI "
+                    f"{lo:.1%}-{hi:.1%}), {metrics.completion_tokens:,} completion tokens, {cs.errors} failed\n"
+                )
+    if any(summary.stopped_by_budget for summary in summaries):
+        sys.stderr.write(f"[eval] the evaluation budget ran out ({budget.exhausted_cap}); --resume continues\n")
+        return 1
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    results = Path(args.results)
+    out = Path(args.out) if args.out else results.with_name(results.stem + "-report")
+    md, page = write_report(results, args.other, out_dir=out, plots=not args.no_plots)
+    print(md)
+    print(page)
+    return 0
