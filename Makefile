@@ -49,9 +49,8 @@ demo: setup
 	$(BIN)/branchwise eval examples/sc-math.yaml --benchmark arithmetic --limit 8 --out $(DEMO_DB)
 	$(BIN)/branchwise report $(DEMO_DB)
 
-# Tests with real servers (marker `server`) run in a pytest process of their own: with an embedded engine alive in
-# the same process, a `vllm serve` started beside it reported no running requests on /metrics and did not abort
-# a request whose client had gone (seen 2026-11-29; cause not found yet).
+# Tests with real servers (marker `server`) run in a pytest process of their own: a `vllm serve` started beside an
+# embedded engine alive in the same process misreports its running requests and misses client disconnects.
 test: setup
 	$(BIN)/python -m pytest -m "not server" $(PYTEST_ARGS)
 	$(BIN)/python -m pytest -m server $(PYTEST_ARGS)
@@ -62,6 +61,7 @@ test-unit: setup
 lint: setup
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/lint-imports pyproject.toml
 	cd $(VENV) && bin/mypy --config-file $(CURDIR)/pyproject.toml -p branchwise
 
 format: setup
