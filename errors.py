@@ -9,6 +9,8 @@ BranchwiseError
 │   ├── UnknownNameError        a registry lookup with no match (carries "did you mean" suggestions)
 │   ├── MissingDependencyError  an optional dependency is not installed (carries the install command)
 │   ├── PlanError               an invalid plan (names the node and field)
+│   ├── SpecError               an invalid pipeline spec (names the file, the YAML path and line)
+│   ├── TraceFormatError        a file is not a readable branchwise trace (names the file and line)
 │   └── DatasetError            a benchmark file is missing, malformed or fails its checksum (names file/line)
 ├── ModelProvisionError         a model could not be downloaded, verified or converted
 ├── EngineError                 runtime failures of an engine backend
@@ -54,9 +56,11 @@ __all__ = [
     "RateLimited",
     "RequestValidationError",
     "SandboxViolation",
+    "SpecError",
     "ToolArgumentError",
     "ToolError",
     "ToolTimeout",
+    "TraceFormatError",
     "UnknownNameError",
     "WorkerCrashError",
 ]
@@ -139,6 +143,42 @@ class PlanError(ConfigError):
         super().__init__(where + message)
         self.node = node
         self.field = field
+
+
+class SpecError(ConfigError):
+    """An invalid pipeline spec.
+
+    Attributes:
+        path: the dotted YAML path at fault ("" for the whole document).
+        line: its 1-based line in the YAML text, when known.
+        source: the file name or "<string>".
+        detail: the message without the location.
+    """
+
+    def __init__(self, message: str, *, path: str = "", line: int | None = None, source: str = "<string>") -> None:
+        where = source + (f":{line}" if line is not None else "")
+        at = f" at {path!r}" if path else ""
+        super().__init__(f"{where}: invalid pipeline spec{at}: {message}")
+        self.path = path
+        self.line = line
+        self.source = source
+        self.detail = message
+
+
+class TraceFormatError(ConfigError):
+    """A file is not a readable branchwise trace: not UTF-8 JSON Lines, another format, a newer version, or a
+    record whose fields have the wrong types.
+
+    Attributes:
+        source: the file at fault.
+        line: the 1-based line number, when one line is at fault.
+    """
+
+    def __init__(self, source: str, message: str, *, line: int | None = None) -> None:
+        where = f"{source}:{line}" if line is not None else source
+        super().__init__(f"{where}: {message}")
+        self.source = source
+        self.line = line
 
 
 class DatasetError(ConfigError):
