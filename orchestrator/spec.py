@@ -835,21 +835,10 @@ def _check_roles(spec: PipelineSpec, lines: Mapping[tuple[str, ...], int], sourc
 
 
 def strategy_classes() -> dict[str, type[Any]]:
-    """Strategy classes by name: the `branchwise.search` registry plus step-search strategies."""
+    """Strategy classes by name, from the `branchwise.search` registry."""
     from .. import search
 
-    classes: dict[str, type[Any]] = {}
-    registry = getattr(search, "_STRATEGIES", {})
-    classes.update(registry)
-    if "beam" not in classes or "dvts" not in classes:
-        try:
-            from ..search.beam import Beam
-            from ..search.dvts import DVTS
-        except ImportError:  # an installation without the step-search strategies
-            return classes
-        classes.setdefault("beam", Beam)
-        classes.setdefault("dvts", DVTS)
-    return classes
+    return {name: search.strategy_info(name).cls for name in search.available_strategies()}
 
 
 def _check_thought(

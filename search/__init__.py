@@ -1,10 +1,11 @@
-"""Test-time-scaling strategies over the `Engine` interface, one algorithm a module, resolved by name."""
+"""Test-time-scaling strategies over the `Engine` interface, one algorithm a module, each registered by name.
+
+A strategy module registers its class with `register_strategy`, declaring the bounds of its counts and its
+object parameters; importing this package imports every built-in strategy module. See `branchwise.search.registry`.
+"""
 
 from __future__ import annotations
 
-from typing import Any
-
-from ..errors import UnknownNameError
 from .adaptive import Adaptive
 from .base import Candidate, PromptTemplate, Result, SearchContext, Strategy, TraceNode, TraceTree
 from .beam import Beam
@@ -14,6 +15,15 @@ from .dvts import DVTS
 from .pdr import PDR
 from .prune import Prune
 from .refine import Refine
+from .registry import (
+    Component,
+    NestedStrategy,
+    StrategyInfo,
+    available_strategies,
+    get_strategy,
+    register_strategy,
+    strategy_info,
+)
 from .self_consistency import SelfConsistency
 from .single import Single
 
@@ -24,7 +34,9 @@ __all__ = [
     "Beam",
     "BestOfN",
     "Candidate",
+    "Component",
     "DeepConf",
+    "NestedStrategy",
     "PromptTemplate",
     "Prune",
     "Refine",
@@ -33,25 +45,11 @@ __all__ = [
     "SelfConsistency",
     "Single",
     "Strategy",
+    "StrategyInfo",
     "TraceNode",
     "TraceTree",
     "available_strategies",
     "get_strategy",
+    "register_strategy",
+    "strategy_info",
 ]
-
-_STRATEGIES: dict[str, type[Strategy]] = {
-    cls.name: cls for cls in (Single, SelfConsistency, BestOfN, DeepConf, Prune, Adaptive, Refine, PDR, Beam, DVTS)
-}
-
-
-def available_strategies() -> list[str]:
-    return sorted(_STRATEGIES)
-
-
-def get_strategy(name: str, **params: Any) -> Strategy:
-    """Build a strategy by name, e.g. ``get_strategy("self_consistency", n=16)``."""
-    try:
-        cls = _STRATEGIES[name]
-    except KeyError:
-        raise UnknownNameError("strategy", name, list(_STRATEGIES)) from None
-    return cls(**params)

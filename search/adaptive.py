@@ -13,11 +13,17 @@ from typing import Any
 
 from ..errors import ConfigError
 from .base import Candidate, Result, SearchContext, Strategy, TraceTree
+from .registry import MAX_SAMPLES, NestedStrategy, register_strategy
 from .sampling import candidates_of, cluster_votes, pick_answer, sample
 
 __all__ = ["Adaptive"]
 
 
+@register_strategy(
+    maxima={"probe": MAX_SAMPLES, "stages": MAX_SAMPLES, "min_votes": MAX_SAMPLES},
+    sources={"escalate_to": NestedStrategy()},
+    fan_out=lambda s: s.stages[-1] if s.stages else s.probe,
+)
 class Adaptive(Strategy):
     """Probe, stop early on agreement, escalate otherwise.
 

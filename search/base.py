@@ -11,7 +11,7 @@ import itertools
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
 from ..budget import Budget, UsageSnapshot
@@ -129,10 +129,6 @@ class TraceTree:
 
     def __len__(self) -> int:
         return len(self._nodes)
-
-    def to_dicts(self) -> list[dict[str, Any]]:
-        """JSON-ready records of every node."""
-        return [asdict(n) for n in self._nodes]
 
 
 @dataclass(frozen=True)

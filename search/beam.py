@@ -35,6 +35,7 @@ from ..errors import BudgetExhausted, ConfigError
 from ..verifiers.extraction import AnswerExtractor
 from ..verifiers.step_scorers import AGGREGATES, Aggregate, GenerativeJudgeScorer, StepScorer, aggregate
 from .base import Candidate, Result, SearchContext, Strategy, TraceNode, TraceTree
+from .registry import MAX_DEPTH, MAX_TOKENS, MAX_WIDTH, Component, register_strategy
 from .sampling import clipped_by_budget, cluster_votes, pick_answer
 
 __all__ = [
@@ -476,6 +477,11 @@ def _check_scorer(scorer: StepScorer | None, strategy: str) -> StepScorer:
     return scorer
 
 
+@register_strategy(
+    maxima={"beam_width": MAX_WIDTH, "expansions": MAX_WIDTH, "max_depth": MAX_DEPTH, "step_tokens": MAX_TOKENS},
+    sources={"scorer": Component("step_scorer")},
+    fan_out=lambda s: s.beam_width * s.expansions,
+)
 class Beam(Strategy):
     """Step-level beam search with a step scorer.
 

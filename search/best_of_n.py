@@ -14,6 +14,7 @@ from typing import Any, Literal
 from ..errors import ConfigError
 from ..verifiers.confidence import ConfidenceMetric
 from .base import Candidate, Result, SearchContext, Strategy, TraceTree
+from .registry import MAX_SAMPLES, MAX_TOKENS, Component, register_strategy
 from .sampling import candidates_of, sample
 
 __all__ = ["BestOfN", "Scorer"]
@@ -21,6 +22,11 @@ __all__ = ["BestOfN", "Scorer"]
 Scorer = Callable[[str, Candidate], Awaitable[float]]
 
 
+@register_strategy(
+    maxima={"n": MAX_SAMPLES, "window": MAX_TOKENS},
+    sources={"scorer": Component("verifier", selector="verifier", values=("confidence",))},
+    fan_out=lambda s: s.n,
+)
 class BestOfN(Strategy):
     """Keep the highest-scoring of N samples.
 

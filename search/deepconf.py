@@ -19,6 +19,7 @@ from ..engine.types import Delta
 from ..errors import ConfigError
 from ..verifiers.confidence import ConfidenceMetric, ConfidenceTracker
 from .base import Candidate, Result, SearchContext, Strategy, TraceTree
+from .registry import MAX_CONCURRENCY, MAX_SAMPLES, MAX_TOKENS, MAX_TOP_LOGPROBS, register_strategy
 from .sampling import SampledTrace, candidates_of, cluster_votes, pick_answer, sample, stream_trace
 
 __all__ = ["DeepConf"]
@@ -26,6 +27,16 @@ __all__ = ["DeepConf"]
 PRUNE_RULE = "deepconf_low_group_confidence"
 
 
+@register_strategy(
+    maxima={
+        "n": MAX_SAMPLES,
+        "warmup": MAX_SAMPLES,
+        "window": MAX_TOKENS,
+        "top_logprobs": MAX_TOP_LOGPROBS,
+        "concurrency": MAX_CONCURRENCY,
+    },
+    fan_out=lambda s: s.n,
+)
 class DeepConf(Strategy):
     """DeepConf, online (early stopping) or offline (filter after sampling).
 

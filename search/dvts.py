@@ -19,10 +19,22 @@ from ..errors import ConfigError
 from ..verifiers.step_scorers import Aggregate, StepScorer
 from .base import Result, SearchContext, Strategy, TraceStatus, TraceTree
 from .beam import BeamPath, Selection, StepSearch, _check_scorer, _check_selection, choose_answer, run_concurrently
+from .registry import MAX_DEPTH, MAX_SAMPLES, MAX_TOKENS, MAX_WIDTH, Component, register_strategy
 
 __all__ = ["DVTS"]
 
 
+@register_strategy(
+    maxima={
+        "n": MAX_SAMPLES,
+        "beam_width": MAX_WIDTH,
+        "subtree_width": MAX_WIDTH,
+        "max_depth": MAX_DEPTH,
+        "step_tokens": MAX_TOKENS,
+    },
+    sources={"scorer": Component("step_scorer")},
+    fan_out=lambda s: s.n,
+)
 class DVTS(Strategy):
     """Diverse Verifier Tree Search: ``n / beam_width`` independent greedy step searches, run concurrently.
 

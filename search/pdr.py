@@ -34,6 +34,7 @@ from ..engine.types import ChatMessage
 from ..errors import ConfigError
 from ..verifiers.confidence import ConfidenceMetric
 from .base import Candidate, Result, SearchContext, Strategy, TraceTree
+from .registry import MAX_ROUNDS, MAX_SAMPLES, MAX_TOKENS, MAX_TOP_LOGPROBS, MAX_WIDTH, register_strategy
 from .sampling import SampledTrace, candidates_of, cluster_votes, pick_answer, sample
 
 __all__ = ["DEFAULT_DISTILL_PROMPT", "DEFAULT_WORKSPACE_PROMPT", "PDR"]
@@ -75,6 +76,18 @@ class _Workspace:
     tokens: int
 
 
+@register_strategy(
+    maxima={
+        "m": MAX_SAMPLES,
+        "rounds": MAX_ROUNDS,
+        "workspace_tokens": MAX_TOKENS,
+        "top_k": MAX_WIDTH,
+        "window": MAX_TOKENS,
+        "top_logprobs": MAX_TOP_LOGPROBS,
+        "draft_excerpt_tokens": MAX_TOKENS,
+    },
+    fan_out=lambda s: sum(s.schedule),
+)
 class PDR(Strategy):
     """Parallel-Distill-Refine over a schedule of draft counts.
 

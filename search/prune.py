@@ -18,6 +18,7 @@ from ..engine.types import Delta
 from ..errors import ConfigError
 from ..verifiers.redundancy import AnswerRedundancy, RedundancyJudge, greedy_clusters
 from .base import Result, SearchContext, Strategy, TraceTree
+from .registry import MAX_SAMPLES, MAX_TOKENS, MAX_WIDTH, Component, register_strategy
 from .sampling import SampledTrace, candidates_of, cluster_votes, pick_answer, stream_trace
 
 __all__ = ["Prune"]
@@ -25,6 +26,17 @@ __all__ = ["Prune"]
 PRUNE_RULE = "redundant_with_trace"
 
 
+@register_strategy(
+    maxima={
+        "n": MAX_SAMPLES,
+        "interval": MAX_TOKENS,
+        "min_tokens": MAX_TOKENS,
+        "keep_per_cluster": MAX_WIDTH,
+        "max_traces": MAX_SAMPLES,
+    },
+    sources={"judge": Component("redundancy_judge")},
+    fan_out=lambda s: s.n,
+)
 class Prune(Strategy):
     """Self-consistency with redundant in-flight traces aborted.
 

@@ -18,6 +18,7 @@ from typing import Any, Literal
 from ..engine.types import ChatMessage
 from ..errors import ConfigError
 from .base import Result, SearchContext, Strategy, TraceTree
+from .registry import MAX_ROUNDS, register_strategy
 from .sampling import SampledTrace, candidates_of, cluster_votes, pick_answer, sample
 
 __all__ = ["DEFAULT_CRITIQUE", "Refine"]
@@ -32,6 +33,7 @@ DEFAULT_CRITIQUE = (
 FinalChoice = Literal["last", "vote"]
 
 
+@register_strategy(maxima={"rounds": MAX_ROUNDS, "patience": MAX_ROUNDS}, fan_out=lambda s: s.rounds + 1)
 class Refine(Strategy):
     """Sequential refinement: one draft, then ``rounds`` critique-and-improve rounds.
 

@@ -12,6 +12,7 @@ from typing import Any, Literal
 from ..errors import ConfigError
 from ..verifiers.confidence import ConfidenceMetric
 from .base import Result, SearchContext, Strategy, TraceTree
+from .registry import MAX_SAMPLES, MAX_TOKENS, MAX_TOP_LOGPROBS, register_strategy
 from .sampling import candidates_of, cluster_votes, pick_answer, sample
 
 __all__ = ["SelfConsistency"]
@@ -19,6 +20,9 @@ __all__ = ["SelfConsistency"]
 Voting = Literal["majority", "confidence"]
 
 
+@register_strategy(
+    maxima={"n": MAX_SAMPLES, "window": MAX_TOKENS, "top_logprobs": MAX_TOP_LOGPROBS}, fan_out=lambda s: s.n
+)
 class SelfConsistency(Strategy):
     """Majority (or confidence-weighted) vote over N samples.
 

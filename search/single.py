@@ -5,11 +5,13 @@ from __future__ import annotations
 from typing import Any
 
 from .base import Result, SearchContext, Strategy, TraceTree
+from .registry import register_strategy
 from .sampling import candidates_of, sample
 
 __all__ = ["Single"]
 
 
+@register_strategy(fan_out=lambda s: 1)
 class Single(Strategy):
     """One sample.
 
