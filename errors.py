@@ -18,6 +18,7 @@ BranchwiseError
 │   ├── EngineTimeout           a request exceeded its hard time limit
 │   ├── RateLimited             the backend kept answering 429 after all retries
 │   └── EngineRequestError      the backend rejected the request (HTTP 4xx, invalid output, ...)
+│       └── ReplayMiss          the replay engine's trace bank cannot serve the request (never resampled)
 ├── GraderPoolError             the grading worker pool cannot run items
 │   └── WorkerCrashError        one item killed its worker every time it ran
 ├── BudgetExhausted             a Budget cap was reached
@@ -35,6 +36,7 @@ Backend exceptions are translated at the boundary with ``raise ... from err`` so
 
 from __future__ import annotations
 
+import difflib
 from collections.abc import Sequence
 
 __all__ = [
@@ -54,6 +56,7 @@ __all__ = [
     "NodeTimeoutError",
     "PlanError",
     "RateLimited",
+    "ReplayMiss",
     "RequestValidationError",
     "SandboxViolation",
     "SpecError",
@@ -96,8 +99,6 @@ class UnknownNameError(ConfigError, KeyError):
     """
 
     def __init__(self, kind: str, name: str, known: Sequence[str]) -> None:
-        import difflib
-
         self.kind = kind
         self.name = name
         known = list(known)
@@ -226,6 +227,21 @@ class EngineRequestError(EngineError):
     def __init__(self, message: str, *, status_code: int | None = None) -> None:
         super().__init__(message)
         self.status_code = status_code
+
+
+class ReplayMiss(EngineRequestError):
+    """The ``replay`` engine's trace bank cannot serve a request. Replay never resamples or substitutes.
+
+    Attributes:
+        reason: ``"unknown_prompt"`` (no banked problem has this prompt), ``"settings"`` (banked with other
+            sampling settings, a smaller ``max_tokens`` or other ``logprobs``), ``"exhausted"`` (more samples
+            asked for than remain unserved), or ``"cut"`` (a sample cut short when it was banked was read past
+            its end).
+    """
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(f"trace bank cannot serve this request ({reason}): {message}")
+        self.reason = reason
 
 
 class GraderPoolError(BranchwiseError):

@@ -4,6 +4,7 @@ Backends register by name and are imported lazily, so ``import branchwise`` neve
 
 - ``vllm``: `VLLMEngine`, vLLM's AsyncLLM embedded in this process.
 - ``openai``: `OpenAIEngine`, any OpenAI-compatible HTTP server (several base URLs balanced).
+- ``replay``: `ReplayEngine`, a trace bank served through this interface (in `engine.replay`).
 - ``test``: `ScriptedEngine`; ``function``: `FunctionEngine` (fakes for tests, in `engine.testing`).
 """
 
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import shutil
 from collections.abc import Callable
 from typing import Any
 
@@ -50,6 +52,7 @@ __all__ = [
 _BACKENDS: dict[str, tuple[str | Callable[..., Engine], str | None]] = {
     "vllm": ("branchwise.engine.vllm_engine:VLLMEngine", "vllm"),
     "openai": ("branchwise.engine.openai_engine:OpenAIEngine", None),
+    "replay": ("branchwise.engine.replay:ReplayEngine", None),
     "test": ("branchwise.engine.testing:ScriptedEngine", None),
     "function": ("branchwise.engine.testing:FunctionEngine", None),
 }
@@ -57,8 +60,6 @@ _BACKENDS: dict[str, tuple[str | Callable[..., Engine], str | None]] = {
 
 def vllm_install_hint() -> str:
     """The install command for the vLLM flavour this machine needs."""
-    import shutil
-
     extra = "engine-gpu" if shutil.which("nvidia-smi") else "engine"
     return f"pip install 'branchwise[{extra}]'  (or run `make setup` in a checkout)"
 
