@@ -9,6 +9,7 @@ Subcommands:
     models pull NAME             provision a model into the cache (idempotent)
     eval PIPELINE.yaml --benchmark NAME   evaluate a pipeline on a benchmark (see `branchwise.cli.evaluate`)
     report RESULTS.db [OTHER.db]          Markdown + HTML report of evaluation results
+    sample PIPELINE.yaml --benchmark NAME --n N --out BANK   draw a trace bank (see `branchwise.cli.sample`)
 
 Exit codes: 0 success, 1 runtime failure, 2 usage error (bad arguments, unknown names), 130 interrupted.
 """
@@ -20,7 +21,7 @@ import sys
 from collections.abc import Sequence
 
 from ..errors import BranchwiseError, ConfigError
-from . import evaluate, models, run
+from . import evaluate, models, run, sample
 
 __all__ = ["main"]
 
@@ -32,6 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_commands(sub)
     models.add_commands(sub)
     evaluate.add_commands(sub)
+    sample.add_commands(sub)
     return parser
 
 

@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 
+from branchwise.cli import main
 from branchwise.engine.replay import ReplayEngine
 from branchwise.engine.testing import FunctionEngine, ScriptedResponse
 from branchwise.engine.tracebank import BankedProblem, BankedSample, TraceBank, pack_floats, unpack
@@ -338,3 +339,18 @@ def test_sample_rows_never_change_after_commit(tmp_path: Path) -> None:
     bank.stats()
     bank.close()
     assert (path.read_bytes(), os.stat(path).st_mtime_ns) == before
+
+
+def test_sample_command_draws_then_resumes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    spec_path = tmp_path / "sc.yaml"
+    spec_path.write_text(PIPELINE)
+    out = tmp_path / "bank"
+    argv = ["sample", str(spec_path), "--benchmark", "arithmetic", "--n", "3", "--limit", "2", "--out", str(out)]
+    assert main([*argv, "--no-hash", "--chunk-size", "1"]) == 0
+    err = capsys.readouterr().err
+    assert "chunk-0001.db complete" in err and "MB per 100k tokens" in err
+    assert TraceBank(out).stats().samples == 6
+    assert main([*argv, "--no-hash", "--chunk-size", "1"]) == 0
+    assert "2 of 2 problems already have 3 traces" in capsys.readouterr().err
+    assert main([*argv, "--chunk-size", "2"]) == 2  # a usage error: the bank's chunks hold 1 problem each
+    assert "chunk_size=1" in capsys.readouterr().err
