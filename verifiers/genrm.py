@@ -15,17 +15,14 @@ import contextlib
 import logging
 import re
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Protocol
 
+from ..budget import Budget
 from ..engine.base import Engine
 from ..engine.types import CallUsage, ChatMessage, FinishReason, GenerationRequest
 from ..errors import BudgetExhausted, ConfigError
 
-if TYPE_CHECKING:  # search imports verifiers; only the annotation is needed here
-    from ..budget import Budget
-    from ..search.base import Candidate
-
-__all__ = ["DEFAULT_VERIFY_PROMPT", "GenerativeVerifier", "VerificationResult", "parse_verdict"]
+__all__ = ["DEFAULT_VERIFY_PROMPT", "GenerativeVerifier", "Solution", "VerificationResult", "parse_verdict"]
 
 logger = logging.getLogger(__name__)
 
@@ -40,6 +37,13 @@ DEFAULT_VERIFY_PROMPT = (
 
 _VERDICT_RE = re.compile(r"verdict\s*\**\s*[:\-\u2013]?\s*[*\"'`]*\s*(yes|no)\b", re.IGNORECASE)
 _SLOT_RE = re.compile(r"\{(problem|solution)\}")
+
+
+class Solution(Protocol):
+    """What the verifier reads of a candidate (a search `Candidate` is one): its generated text."""
+
+    @property
+    def text(self) -> str: ...
 
 
 def parse_verdict(text: str) -> bool | None:
@@ -201,7 +205,7 @@ class GenerativeVerifier:
             logger.debug("%d of %d verification rationales had no parseable verdict", result.unparsed, finished)
         return result
 
-    async def __call__(self, problem: str, candidate: Candidate) -> float:
+    async def __call__(self, problem: str, candidate: Solution) -> float:
         """The score of ``candidate``'s text, as a `best_of_n` scorer."""
         return (await self.score(problem, candidate.text)).score
 

@@ -22,7 +22,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from ..errors import ConfigError, MissingDependencyError
+from ..errors import ConfigError, MissingDependencyError, UnknownNameError
 from .extraction import AnswerExtractor, extract_last_number
 from .grading import BaseGrader, NumericGrader
 
@@ -213,7 +213,5 @@ def get_redundancy_judge(name: str, **options: Any) -> RedundancyJudge:
     try:
         cls = judges[name]
     except KeyError:
-        from ..errors import UnknownNameError
-
         raise UnknownNameError("redundancy judge", name, list(judges)) from None
     return cls(**options)
