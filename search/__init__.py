@@ -10,6 +10,7 @@ from .adaptive import Adaptive
 from .base import Candidate, PromptTemplate, Result, SearchContext, Strategy, TraceNode, TraceTree
 from .beam import Beam
 from .best_of_n import BestOfN
+from .consensus import Consensus
 from .deepconf import DeepConf
 from .dvts import DVTS
 from .pdr import PDR
@@ -35,6 +36,7 @@ __all__ = [
     "BestOfN",
     "Candidate",
     "Component",
+    "Consensus",
     "DeepConf",
     "NestedStrategy",
     "PromptTemplate",

@@ -18,6 +18,7 @@ __all__ = [
     "DeltaCheck",
     "SampledTrace",
     "candidates_of",
+    "close_finished",
     "cluster_votes",
     "pick_answer",
     "sample",
@@ -62,8 +63,8 @@ def clipped_by_budget(ctx: SearchContext, request: GenerationRequest, finish: Fi
     return finish == "length" and tokens < request.max_tokens and budget is not None and budget.clipped_calls > 0
 
 
-def _close_finished(ctx: SearchContext, request: GenerationRequest, trace: SampledTrace, tree: TraceTree) -> None:
-    """Extract the answer of a trace that finished and close its node, noting a cut by the budget."""
+def close_finished(ctx: SearchContext, request: GenerationRequest, trace: SampledTrace, tree: TraceTree) -> None:
+    """Extract the answer of a trace that finished and close its node, noting a cut by the budget (``trace.clipped``)."""
     trace.node.answer = ctx.extractor.extract(trace.text)
     trace.clipped = clipped_by_budget(ctx, request, trace.finish_reason, trace.node.tokens)
     detail = f"clipped by the budget to {trace.node.tokens} tokens" if trace.clipped else None
@@ -102,7 +103,7 @@ async def sample(
         trace.text = trace.node.text = "".join(parts)
         trace.node.finish_reason = trace.finish_reason
         if trace.finish_reason in ("stop", "length"):
-            _close_finished(ctx, request, trace, tree)
+            close_finished(ctx, request, trace, tree)
             exhausted = exhausted or trace.clipped
         else:
             tree.close(trace.node, "budget", detail="cut by the budget before it finished")
@@ -186,7 +187,7 @@ async def stream_trace(
     trace.text = trace.node.text = "".join(pieces)
     trace.node.finish_reason = trace.finish_reason
     if trace.finish_reason in ("stop", "length"):
-        _close_finished(ctx, request, trace, tree)
+        close_finished(ctx, request, trace, tree)
     elif rule is not None:
         tree.close(trace.node, "pruned", rule=rule, detail=f"aborted after {trace.node.tokens} tokens")
     else:
