@@ -17,27 +17,28 @@ print(result.answer, result.llm_calls, result.usage.total_tokens, result.repairs
 ```
 
 With the LLMCompiler planner, nodes are dispatched while the plan streams (each task starts the moment its line
-is complete); the other planners hand their nodes over as soon as the plan is parsed. The run's events go to the
-optional ``events`` sink (``plan_node``, ``node_start``, ``node_end``, ``node_error``, ``plan``, ``join``,
-``replan``, ``plan_error``, ``agent_end``).
+is complete); the other planners hand their nodes over as soon as the plan is parsed. The run's events
+(``plan_node``, ``node_start``, ``node_end``, ``node_error``, ``plan``, ``join``, ``replan``, ``plan_error``,
+``agent_end``) go to the run's event channel (`branchwise.events`).
 """
 
 from __future__ import annotations
 
-import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..budget import Budget, BudgetedEngine, UsageSnapshot
+from ..engine.base import Engine
 from ..errors import ConfigError, PlanError
+from ..events import emit
 from ..planners import JoinDecision, Joiner, Plan, Planner, Repair, ReplanContext, get_planner
 from ..planners.plan import PlanNode, ToolsLike
-from .executor import EventSink, Executor, FailurePolicy, NodeResult, RetryPolicy, ThoughtSpec
+from .executor import Executor
+from .nodes import FailurePolicy, NodeResult, RetryPolicy, ThoughtSpec
 
 __all__ = ["AgentResult", "run_agent"]
-
-logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -50,7 +51,7 @@ class AgentResult:
         nodes: per round, the node results by node id (for ReAct, one round of steps).
         repairs: every repair applied to planner output, over all rounds.
         decisions: the joiner's decision per round.
-        usage: what the whole run cost (planner, nodes, joiner), a `UsageSnapshot`.
+        usage: what the whole run cost (planner, nodes, joiner); None until the run ends.
         llm_calls: engine calls made (a call with n samples counts once).
         wall_time_s: seconds from start to answer.
         errors: plan errors met on the way (rounds whose plan could not be made).
@@ -62,7 +63,7 @@ class AgentResult:
     nodes: list[dict[int, NodeResult]] = field(default_factory=list)
     repairs: list[Repair] = field(default_factory=list)
     decisions: list[JoinDecision] = field(default_factory=list)
-    usage: Any = None
+    usage: UsageSnapshot | None = None
     llm_calls: int = 0
     wall_time_s: float = 0.0
     errors: list[str] = field(default_factory=list)
@@ -72,11 +73,6 @@ class AgentResult:
     def replans(self) -> int:
         """Rounds after the first."""
         return max(len(self.nodes) - 1, 0)
-
-    @property
-    def timings(self) -> dict[str, float | None]:
-        """Seconds each node took, keyed ``"<round>.<id>"`` over all rounds (None for nodes that never ran)."""
-        return {f"{r}.{i}": res.duration_s for r, nodes in enumerate(self.nodes, 1) for i, res in nodes.items()}
 
     def node_errors(self) -> list[NodeResult]:
         """Every node that failed or was skipped, over all rounds."""
@@ -97,13 +93,88 @@ class AgentResult:
             "errors": self.errors,
         }
 
+    def finish(self, budget: Budget, started: float, **summary: Any) -> AgentResult:
+        """Record what the run cost and took, and report ``agent_end`` (with ``summary``)."""
+        self.usage = budget.usage.snapshot()
+        self.llm_calls = self.usage.calls
+        self.wall_time_s = time.perf_counter() - started
+        emit(
+            "agent_end",
+            {"answer": self.answer, "llm_calls": self.llm_calls, "wall_time_s": self.wall_time_s, **summary},
+        )
+        return self
 
-def _emit(events: EventSink | None, kind: str, data: dict[str, Any]) -> None:
-    if events is not None:
-        try:
-            events(kind, data)
-        except Exception:
-            logger.exception("event sink failed on %s", kind)
+
+@dataclass
+class _Rounds:
+    """The state of one `run_agent` call: what stays fixed across rounds, and the replanning context."""
+
+    query: str
+    planner: Planner
+    joiner: Joiner
+    tools: ToolsLike
+    llm: BudgetedEngine
+    executor_args: dict[str, Any]
+    result: AgentResult
+    context: ReplanContext = field(default_factory=ReplanContext)
+
+    async def plan_and_run(self, round_no: int, can_replan: bool) -> tuple[Plan, dict[int, NodeResult]] | None:
+        """Plan (dispatching nodes as they come) and run the plan; None when the plan could not be made."""
+        executor = Executor(tools=self.tools, **self.executor_args)
+
+        def dispatch(node: PlanNode, repairs: Sequence[Repair]) -> None:
+            executor.add(node, repairs=repairs)
+
+        async with executor:
+            try:
+                plan = await self.planner.plan(
+                    self.query, engine=self.llm, tools=self.tools, context=self.context, on_node=dispatch
+                )
+            except PlanError as err:
+                await executor.cancel()
+                self.result.errors.append(str(err))
+                emit("plan_error", {"round": round_no, "error": str(err), "node": err.node, "field": err.field})
+                if not can_replan:
+                    raise
+                self.replan(round_no, Plan(nodes=[]), {}, f"the previous plan was invalid: {err}")
+                return None
+            executor.close()
+            results = await executor.wait()
+        self.result.plans.append(plan)
+        self.result.nodes.append(results)
+        self.result.repairs.extend(plan.repairs)
+        emit(
+            "plan",
+            {
+                "round": round_no,
+                "planner": self.planner.kind,
+                "nodes": len(plan),
+                "width": plan.width(),
+                "repairs": [r.to_dict() for r in plan.repairs],
+            },
+        )
+        return plan, results
+
+    async def join(self, round_no: int, can_replan: bool, plan: Plan, results: dict[int, NodeResult]) -> bool:
+        """Ask the joiner; True when the run is finished (the answer is recorded)."""
+        decision = await self.joiner.decide(self.query, plan, results, engine=self.llm, can_replan=can_replan)
+        self.result.decisions.append(decision)
+        emit("join", {"round": round_no, **decision.to_dict()})
+        if decision.action == "finish":
+            self.result.answer = decision.answer
+            join = results.get(plan.join.id)
+            if join is not None:  # the join "ran": it is the joiner's decision
+                join.status, join.output = "ok", decision.answer
+            return True
+        observations = {i: r.observation() for i, r in results.items() if r.kind != "join"}
+        self.replan(round_no, plan, observations, decision.reason)
+        return False
+
+    def replan(self, round_no: int, plan: Plan, observations: Mapping[int, str], reason: str) -> None:
+        self.context.plans.append(plan)
+        self.context.observations.append(observations)
+        self.context.reason = reason
+        emit("replan", {"round": round_no, "reason": reason})
 
 
 async def run_agent(
@@ -111,12 +182,11 @@ async def run_agent(
     *,
     planner: str | Planner | Plan | Mapping[str, Any],
     tools: ToolsLike,
-    engine: Any,
-    budget: Any = None,
+    engine: Engine,
+    budget: Budget | None = None,
     thought: ThoughtSpec = None,
     max_replans: int = 1,
     concurrency: int = 16,
-    events: EventSink | None = None,
     joiner: Joiner | None = None,
     failure: FailurePolicy = "continue",
     timeout_s: float | None = None,
@@ -124,6 +194,8 @@ async def run_agent(
     thought_context: Mapping[str, Any] | None = None,
 ) -> AgentResult:
     """Answer ``query`` by planning a DAG, running it, and joining (replanning up to ``max_replans`` times).
+
+    Events of the run go to the current event sink (`branchwise.events.use_sink`).
 
     Args:
         query: the question.
@@ -138,7 +210,6 @@ async def run_agent(
         max_replans: how many times the joiner may ask for a new plan (>= 0). A plan the planner could not
             make (`PlanError`) also uses a replan, with the error as feedback.
         concurrency: the most nodes running at once.
-        events: an optional sink ``(kind, data) -> None`` for run events.
         joiner: decides finish or replan (`Joiner()` when None).
         failure: the executor's failure policy; "continue" (default) passes node errors to the joiner,
             "fail_fast" raises `NodeFailedError`.
@@ -154,93 +225,28 @@ async def run_agent(
         NodeFailedError: a node failed under ``failure="fail_fast"``.
         ConfigError: invalid arguments.
     """
-    from ..budget import Budget
-
     if isinstance(max_replans, bool) or not isinstance(max_replans, int) or max_replans < 0:
         raise ConfigError(f"max_replans must be an integer >= 0, got {max_replans!r}")
     planner_ = get_planner(planner)
-    joiner = joiner or Joiner()
-    parent = budget if budget is not None else Budget(name="agent")
-    run_budget = parent.child("agent") if budget is not None else parent
-    llm = run_budget.bind(engine)
+    run_budget = budget.child("agent") if budget is not None else Budget(name="agent")
     started = time.perf_counter()
-    result = AgentResult(answer=None)
-    context = ReplanContext()
+    executor_args = {
+        "engine": engine,
+        "budget": run_budget,
+        "thought": thought,
+        "thought_context": thought_context,
+        "concurrency": concurrency,
+        "timeout_s": timeout_s,
+        "retry": retry,
+        "failure": failure,
+    }
+    rounds_state = _Rounds(
+        query, planner_, joiner or Joiner(), tools, run_budget.bind(engine), executor_args, AgentResult(answer=None)
+    )
     rounds = max_replans + 1 if planner_.replannable else 1
     for round_no in range(1, rounds + 1):
         can_replan = round_no < rounds
-        executor = Executor(
-            tools=tools,
-            engine=engine,
-            budget=run_budget,
-            thought=thought,
-            thought_context=thought_context,
-            concurrency=concurrency,
-            timeout_s=timeout_s,
-            retry=retry,
-            failure=failure,
-            events=events,
-        )
-
-        def dispatch(node: PlanNode, repairs: Any, executor: Executor = executor) -> None:
-            executor.add(node, repairs=repairs)
-
-        async with executor:
-            try:
-                plan = await planner_.plan(query, engine=llm, tools=tools, context=context, on_node=dispatch)
-            except PlanError as err:
-                await executor.cancel()
-                result.errors.append(str(err))
-                _emit(
-                    events, "plan_error", {"round": round_no, "error": str(err), "node": err.node, "field": err.field}
-                )
-                if not can_replan:
-                    raise
-                context.plans.append(Plan(nodes=[]))
-                context.observations.append({})
-                context.reason = f"the previous plan was invalid: {err}"
-                _emit(events, "replan", {"round": round_no, "reason": context.reason})
-                continue
-            executor.close()
-            results = await executor.wait()
-        result.plans.append(plan)
-        result.nodes.append(results)
-        result.repairs.extend(plan.repairs)
-        _emit(
-            events,
-            "plan",
-            {
-                "round": round_no,
-                "planner": planner_.kind,
-                "nodes": len(plan),
-                "width": plan.width(),
-                "repairs": [r.to_dict() for r in plan.repairs],
-            },
-        )
-        decision = await joiner.decide(query, plan, results, engine=llm, can_replan=can_replan)
-        result.decisions.append(decision)
-        _emit(events, "join", {"round": round_no, **decision.to_dict()})
-        if decision.action == "finish":
-            result.answer = decision.answer
-            join = results.get(plan.join.id)
-            if join is not None:  # the join "ran": it is the joiner's decision
-                join.status, join.output = "ok", decision.answer
+        ran = await rounds_state.plan_and_run(round_no, can_replan)
+        if ran is not None and await rounds_state.join(round_no, can_replan, *ran):
             break
-        context.plans.append(plan)
-        context.observations.append({i: r.observation() for i, r in results.items() if r.kind != "join"})
-        context.reason = decision.reason
-        _emit(events, "replan", {"round": round_no, "reason": decision.reason})
-    result.usage = run_budget.usage.snapshot()
-    result.llm_calls = result.usage.calls
-    result.wall_time_s = time.perf_counter() - started
-    _emit(
-        events,
-        "agent_end",
-        {
-            "answer": result.answer,
-            "llm_calls": result.llm_calls,
-            "wall_time_s": result.wall_time_s,
-            "rounds": len(result.nodes),
-        },
-    )
-    return result
+    return rounds_state.result.finish(run_budget, started, rounds=len(rounds_state.result.nodes))

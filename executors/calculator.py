@@ -20,7 +20,7 @@ from collections.abc import Callable
 from typing import Any
 
 from ..errors import ToolError
-from .tools import Tool
+from .registry import Tool
 
 __all__ = ["MAX_EXPRESSION_LENGTH", "calculate", "calculator", "calculator_tool"]
 

@@ -16,6 +16,9 @@ request in the backend).
 Node kinds: a tool node calls ``tool.call(arguments)`` after its references are resolved; a thought node runs
 a search/ strategy on its (resolved) question under a child of the run's `Budget`, and its output is the
 strategy `Result`'s answer; a join node is not run here (the agent's joiner handles it).
+
+Events (``plan_node``, ``node_start``, ``node_end``, ``node_error``, ``node_retry``) go to the run's event channel
+(`branchwise.events.emit`); install a sink with `branchwise.events.use_sink` to receive them.
 """
 
 from __future__ import annotations
@@ -24,14 +27,13 @@ import asyncio
 import logging
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Mapping
 from types import TracebackType
-from typing import Any, Literal, Self
+from typing import Any, Self
 
+from ..budget import Budget
+from ..engine.base import Engine
 from ..errors import (
-    BranchwiseError,
-    BudgetExhausted,
     ConfigError,
     ExecutionError,
     NodeFailedError,
@@ -39,155 +41,14 @@ from ..errors import (
     PlanError,
     ToolArgumentError,
 )
-from ..planners.plan import Plan, PlanNode, ToolsLike, check_node
+from ..events import emit
+from ..planners.plan import Plan, PlanNode, Repair, ToolsLike, check_node
+from ..search import SearchContext, Strategy
+from .nodes import FailurePolicy, NodeResult, RetryPolicy, ThoughtSpec, resolve_strategy, summarize
 
-__all__ = [
-    "EventSink",
-    "Executor",
-    "FailurePolicy",
-    "NodeResult",
-    "NodeStatus",
-    "RetryPolicy",
-    "ThoughtSpec",
-    "resolve_strategy",
-]
+__all__ = ["Executor", "NodeResult", "RetryPolicy", "resolve_strategy"]
 
 logger = logging.getLogger(__name__)
-
-EventSink = Callable[[str, dict[str, Any]], None]
-"""An observer of run events: ``sink(kind, data)``; must be cheap and must not raise (errors are logged)."""
-
-NodeStatus = Literal["pending", "running", "ok", "error", "skipped", "cancelled"]
-FailurePolicy = Literal["fail_fast", "continue"]
-ThoughtSpec = Any
-"""A thought strategy: a `Strategy`, a name, ``(name, params)`` or ``{"strategy": name, **params}``."""
-
-
-@dataclass(frozen=True)
-class RetryPolicy:
-    """How often a node is tried and how long to wait between tries.
-
-    Attributes:
-        max_attempts: tries per node (1: no retry).
-        backoff_s: wait before the second try; multiplied by ``multiplier`` for each further try.
-        multiplier: backoff growth factor.
-        retry_on: exception types worth retrying. Usage errors (`ConfigError`, e.g. a bad argument) and
-            `BudgetExhausted` are never retried.
-    """
-
-    max_attempts: int = 1
-    backoff_s: float = 0.0
-    multiplier: float = 2.0
-    retry_on: tuple[type[BaseException], ...] = (BranchwiseError, TimeoutError, OSError)
-
-    def __post_init__(self) -> None:
-        if isinstance(self.max_attempts, bool) or not isinstance(self.max_attempts, int) or self.max_attempts < 1:
-            raise ConfigError(f"RetryPolicy.max_attempts must be an integer >= 1, got {self.max_attempts!r}")
-        if self.backoff_s < 0 or self.multiplier < 1:
-            raise ConfigError("RetryPolicy.backoff_s must be >= 0 and multiplier >= 1")
-
-    def retryable(self, err: BaseException) -> bool:
-        if isinstance(err, (ConfigError, BudgetExhausted, ToolArgumentError)):
-            return False
-        return isinstance(err, self.retry_on)
-
-    def delay(self, attempt: int) -> float:
-        """Seconds to wait after failed try number ``attempt`` (1-based)."""
-        return float(self.backoff_s * self.multiplier ** (attempt - 1))
-
-
-@dataclass
-class NodeResult:
-    """What happened to one node.
-
-    Attributes:
-        id: the node id.
-        kind: "tool", "thought" or "join".
-        name: the tool name, "think" or "join".
-        status: "pending", "running", "ok", "error", "skipped" (a dependency failed) or "cancelled".
-        output: the node's output (a tool's return value; a thought's answer).
-        error: the error message, when it failed or was skipped.
-        error_type: the exception type name.
-        attempts: tries made.
-        started_at, ended_at: `time.perf_counter` stamps (None if it never started / ended).
-        detail: extra results: a thought's strategy `Result`, the resolved arguments.
-    """
-
-    id: int
-    kind: str
-    name: str
-    status: NodeStatus = "pending"
-    output: Any = None
-    error: str | None = None
-    error_type: str | None = None
-    attempts: int = 0
-    started_at: float | None = None
-    ended_at: float | None = None
-    detail: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def duration_s(self) -> float | None:
-        """Seconds from start to end (None until both are known)."""
-        if self.started_at is None or self.ended_at is None:
-            return None
-        return self.ended_at - self.started_at
-
-    @property
-    def ok(self) -> bool:
-        return self.status == "ok"
-
-    def observation(self, limit: int = 600) -> str:
-        """The result as text for a prompt: the output, or the error."""
-        if self.status == "ok":
-            text = self.output if isinstance(self.output, str) else repr(self.output)
-        else:
-            text = f"ERROR ({self.error_type or self.status}): {self.error}"
-        return text if len(text) <= limit else text[: limit - 3] + "..."
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-ready summary (the output as text)."""
-        return {
-            "id": self.id,
-            "kind": self.kind,
-            "name": self.name,
-            "status": self.status,
-            "output": summarize(self.output),
-            "error": self.error,
-            "error_type": self.error_type,
-            "attempts": self.attempts,
-            "duration_s": self.duration_s,
-        }
-
-
-def summarize(value: Any, limit: int = 200) -> str:
-    """A short text rendering of a node output for events and records."""
-    text = value if isinstance(value, str) else repr(value)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-def resolve_strategy(spec: ThoughtSpec) -> Any:
-    """A search/ `Strategy` from a strategy, a name, ``(name, params)`` or ``{"strategy": name, **params}``.
-
-    Raises:
-        ConfigError: an unusable spec; UnknownNameError for an unknown strategy name.
-    """
-    from ..search import Strategy, get_strategy
-
-    if spec is None:
-        return get_strategy("single")
-    if isinstance(spec, Strategy):
-        return spec
-    if isinstance(spec, str):
-        return get_strategy(spec)
-    if isinstance(spec, tuple) and len(spec) == 2 and isinstance(spec[0], str) and isinstance(spec[1], Mapping):
-        return get_strategy(spec[0], **dict(spec[1]))
-    if isinstance(spec, Mapping):
-        params = dict(spec)
-        name = params.pop("strategy", None) or params.pop("name", None)
-        if not isinstance(name, str):
-            raise ConfigError(f"a thought spec mapping needs a 'strategy' name, got {dict(spec)!r}")
-        return get_strategy(name, **params)
-    raise ConfigError(f"cannot make a strategy from {spec!r}: give a Strategy, a name or {{'strategy': name, ...}}")
 
 
 class _Entry:
@@ -217,7 +78,6 @@ class Executor:
         retry: the retry policy; a node's ``max_attempts`` overrides its attempt count.
         failure: "fail_fast" (the first failure cancels the run and `wait` raises `NodeFailedError`) or
             "continue" (record it, skip its dependents, run the rest).
-        events: an optional `EventSink`.
         validate: check each added node (references, tool, literal arguments) before accepting it.
 
     Example:
@@ -231,15 +91,14 @@ class Executor:
         self,
         *,
         tools: ToolsLike | None = None,
-        engine: Any = None,
-        budget: Any = None,
+        engine: Engine | None = None,
+        budget: Budget | None = None,
         thought: ThoughtSpec = None,
         thought_context: Mapping[str, Any] | None = None,
         concurrency: int = 16,
         timeout_s: float | None = None,
         retry: RetryPolicy | None = None,
         failure: FailurePolicy = "fail_fast",
-        events: EventSink | None = None,
         validate: bool = True,
     ) -> None:
         if isinstance(concurrency, bool) or not isinstance(concurrency, int) or concurrency < 1:
@@ -252,13 +111,12 @@ class Executor:
         self.engine = engine
         self._budget = budget
         self._thought_spec = thought
-        self._strategy: Any = None
+        self._strategy: Strategy | None = None
         self.thought_context = dict(thought_context or {})
         self.concurrency = concurrency
         self.timeout_s = timeout_s
         self.retry = retry or RetryPolicy()
         self.failure: FailurePolicy = failure
-        self.events = events
         self.validate = validate
         self._entries: dict[int, _Entry] = {}
         self._outputs: dict[int, Any] = {}
@@ -283,10 +141,9 @@ class Executor:
             await self.cancel()
 
     @property
-    def budget(self) -> Any:
+    def budget(self) -> Budget:
+        """The run's budget (a metering-only one made on first use when none was given)."""
         if self._budget is None:
-            from ..budget import Budget
-
             self._budget = Budget(name="executor")
         return self._budget
 
@@ -305,15 +162,8 @@ class Executor:
         """Nodes running now."""
         return self._running
 
-    def _emit(self, kind: str, data: dict[str, Any]) -> None:
-        if self.events is not None:
-            try:
-                self.events(kind, data)
-            except Exception:  # an observer must never break the run
-                logger.exception("event sink failed on %s", kind)
-
     # -- adding nodes -------------------------------------------------------------------------------------------
-    def add(self, node: PlanNode, *, repairs: Iterable[Any] = ()) -> NodeResult:
+    def add(self, node: PlanNode, *, repairs: Iterable[Repair] = ()) -> NodeResult:
         """Accept ``node``; it starts as soon as its dependencies have finished (at once if they have).
 
         A join node is recorded but not run. Must be called from the event loop thread.
@@ -340,17 +190,10 @@ class Executor:
         name = node.tool if node.kind == "tool" else ("think" if node.kind == "thought" else "join")
         entry = _Entry(node, NodeResult(node.id, node.kind, name or ""), bool(references))
         self._entries[node.id] = entry
-        if self.events is not None:
-            self._emit(
-                "plan_node",
-                {
-                    "node": node.id,
-                    "kind": node.kind,
-                    "name": name,
-                    "deps": deps,
-                    "repairs": [r.to_dict() if hasattr(r, "to_dict") else r for r in repairs],
-                },
-            )
+        emit(
+            "plan_node",
+            {"node": node.id, "kind": node.kind, "name": name, "deps": deps, "repairs": [r.to_dict() for r in repairs]},
+        )
         if node.kind == "join":
             return entry.result
         self._unfinished += 1
@@ -458,8 +301,7 @@ class Executor:
     async def _run_node(self, entry: _Entry) -> None:
         node, result = entry.node, entry.result
         result.started_at = time.perf_counter()
-        if self.events is not None:
-            self._emit("node_start", {"node": node.id, "kind": node.kind, "name": result.name})
+        emit("node_start", {"node": node.id, "kind": node.kind, "name": result.name})
         error: BaseException | None = None
         try:
             result.output = await self._attempts(entry)
@@ -480,34 +322,32 @@ class Executor:
         self._unfinished -= 1
         if error is None:
             self._outputs[node.id] = result.output
-            if self.events is not None:
-                self._emit(
-                    "node_end",
-                    {
-                        "node": node.id,
-                        "name": result.name,
-                        "duration_s": result.duration_s,
-                        "attempts": result.attempts,
-                        "output": summarize(result.output),
-                    },
-                )
+            emit(
+                "node_end",
+                {
+                    "node": node.id,
+                    "name": result.name,
+                    "duration_s": result.duration_s,
+                    "attempts": result.attempts,
+                    "output": summarize(result.output),
+                },
+            )
             for dep in entry.dependents:
                 dep.waiting -= 1
                 if dep.waiting == 0 and dep.result.status == "pending":
                     self._ready.append(dep)
         else:
-            if self.events is not None:
-                self._emit(
-                    "node_error",
-                    {
-                        "node": node.id,
-                        "name": result.name,
-                        "duration_s": result.duration_s,
-                        "attempts": result.attempts,
-                        "error": result.error,
-                        "error_type": result.error_type,
-                    },
-                )
+            emit(
+                "node_error",
+                {
+                    "node": node.id,
+                    "name": result.name,
+                    "duration_s": result.duration_s,
+                    "attempts": result.attempts,
+                    "error": result.error,
+                    "error_type": result.error_type,
+                },
+            )
             if self.failure == "fail_fast":
                 self._fail(entry, error)
                 return
@@ -523,7 +363,7 @@ class Executor:
         entry.result.error = f"dependency {cause.id} ({cause.name}) did not succeed: {cause.error}"
         entry.result.error_type = "DependencyFailed"
         self._unfinished -= 1
-        self._emit(
+        emit(
             "node_error",
             {
                 "node": entry.node.id,
@@ -579,7 +419,7 @@ class Executor:
                 if attempt >= attempts or not self.retry.retryable(err):
                     raise
                 logger.info("node %s attempt %d failed (%s); retrying", node.id, attempt, err)
-                self._emit("node_retry", {"node": node.id, "attempt": attempt, "error": str(err)})
+                emit("node_retry", {"node": node.id, "attempt": attempt, "error": str(err)})
                 delay = self.retry.delay(attempt)
                 if delay:
                     await asyncio.sleep(delay)
@@ -602,8 +442,6 @@ class Executor:
         return await self._think(node, question, result)
 
     async def _think(self, node: PlanNode, question: str, result: NodeResult) -> Any:
-        from ..search import SearchContext
-
         if self.engine is None:
             raise ConfigError(f"thought node {node.id} needs an engine; the executor has none")
         if node.strategy is not None:

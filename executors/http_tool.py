@@ -12,10 +12,11 @@ import logging
 from typing import Annotated, Any
 from urllib.parse import urlsplit
 
+import httpx
 import pydantic
 
 from ..errors import ConfigError, ToolArgumentError, ToolError, ToolTimeout
-from .tools import Tool
+from .registry import Tool
 
 __all__ = ["http_get_tool"]
 
@@ -50,8 +51,6 @@ def http_get_tool(
             url: an http:// or https:// URL.
             max_bytes: read at most this many bytes of the body.
         """
-        import httpx
-
         parts = urlsplit(url)
         if parts.scheme not in {"http", "https"} or not parts.netloc:
             raise ToolArgumentError(_TOOL, f"only http and https URLs are allowed, got {url!r}", field="url")

@@ -11,24 +11,24 @@ one round whose nodes are the steps), so the two can be compared directly.
 from __future__ import annotations
 
 import json
-import logging
 import re
 import time
 from collections.abc import Mapping
 from typing import Any
 
+from ..budget import Budget, BudgetedEngine
+from ..engine.base import Engine
 from ..engine.types import ChatMessage, GenerationRequest, StructuredOutput
 from ..errors import ConfigError, PlanError
+from ..events import emit
 from ..planners.base import describe_tools
 from ..planners.llmcompiler import parse_call
 from ..planners.plan import ToolsLike
 from ..planners.structured import bounded_schema
 from .agent import AgentResult
-from .executor import EventSink, NodeResult, summarize
+from .nodes import NodeResult, summarize
 
 __all__ = ["react_schema", "run_react"]
-
-logger = logging.getLogger(__name__)
 
 _SYSTEM_JSON = """Answer the question using tools, one call per turn. Tools:
 {tools}
@@ -100,19 +100,58 @@ def _parse_turn(text: str, structured: bool) -> tuple[str | None, list[Any], dic
     raise PlanError(f"the turn has neither an Action nor a Final Answer: {text[:200]!r}")
 
 
+def _turn_request(
+    messages: list[ChatMessage], tools: ToolsLike, *, structured: bool, last: bool, max_tokens: int
+) -> GenerationRequest:
+    """The request of one turn; on the last turn no tool may be called (the answer must come)."""
+    fields: dict[str, Any] = {"temperature": 0.0, "max_tokens": max_tokens}
+    if structured:
+        fields["structured"] = StructuredOutput(json_schema=react_schema(tools, allow_tools=not last))
+    else:
+        fields["stop"] = ("Observation:",)
+        if last:
+            messages.append(ChatMessage("user", "No more tool calls. Write: Final Answer: <answer>"))
+    return GenerationRequest(messages=tuple(messages), **fields)
+
+
+async def _act(step: int, tools: ToolsLike, name: str, args: list[Any], kwargs: dict[str, Any]) -> NodeResult:
+    """Run one tool call as step ``step``; a failure is recorded (it becomes the model's observation)."""
+    record = NodeResult(step, "tool", name, status="running")
+    record.started_at = time.perf_counter()
+    emit("node_start", {"node": step, "kind": "tool", "name": name})
+    try:
+        tool = tools.get(name)  # an unknown name raises UnknownNameError with a suggestion
+        record.attempts = 1
+        record.output = await tool.call(tool.bind(args, kwargs))
+        record.status = "ok"
+    except Exception as err:  # a failed step is an observation for the model, as in ReAct
+        record.status = "error"
+        record.error = str(err)
+        record.error_type = type(err).__name__
+    record.ended_at = time.perf_counter()
+    timing = {"node": step, "name": name, "duration_s": record.duration_s, "attempts": 1}
+    if record.ok:
+        emit("node_end", {**timing, "output": summarize(record.output)})
+    else:
+        emit("node_error", {**timing, "error": record.error, "error_type": record.error_type})
+    return record
+
+
 async def run_react(
     query: str,
     *,
     tools: ToolsLike,
-    engine: Any,
-    budget: Any = None,
+    engine: Engine,
+    budget: Budget | None = None,
     max_steps: int = 8,
     structured: bool = True,
     max_tokens: int = 160,
-    events: EventSink | None = None,
     observation_chars: int = 400,
 ) -> AgentResult:
     """Answer ``query`` with a sequential ReAct loop (one tool call per LLM turn).
+
+    Events (``node_start``, ``node_end``, ``node_error``, ``agent_end``) go to the current event sink
+    (`branchwise.events.use_sink`).
 
     Args:
         query: the question.
@@ -122,45 +161,51 @@ async def run_react(
         max_steps: the most tool calls; after them one more turn must give the answer.
         structured: constrain each turn to JSON (see module docs); the classic text format when False.
         max_tokens: cap on each turn's tokens.
-        events: an optional sink ``(kind, data) -> None`` (``node_start``, ``node_end``, ``node_error``,
-            ``agent_end``).
         observation_chars: observations are cut to this many characters in the prompt.
 
     Returns:
         An `AgentResult` with ``agent="react"``: ``nodes[0]`` holds one result per step (its ``detail`` keeps the
         model's turn), ``plans`` is empty.
     """
-    from ..budget import Budget
-
     if isinstance(max_steps, bool) or not isinstance(max_steps, int) or max_steps < 1:
         raise ConfigError(f"max_steps must be an integer >= 1, got {max_steps!r}")
     run_budget = budget.child("react") if budget is not None else Budget(name="react")
-    llm = run_budget.bind(engine)
     structured = structured and bool(engine.capabilities.structured_output)
     system = (_SYSTEM_JSON if structured else _SYSTEM_TEXT).format(tools=describe_tools(tools, thought=False))
-    messages: list[ChatMessage] = [ChatMessage("system", system), ChatMessage("user", f"Question: {query}")]
+    messages = [ChatMessage("system", system), ChatMessage("user", f"Question: {query}")]
     started = time.perf_counter()
-    steps: dict[int, NodeResult] = {}
     result = AgentResult(answer=None, agent="react")
+    steps = await _loop(
+        run_budget.bind(engine),
+        tools,
+        messages,
+        result,
+        structured=structured,
+        max_steps=max_steps,
+        max_tokens=max_tokens,
+        observation_chars=observation_chars,
+    )
+    result.nodes.append(steps)
+    return result.finish(run_budget, started, steps=len(steps))
 
-    def emit(kind: str, data: dict[str, Any]) -> None:
-        if events is not None:
-            try:
-                events(kind, data)
-            except Exception:
-                logger.exception("event sink failed on %s", kind)
 
+async def _loop(
+    llm: BudgetedEngine,
+    tools: ToolsLike,
+    messages: list[ChatMessage],
+    result: AgentResult,
+    *,
+    structured: bool,
+    max_steps: int,
+    max_tokens: int,
+    observation_chars: int,
+) -> dict[int, NodeResult]:
+    """The turns: ask, parse, act, observe; sets ``result.answer`` (and ``errors``); returns the steps."""
+    steps: dict[int, NodeResult] = {}
     for step in range(1, max_steps + 2):
         last = step > max_steps
-        fields: dict[str, Any] = {"messages": tuple(messages), "temperature": 0.0, "max_tokens": max_tokens}
-        if structured:
-            fields["structured"] = StructuredOutput(json_schema=react_schema(tools, allow_tools=not last))
-        else:
-            fields["stop"] = ("Observation:",)
-            if last:
-                messages.append(ChatMessage("user", "No more tool calls. Write: Final Answer: <answer>"))
-                fields["messages"] = tuple(messages)
-        text = (await llm.generate(GenerationRequest(**fields))).completions[0].text.strip()
+        request = _turn_request(messages, tools, structured=structured, last=last, max_tokens=max_tokens)
+        text = (await llm.generate(request)).completions[0].text.strip()
         messages.append(ChatMessage("assistant", text))
         try:
             name, args, kwargs, answer = _parse_turn(text, structured)
@@ -171,63 +216,11 @@ async def run_react(
                 break
             messages.append(ChatMessage("user", f"Observation: ERROR: {err}. Reply in the required format."))
             continue
-        if answer is not None:
+        if answer is not None or last:
             result.answer = answer
             break
-        if last:
-            break
         assert name is not None
-        record = NodeResult(step, "tool", name, status="running", detail={"turn": text})
-        steps[step] = record
-        record.started_at = time.perf_counter()
-        emit("node_start", {"node": step, "kind": "tool", "name": name})
-        try:
-            if name not in tools:
-                tools.get(name)  # raises UnknownNameError with a suggestion
-            tool = tools.get(name)
-            record.attempts = 1
-            record.output = await tool.call(tool.bind(args, kwargs))
-            record.status = "ok"
-        except Exception as err:  # a failed step is an observation for the model, as in ReAct
-            record.status = "error"
-            record.error = str(err)
-            record.error_type = type(err).__name__
-        record.ended_at = time.perf_counter()
-        if record.ok:
-            emit(
-                "node_end",
-                {
-                    "node": step,
-                    "name": name,
-                    "duration_s": record.duration_s,
-                    "attempts": 1,
-                    "output": summarize(record.output),
-                },
-            )
-        else:
-            emit(
-                "node_error",
-                {
-                    "node": step,
-                    "name": name,
-                    "duration_s": record.duration_s,
-                    "attempts": 1,
-                    "error": record.error,
-                    "error_type": record.error_type,
-                },
-            )
+        record = steps[step] = await _act(step, tools, name, args, kwargs)
+        record.detail["turn"] = text
         messages.append(ChatMessage("user", f"Observation: {record.observation(observation_chars)}"))
-    result.nodes.append(steps)
-    result.usage = run_budget.usage.snapshot()
-    result.llm_calls = result.usage.calls
-    result.wall_time_s = time.perf_counter() - started
-    emit(
-        "agent_end",
-        {
-            "answer": result.answer,
-            "llm_calls": result.llm_calls,
-            "wall_time_s": result.wall_time_s,
-            "steps": len(steps),
-        },
-    )
-    return result
+    return steps

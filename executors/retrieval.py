@@ -9,6 +9,7 @@ English stop words removed.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import threading
@@ -20,7 +21,7 @@ from typing import Annotated, Any
 import pydantic
 
 from ..errors import ConfigError, MissingDependencyError
-from .tools import Tool
+from .registry import Tool
 
 __all__ = ["BM25Retriever", "Document", "load_documents", "retrieve_tool"]
 
@@ -130,10 +131,8 @@ class BM25Retriever:
     """
 
     def __init__(self, corpus: str | Path | Sequence[Document]) -> None:
-        try:
-            import bm25s  # noqa: F401
-        except ImportError as err:
-            raise MissingDependencyError("the retrieve tool", "bm25s", "pip install 'branchwise[retrieval]'") from err
+        if importlib.util.find_spec("bm25s") is None:
+            raise MissingDependencyError("the retrieve tool", "bm25s", "pip install 'branchwise[retrieval]'")
         if isinstance(corpus, str | Path) and not Path(corpus).expanduser().exists():
             raise ConfigError(f"corpus {str(corpus)!r} does not exist")
         self._source = corpus

@@ -7,6 +7,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+from ..engine.base import Engine
 from .plan import Plan, PlanNode, Repair, ToolsLike
 
 __all__ = ["NodeCallback", "Planner", "ReplanContext", "describe_tools"]
@@ -80,7 +81,7 @@ class Planner(ABC):
         self,
         query: str,
         *,
-        engine: Any,
+        engine: Engine,
         tools: ToolsLike,
         context: ReplanContext | None = None,
         on_node: NodeCallback | None = None,

@@ -12,6 +12,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from ..engine.base import Engine
 from ..engine.types import ChatMessage, GenerationRequest, StructuredOutput
 from ..errors import PlanError
 from .base import NodeCallback, Planner, ReplanContext
@@ -121,7 +122,7 @@ class DecomposePlanner(Planner):
         self,
         query: str,
         *,
-        engine: Any,
+        engine: Engine,
         tools: ToolsLike,
         context: ReplanContext | None = None,
         on_node: NodeCallback | None = None,
@@ -189,7 +190,7 @@ class StaticPlanner(Planner):
         self,
         query: str,
         *,
-        engine: Any,
+        engine: Engine,
         tools: ToolsLike,
         context: ReplanContext | None = None,
         on_node: NodeCallback | None = None,

@@ -16,13 +16,14 @@ import json
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
+from ..engine.base import Engine
 from ..engine.types import ChatMessage, GenerationRequest, StructuredOutput
 from ..errors import PlanError
 from .plan import Plan, find_references
 
-__all__ = ["JoinDecision", "Joiner"]
+__all__ = ["JoinDecision", "Joiner", "NodeOutcome"]
 
 logger = logging.getLogger(__name__)
 
@@ -45,6 +46,18 @@ class JoinDecision:
 
     def to_dict(self) -> dict[str, Any]:
         return {"action": self.action, "answer": self.answer, "reason": self.reason, "llm": self.llm}
+
+
+class NodeOutcome(Protocol):
+    """What the joiner reads of a node's result (the executor's `NodeResult` is one)."""
+
+    @property
+    def status(self) -> str: ...
+
+    @property
+    def output(self) -> Any: ...
+
+    def observation(self) -> str: ...
 
 
 _PROMPT = """Question: {question}
@@ -70,11 +83,11 @@ class Joiner:
         self.max_answer_chars = max_answer_chars
 
     async def decide(
-        self, question: str, plan: Plan, results: Mapping[int, Any], *, engine: Any, can_replan: bool
+        self, question: str, plan: Plan, results: Mapping[int, NodeOutcome], *, engine: Engine, can_replan: bool
     ) -> JoinDecision:
         """Decide for ``plan`` whose node results are ``results`` (`NodeResult` by id)."""
         template = plan.join.question
-        outputs = {i: r.output for i, r in results.items() if getattr(r, "status", None) == "ok"}
+        outputs = {i: r.output for i, r in results.items() if r.status == "ok"}
         if template:
             refs = find_references(template)
             if all(ref.node in outputs for ref in refs):
@@ -88,7 +101,7 @@ class Joiner:
             return self._sink(plan, results, can_replan)
         return await self._ask(question, plan, results, engine=engine, can_replan=can_replan)
 
-    def _sink(self, plan: Plan, results: Mapping[int, Any], can_replan: bool) -> JoinDecision:
+    def _sink(self, plan: Plan, results: Mapping[int, NodeOutcome], can_replan: bool) -> JoinDecision:
         for node in reversed(plan.work_nodes()):
             r = results.get(node.id)
             if r is not None and r.status == "ok":
@@ -98,7 +111,9 @@ class Joiner:
             return JoinDecision("replan", None, reason="no node succeeded")
         return JoinDecision("finish", None, reason="no node succeeded")
 
-    def request(self, question: str, plan: Plan, results: Mapping[int, Any], *, can_replan: bool) -> GenerationRequest:
+    def request(
+        self, question: str, plan: Plan, results: Mapping[int, NodeOutcome], *, can_replan: bool
+    ) -> GenerationRequest:
         lines = []
         for node in plan.work_nodes():
             r = results.get(node.id)
@@ -129,7 +144,7 @@ class Joiner:
         )
 
     async def _ask(
-        self, question: str, plan: Plan, results: Mapping[int, Any], *, engine: Any, can_replan: bool
+        self, question: str, plan: Plan, results: Mapping[int, NodeOutcome], *, engine: Engine, can_replan: bool
     ) -> JoinDecision:
         request = self.request(question, plan, results, can_replan=can_replan)
         if not engine.capabilities.structured_output:

@@ -29,12 +29,14 @@ import json
 import re
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
+from typing import Annotated, Any, Literal
+
+import networkx as nx
+import pydantic
+import yaml
 
 from ..errors import ConfigError, PlanError, ToolArgumentError
-
-if TYPE_CHECKING:
-    import networkx as nx
+from .protocols import ToolLike, ToolsLike
 
 __all__ = [
     "REFERENCE",
@@ -54,32 +56,6 @@ _KINDS = ("tool", "thought", "join")
 
 REFERENCE = re.compile(r"\$(?:\{(\d+)\}|(\d+))((?:\.[A-Za-z0-9_]+)*)")
 """A reference inside an argument: ``$2``, ``${2}``, ``$2.field``, ``${2}.a.0``."""
-
-
-@runtime_checkable
-class ToolLike(Protocol):
-    """What a plan needs from a tool (the tool registry's `Tool` satisfies it)."""
-
-    name: str
-    description: str
-
-    def bind(self, args: Sequence[Any], kwargs: Mapping[str, Any]) -> dict[str, Any]: ...
-
-    def validate(self, arguments: Mapping[str, Any]) -> dict[str, Any]: ...
-
-    def signature(self) -> str: ...
-
-    async def call(self, arguments: Mapping[str, Any]) -> Any: ...
-
-
-class ToolsLike(Protocol):
-    """What a plan needs from a tool registry (`ToolRegistry` satisfies it)."""
-
-    def __contains__(self, name: object) -> bool: ...
-
-    def get(self, name: str) -> Any: ...
-
-    def names(self) -> list[str]: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -474,8 +450,6 @@ class Plan:
         return self
 
     def _check_acyclic(self) -> None:
-        import networkx as nx
-
         graph = self.graph()
         try:
             cycle = nx.find_cycle(graph)
@@ -486,8 +460,6 @@ class Plan:
 
     def graph(self) -> nx.DiGraph[int]:
         """The dependency graph (edge u -> v: v waits for u); the join depends on every other node."""
-        import networkx as nx
-
         graph: nx.DiGraph[int] = nx.DiGraph()
         graph.add_nodes_from(n.id for n in self.nodes)
         work = [n.id for n in self.nodes if n.kind != "join"]
@@ -498,8 +470,6 @@ class Plan:
 
     def width(self) -> int:
         """The largest number of nodes that can run at once (the widest topological generation)."""
-        import networkx as nx
-
         return max((len(g) for g in nx.topological_generations(self.graph())), default=0)
 
     # -- construction -------------------------------------------------------------------------------------------
@@ -538,8 +508,6 @@ class Plan:
         Raises:
             PlanError: invalid YAML or a malformed plan.
         """
-        import yaml
-
         try:
             data = yaml.safe_load(text)
         except yaml.YAMLError as err:
@@ -594,7 +562,7 @@ def check_node(
         check_arguments(node, tools.get(node.tool))
 
 
-def check_arguments(node: PlanNode, tool: Any) -> None:
+def check_arguments(node: PlanNode, tool: ToolLike) -> None:
     """Check a tool node's arguments against the tool: binding (names, count) and the literal values' types.
 
     Arguments holding references are only checked for presence here; their values are validated after
@@ -627,7 +595,7 @@ def check_arguments(node: PlanNode, tool: Any) -> None:
             raise PlanError(f"tool {tool.name!r} has no argument {name!r}", node=where, field=name)
         try:
             _adapter(info).validate_python(value)
-        except Exception as err:  # pydantic.ValidationError, kept lazy to keep imports light
+        except pydantic.ValidationError as err:
             raise PlanError(
                 f"argument {name!r} of tool {tool.name!r} is invalid: {_first_error(err)}", node=where, field=name
             ) from err
@@ -643,26 +611,16 @@ def _adapter(info: Any) -> Any:
     # keyed by id(); the FieldInfo is kept alive in the entry so the id cannot be reused
     entry = _ADAPTERS.get(id(info))
     if entry is None:
-        from typing import Annotated
-
-        from pydantic import TypeAdapter
-
         annotation = info.annotation
         if info.metadata:
             annotation = Annotated[(annotation, *info.metadata)]
-        entry = _ADAPTERS[id(info)] = (TypeAdapter(annotation), info)
+        entry = _ADAPTERS[id(info)] = (pydantic.TypeAdapter(annotation), info)
     return entry[0]
 
 
-def _first_error(err: Exception) -> str:
-    errors = getattr(err, "errors", None)
-    if callable(errors):
-        try:
-            first = errors()[0]
-            return str(first.get("msg", err))
-        except (IndexError, TypeError, AttributeError):
-            pass
-    return str(err)
+def _first_error(err: pydantic.ValidationError) -> str:
+    errors = err.errors(include_url=False)
+    return str(errors[0]["msg"]) if errors else str(err)
 
 
 def _field_of(err: Exception, default: str) -> str:

@@ -22,6 +22,7 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
+from ..engine.base import Engine
 from ..engine.types import ChatMessage, GenerationRequest, StructuredOutput
 from ..errors import PlanError
 from .base import NodeCallback, Planner, ReplanContext, describe_tools
@@ -219,7 +220,9 @@ class StructuredPlanner(Planner):
         self.thought = thought
         self.max_string = max_string
 
-    def request(self, query: str, tools: ToolsLike, context: ReplanContext | None, *, constrained: bool = True) -> Any:
+    def request(
+        self, query: str, tools: ToolsLike, context: ReplanContext | None, *, constrained: bool = True
+    ) -> GenerationRequest:
         system = _SYSTEM.format(tools=describe_tools(tools, thought=self.thought))
         user = f"Question: {query}"
         if context is not None and context.plans:
@@ -236,7 +239,7 @@ class StructuredPlanner(Planner):
         self,
         query: str,
         *,
-        engine: Any,
+        engine: Engine,
         tools: ToolsLike,
         context: ReplanContext | None = None,
         on_node: NodeCallback | None = None,

@@ -13,6 +13,7 @@ from branchwise.budget import Budget
 from branchwise.engine.testing import ScriptedEngine
 from branchwise.engine.types import GenerationRequest
 from branchwise.errors import ConfigError, NodeFailedError, PlanError, ToolError, UnknownNameError
+from branchwise.events import use_sink
 from branchwise.executors.agent import AgentResult, run_agent
 from branchwise.executors.tools import ToolRegistry
 from branchwise.planners import (
@@ -99,14 +100,10 @@ async def test_structured_plan_runs_and_joiner_finishes() -> None:
     )
     events: list[tuple[str, dict[str, Any]]] = []
     budget = Budget(max_calls=10)
-    result = await run_agent(
-        "Who is older, Ann Lee or Bo Ray?",
-        planner="structured",
-        tools=tools(),
-        engine=engine,
-        budget=budget,
-        events=lambda k, d: events.append((k, d)),
-    )
+    with use_sink(lambda k, d: events.append((k, d))):
+        result = await run_agent(
+            "Who is older, Ann Lee or Bo Ray?", planner="structured", tools=tools(), engine=engine, budget=budget
+        )
     assert isinstance(result, AgentResult) and result.answer == "Ann Lee"
     assert result.llm_calls == 3 and budget.usage.calls == 3
     assert result.nodes[0][1].output == FACTS["ann lee"] and result.nodes[0][3].output == "Ann Lee"
@@ -194,9 +191,8 @@ async def test_llmcompiler_planner_through_the_agent_records_repairs() -> None:
     text = 'Plan:\n1. retrieve("Ann Lee")\n2. retrieve(${1})\nThat is all.'
     engine = ScriptedEngine([text, json.dumps({"action": "finish", "answer": "1950"})])
     events: list[tuple[str, dict[str, Any]]] = []
-    result = await run_agent(
-        "q", planner="llmcompiler", tools=tools(), engine=engine, events=lambda k, d: events.append((k, d))
-    )
+    with use_sink(lambda k, d: events.append((k, d))):
+        result = await run_agent("q", planner="llmcompiler", tools=tools(), engine=engine)
     assert result.answer == "1950"
     assert [r.kind for r in result.repairs] == ["ignored_line", "ref_braces", "ignored_line", "missing_join"]
     node2 = next(d for k, d in events if k == "plan_node" and d["node"] == 2)

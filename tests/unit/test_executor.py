@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import asyncio
-import inspect
-from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import pytest
-from pydantic import ValidationError, create_model
+from tool_fakes import FakeRegistry
 
 from branchwise.budget import Budget
 from branchwise.engine.testing import ScriptedEngine
@@ -20,71 +18,16 @@ from branchwise.errors import (
     ToolError,
     UnknownNameError,
 )
+from branchwise.events import use_sink
 from branchwise.executors.executor import Executor, RetryPolicy
 from branchwise.planners.plan import Plan, PlanNode
 
 pytestmark = pytest.mark.timeout(30)
 
 
-class FakeTool:
-    """A minimal stand-in for the tool registry's Tool (same interface)."""
-
-    def __init__(self, fn: Callable[..., Any]) -> None:
-        self.fn = fn
-        self.name = fn.__name__
-        self.description = fn.__doc__ or ""
-        sig = inspect.signature(fn)
-        self.param_names = list(sig.parameters)
-        fields: dict[str, Any] = {
-            n: (p.annotation, ... if p.default is inspect.Parameter.empty else p.default)
-            for n, p in sig.parameters.items()
-        }
-        self.args_model = create_model(f"{self.name}_args", **fields)
-
-    def bind(self, args: Sequence[Any], kwargs: Mapping[str, Any]) -> dict[str, Any]:
-        if len(args) > len(self.param_names):
-            raise ToolArgumentError(self.name, "too many positional arguments")
-        named = dict(zip(self.param_names, args, strict=False))
-        for k, v in kwargs.items():
-            if k not in self.param_names:
-                raise ToolArgumentError(self.name, "unknown argument", field=k)
-            if k in named:
-                raise ToolArgumentError(self.name, "given twice", field=k)
-            named[k] = v
-        return named
-
-    def validate(self, arguments: Mapping[str, Any]) -> dict[str, Any]:
-        try:
-            return self.args_model(**arguments).model_dump()
-        except ValidationError as err:
-            first = err.errors()[0]
-            raise ToolArgumentError(self.name, first["msg"], field=str(first["loc"][0])) from err
-
-    def signature(self) -> str:
-        return f"{self.name}{inspect.signature(self.fn)}"
-
-    async def call(self, arguments: Mapping[str, Any]) -> Any:
-        out = self.fn(**self.validate(arguments))
-        if inspect.isawaitable(out):
-            out = await out
-        return out
-
-
-class FakeRegistry:
-    def __init__(self, *fns: Callable[..., Any]) -> None:
-        self.tools = {f.__name__: FakeTool(f) for f in fns}
-
-    def __contains__(self, name: object) -> bool:
-        return name in self.tools
-
-    def get(self, name: str) -> FakeTool:
-        try:
-            return self.tools[name]
-        except KeyError:
-            raise UnknownNameError("tool", name, list(self.tools)) from None
-
-    def names(self) -> list[str]:
-        return list(self.tools)
+def node_tasks() -> list[asyncio.Task[Any]]:
+    """The executor's node tasks still alive in this loop (none may outlive a run)."""
+    return [t for t in asyncio.all_tasks() if t.get_name().startswith("branchwise-node") and not t.done()]
 
 
 class Gate:
@@ -94,6 +37,14 @@ class Gate:
         self.started: list[str] = []
         self.events: dict[str, asyncio.Event] = {}
         self.arrived: dict[str, asyncio.Event] = {}
+        self.counts: dict[int, asyncio.Event] = {}
+
+    def started_count(self, count: int) -> asyncio.Event:
+        """Set once ``count`` tools have started."""
+        event = self.counts.setdefault(count, asyncio.Event())
+        if len(self.started) >= count:
+            event.set()
+        return event
 
     def event(self, key: str) -> asyncio.Event:
         return self.events.setdefault(key, asyncio.Event())
@@ -107,6 +58,7 @@ class Gate:
         async def wait(key: str, value: Any = None) -> Any:
             gate.started.append(key)
             gate.arrival(key).set()
+            gate.started_count(len(gate.started))
             await gate.event(key).wait()
             return value if value is not None else key
 
@@ -132,20 +84,27 @@ async def test_dispatch_follows_dependencies_and_references_flow() -> None:
             PlanNode(5, kind="join"),
         ]
     )
-    async with Executor(tools=gate.registry()) as ex:
-        run = asyncio.create_task(ex.run(plan))
-        await gate.arrival("a").wait()
-        await gate.arrival("b").wait()
-        assert gate.started == ["a", "b"]  # both roots started at once, nothing else
-        gate.event("b").set()
-        await asyncio.sleep(0)
-        assert "echo:10 + 20" not in gate.started
-        gate.event("a").set()
-        results = await run
+    b_done = asyncio.Event()
+
+    def sink(kind: str, data: dict[str, Any]) -> None:
+        if kind == "node_end" and data["node"] == 2:
+            b_done.set()
+
+    with use_sink(sink):
+        async with Executor(tools=gate.registry()) as ex:
+            run = asyncio.create_task(ex.run(plan))
+            await gate.arrival("a").wait()
+            await gate.arrival("b").wait()
+            assert gate.started == ["a", "b"]  # both roots started at once, nothing else
+            gate.event("b").set()
+            await b_done.wait()
+            assert ex.results[3].status == "pending"  # node 3 still waits for node 1
+            gate.event("a").set()
+            results = await run
     assert gate.started == ["a", "b", "echo:10 + 20", "echo:10 + 20"]
     assert results[3].output == "10 + 20" and results[4].status == "ok"
     assert results[5].status == "pending"  # joins are for the agent
-    assert not ex._tasks
+    assert not node_tasks()
 
 
 async def test_global_concurrency_limit() -> None:
@@ -153,8 +112,7 @@ async def test_global_concurrency_limit() -> None:
     plan = [n(i, "wait", "k", i) for i in range(1, 11)]
     ex = Executor(tools=gate.registry(), concurrency=3)
     run = asyncio.create_task(ex.run(plan))
-    await gate.arrival("k").wait()
-    await asyncio.sleep(0)
+    await gate.started_count(3).wait()
     assert ex.running == 3 and len(gate.started) == 3
     gate.event("k").set()
     results = await run
@@ -171,7 +129,7 @@ async def test_timeout_fail_fast_raises_typed_error_and_cancels_siblings() -> No
     assert isinstance(info.value.__cause__, NodeTimeoutError) and info.value.node == 1
     assert ex.results[1].status == "error" and ex.results[1].error_type == "NodeTimeoutError"
     assert ex.results[2].status == "cancelled" and ex.results[3].status == "cancelled"
-    assert not ex._tasks
+    assert not node_tasks()
 
 
 async def test_continue_policy_skips_dependents_and_runs_the_rest() -> None:
@@ -182,8 +140,9 @@ async def test_continue_policy_skips_dependents_and_runs_the_rest() -> None:
         return value
 
     events: list[tuple[str, dict[str, Any]]] = []
-    ex = Executor(tools=FakeRegistry(boom, echo), failure="continue", events=lambda k, d: events.append((k, d)))
-    results = await ex.run([n(1, "boom", 1), n(2, "echo", "$1"), n(3, "echo", "$2"), n(4, "echo", "ok")])
+    ex = Executor(tools=FakeRegistry(boom, echo), failure="continue")
+    with use_sink(lambda k, d: events.append((k, d))):
+        results = await ex.run([n(1, "boom", 1), n(2, "echo", "$1"), n(3, "echo", "$2"), n(4, "echo", "ok")])
     assert [results[i].status for i in (1, 2, 3, 4)] == ["error", "skipped", "skipped", "ok"]
     assert "exploded" in (results[1].error or "") and "dependency 1" in (results[3].error or "")
     assert "ERROR" in results[2].observation()
@@ -249,17 +208,14 @@ async def test_cancelling_the_run_cancels_every_node_down_to_the_engine() -> Non
     run = asyncio.create_task(ex.run([n(1, "wait", "slow"), PlanNode(2, kind="thought", question="1+2?")]))
     await gate.arrival("slow").wait()
     await asked.wait()
-    for _ in range(100):  # the thought's stream opens right after its reply is chosen, within a few loop turns
-        if engine.active:
-            break
-        await asyncio.sleep(0)
+    # The reply is chosen in the same step that opens the stream (no await in between): it is running now.
+    assert engine.active == 1
     run.cancel()
     with pytest.raises(asyncio.CancelledError):
         await run
     assert engine.active == 0 and engine.aborted == 1
     assert {r.status for r in ex.results.values()} == {"cancelled"}
-    assert not ex._tasks
-    assert not [t for t in asyncio.all_tasks() if t.get_name().startswith("branchwise-node")]
+    assert not node_tasks()
 
 
 async def test_thought_output_flows_into_later_nodes_under_the_shared_budget() -> None:
@@ -356,4 +312,4 @@ async def test_cancel_right_after_dispatch_marks_every_node_cancelled() -> None:
     for i in range(1, 6):
         ex.add(n(i, "wait", f"k{i}"))  # tasks created, none has started running yet
     await ex.cancel()
-    assert {r.status for r in ex.results.values()} == {"cancelled"} and ex.running == 0 and not ex._tasks
+    assert {r.status for r in ex.results.values()} == {"cancelled"} and ex.running == 0 and not node_tasks()

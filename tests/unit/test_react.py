@@ -9,6 +9,7 @@ import pytest
 from branchwise.budget import Budget
 from branchwise.engine.testing import ScriptedEngine
 from branchwise.errors import ConfigError
+from branchwise.events import use_sink
 from branchwise.executors.react import react_schema, run_react
 from branchwise.executors.tools import ToolRegistry
 
@@ -37,13 +38,14 @@ async def test_structured_react_makes_one_tool_call_per_turn() -> None:
     )
     events: list[str] = []
     budget = Budget()
-    result = await run_react(
-        "Who is older?", tools=TOOLS, engine=engine, budget=budget, events=lambda k, d: events.append(k)
-    )
+    with use_sink(lambda k, d: events.append(k)):
+        result = await run_react("Who is older?", tools=TOOLS, engine=engine, budget=budget)
     assert result.answer == "Ann Lee" and result.agent == "react"
     assert result.llm_calls == 3 and budget.usage.calls == 3 and result.plans == []
     assert [r.output for r in result.nodes[0].values()] == ["born 1950", "born 1961"]
-    assert events == ["node_start", "node_end", "node_start", "node_end", "agent_end"]
+    steps = [k for k in events if k.startswith(("node_", "agent_"))]
+    assert steps == ["node_start", "node_end", "node_start", "node_end", "agent_end"]
+    assert "budget_charge" in events  # the budget reports on the same channel
     third = engine.calls[2].messages
     assert third is not None and "Observation: born 1961" in third[-1].content
     assert engine.calls[0].structured is not None
