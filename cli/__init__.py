@@ -2,7 +2,7 @@
 
 Subcommands:
     run PIPELINE.yaml QUESTION   run a pipeline, print the answer and a summary (tokens, calls, time, pruned)
-    validate PIPELINE.yaml       check a pipeline spec (errors name the YAML path and line)
+    validate PIPELINE.yaml       check pipeline specs (errors name the file, the YAML path and line)
     schema                       print the JSON schema of pipeline specs (for editors)
     trace show TRACE.jsonl       render a recorded run as a tree
     models list                  registered offline models, their size and whether they are provisioned
@@ -11,7 +11,22 @@ Subcommands:
     report RESULTS.db [OTHER.db]          Markdown + HTML report of evaluation results
     sample PIPELINE.yaml --benchmark NAME --n N --out BANK   draw a trace bank (see `branchwise.cli.sample`)
 
-Exit codes: 0 success, 1 runtime failure, 2 usage error (bad arguments, unknown names), 130 interrupted.
+Exit codes, the same for every command:
+
+====  ===========================================================================================================
+code  meaning
+====  ===========================================================================================================
+0     success
+1     failed at run time: an engine, tool, model download or evaluation budget gave out (`BranchwiseError`
+      that is not a `ConfigError`); the message names the error type
+2     bad input, refused before any work: a spec, plan, trace or benchmark file, a command-line argument or
+      option (argparse's own errors too), an unknown name, a missing optional dependency (`ConfigError`)
+130   interrupted (Ctrl-C): in-flight work is cancelled, engine requests aborted, traces kept
+====  ===========================================================================================================
+
+Arguments that name files are paths (a missing one is reported as missing, never read as YAML text). Command-line
+text that is not valid in the locale's encoding is kept as Python decodes it (``surrogateescape``) and written to
+traces as ``\\udcXX`` escapes that read back to the same string; output that cannot be encoded is escaped.
 """
 
 from __future__ import annotations
@@ -23,7 +38,12 @@ from collections.abc import Sequence
 from ..errors import BranchwiseError, ConfigError
 from . import evaluate, models, run, sample
 
-__all__ = ["main"]
+__all__ = ["EXIT_BAD_INPUT", "EXIT_FAILED", "EXIT_INTERRUPTED", "EXIT_OK", "build_parser", "main"]
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_BAD_INPUT = 2
+EXIT_INTERRUPTED = 130
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -38,16 +58,23 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the CLI; returns the process exit code."""
-    args = build_parser().parse_args(argv)
+    """Run the CLI; returns the process exit code (see the table above)."""
+    for stream in (sys.stdout, sys.stderr):
+        reconfigure = getattr(stream, "reconfigure", None)
+        if callable(reconfigure):
+            reconfigure(errors="backslashreplace")
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as stop:  # argparse: --help (0) or a usage error (2, already printed)
+        return stop.code if isinstance(stop.code, int) else EXIT_BAD_INPUT
     try:
         return int(args.func(args))
     except ConfigError as err:
         print(f"branchwise: error: {err}", file=sys.stderr)
-        return 2
+        return EXIT_BAD_INPUT
     except BranchwiseError as err:
         print(f"branchwise: {type(err).__name__}: {err}", file=sys.stderr)
-        return 1
+        return EXIT_FAILED
     except KeyboardInterrupt:
         print("branchwise: interrupted", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED

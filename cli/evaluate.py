@@ -30,21 +30,32 @@ from ..evals.pipelines import EvalSettings, PipelineConfig, evaluate_pipelines, 
 from ..evals.report import write_report
 from ..evals.runner import LineProgress, ProgressSink, RichProgress, make_progress
 from ..evals.store import ResultsStore
-from ..orchestrator.spec import load_spec
+from ..orchestrator.spec import load_spec_file
+from ..search.registry import MAX_CONCURRENCY
+from .args import bounded_int, existing_file
 
-__all__ = ["add_commands"]
+__all__ = ["MAX_CONFIGURATIONS", "MAX_PROBLEMS", "add_commands"]
+
+MAX_PROBLEMS = 1_000_000
+"""Upper bound of ``--limit``."""
+MAX_CONFIGURATIONS = 256
+"""Upper bound of the configurations the ``--sweep`` flags make together (the product of their value counts)."""
 
 
 def add_commands(subparsers: Any) -> None:
     """Register ``eval`` and ``report`` on the ``branchwise`` command's subparsers."""
     ev = subparsers.add_parser("eval", help="evaluate a pipeline on a benchmark (resumable results store)")
-    ev.add_argument("pipeline", metavar="PIPELINE.yaml")
+    ev.add_argument("pipeline", metavar="PIPELINE.yaml", type=Path)
     ev.add_argument("--benchmark", required=True, help="benchmark name (gsm8k, math500, ..., arithmetic, multihop)")
     ev.add_argument("--data", help="benchmark file or http(s) URL (default: $BRANCHWISE_BENCHMARKS/<standard name>)")
     ev.add_argument("--sha256", help="expected sha256 of the data (required for URLs)")
-    ev.add_argument("--limit", type=int, help="first N problems (generated sets: how many to generate)")
+    ev.add_argument(
+        "--limit", type=bounded_int(1, MAX_PROBLEMS), help="first N problems (generated sets: how many to generate)"
+    )
     ev.add_argument("--seed", type=int, default=0, help="seed of generated benchmarks (default 0)")
-    ev.add_argument("--concurrency", type=int, default=4, help="problems in flight at once (default 4)")
+    ev.add_argument(
+        "--concurrency", type=bounded_int(1, MAX_CONCURRENCY), default=4, help="problems in flight at once (default 4)"
+    )
     ev.add_argument(
         "--sweep", action="append", default=[], metavar="KEY=V1,V2", help="one configuration per value (repeatable)"
     )
@@ -64,18 +75,26 @@ def add_commands(subparsers: Any) -> None:
     ev.set_defaults(func=_eval)
 
     rep = subparsers.add_parser("report", help="Markdown + HTML report of results (or a comparison of two)")
-    rep.add_argument("results", metavar="RESULTS.db")
-    rep.add_argument("other", metavar="OTHER.db", nargs="?", help="a second results file to compare with")
+    rep.add_argument("results", metavar="RESULTS.db", type=Path)
+    rep.add_argument("other", metavar="OTHER.db", nargs="?", type=Path, help="a second results file to compare with")
     rep.add_argument("--out", help="output folder (default: next to RESULTS, named <results>-report)")
     rep.add_argument("--no-plots", action="store_true", help="tables only")
     rep.set_defaults(func=_report)
 
 
+def _check_sweep_size(sweeps: list[str]) -> None:
+    size = 1
+    for sweep in sweeps:
+        _, _, values = sweep.partition("=")
+        size *= max(1, len(dict.fromkeys(v.strip() for v in values.split(","))))
+        if size > MAX_CONFIGURATIONS:
+            raise ConfigError(f"--sweep makes more than {MAX_CONFIGURATIONS} configurations; sweep fewer values")
+
+
 def _eval(args: argparse.Namespace) -> int:
-    if args.concurrency < 1:
-        raise ConfigError(f"--concurrency must be >= 1, got {args.concurrency}")
+    _check_sweep_size(args.sweep)
+    spec = load_spec_file(args.pipeline)
     benchmark = load_benchmark(args.benchmark, args.data, args.limit, sha256=args.sha256, seed=args.seed)
-    spec = load_spec(args.pipeline)
     configs = pipeline_configs(spec, benchmark, args.sweep, traces=args.traces)
     out = Path(args.out) if args.out else Path("results") / f"{Path(args.pipeline).stem}-{benchmark.name}.db"
     code = asyncio.run(_eval_async(args, benchmark, configs, out))
@@ -125,7 +144,10 @@ async def _eval_async(args: argparse.Namespace, benchmark: Benchmark, configs: l
 
 
 def _report(args: argparse.Namespace) -> int:
-    results = Path(args.results)
+    results: Path = args.results
+    for path in (results, args.other):
+        if path is not None:
+            existing_file(path, "results file")
     out = Path(args.out) if args.out else results.with_name(results.stem + "-report")
     md, page = write_report(results, args.other, out_dir=out, plots=not args.no_plots)
     print(md)

@@ -10,6 +10,9 @@ from __future__ import annotations
 from collections import defaultdict
 from typing import Any
 
+from rich.text import Text
+from rich.tree import Tree
+
 from ..orchestrator.tracing import Event, TraceFile
 
 __all__ = ["render_trace"]
@@ -21,9 +24,6 @@ def _fmt_scores(scores: dict[str, Any]) -> str:
 
 def render_trace(trace: TraceFile, *, max_traces: int = 64) -> Any:
     """A rich renderable of ``trace`` (pure: no I/O)."""
-    from rich.text import Text
-    from rich.tree import Tree
-
     h = trace.header
     end = trace.run_end
     start = next((e for e in trace.events if e.kind == "run_start"), None)
@@ -69,7 +69,6 @@ def render_trace(trace: TraceFile, *, max_traces: int = 64) -> Any:
 
 
 def _plan(root: Any, events: list[Event]) -> None:
-    from rich.text import Text
 
     plan_kinds = ("plan", "plan_error", "join", "replan", "agent_end")
     node_events = [e for e in events if e.kind.startswith(("node_", "plan_node")) or e.kind in plan_kinds]
@@ -95,7 +94,6 @@ def _plan(root: Any, events: list[Event]) -> None:
 
 
 def _traces(root: Any, events: list[Event], max_traces: int) -> None:
-    from rich.text import Text
 
     ends: dict[tuple[Any, Any], Event] = {}
     opened: dict[Any, list[Event]] = defaultdict(list)
@@ -170,9 +168,10 @@ def _engine(root: Any, events: list[Event]) -> None:
         completion = sum(int(e.data.get("completion_tokens") or 0) for e in items)
         aborted = sum(1 for e in items if e.data.get("aborted"))
         model = items[0].data.get("model")
-        branch.add(
+        line = (
             f"{role} ({model}): {len(items)} calls, {prompt} prompt + {completion} completion tokens, {aborted} aborted"
         )
+        branch.add(Text(line))  # Text, not markup: names come from the file
 
 
 def _budget(root: Any, events: list[Event]) -> None:
@@ -201,4 +200,4 @@ def _budget(root: Any, events: list[Event]) -> None:
             bar = "█" * filled + "░" * (20 - filled) + " "
         branch.add(f"{e.t:7.2f}s {bar}{total} tokens, {usage.get('calls', 0)} calls")
     for e in exhausted:
-        branch.add(f"[red]{e.t:7.2f}s exhausted: {e.data.get('detail') or e.data.get('cap')}[/red]")
+        branch.add(Text(f"{e.t:7.2f}s exhausted: {e.data.get('detail') or e.data.get('cap')}", style="red"))

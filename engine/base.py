@@ -2,8 +2,9 @@
 
 A backend implements `Engine._stream` (required) and may override `Engine._generate` when it has a cheaper
 non-streaming path. The public `generate` and `stream` wrap them to meter every call (prompt and completion
-tokens, latency, time to first token) and report a `CallUsage` to the usage hooks when the call ends, however
-it ends: finished, failed, or cancelled. Optional abilities raise `NotImplementedError`.
+tokens, latency, time to first token) and report each call when it ends, however it ends (finished, failed, or
+cancelled): as an ``engine_call`` event on the event channel (`branchwise.events`) and as a `CallUsage` to the
+usage hooks. Optional abilities raise `NotImplementedError`.
 
 Cancellation contract: cancelling the task that consumes `stream` (or closing the stream early, e.g. leaving an
 ``async with contextlib.aclosing(engine.stream(req))`` block) must abort the request inside the backend.
@@ -20,6 +21,7 @@ from collections.abc import AsyncGenerator, Callable
 from types import TracebackType
 from typing import Self
 
+from ..events import LiveRef, emit
 from .types import CallUsage, Capabilities, Completion, Delta, FinishReason, Generation, GenerationRequest, TokenLogprob
 
 __all__ = ["CallMeter", "Engine", "UsageHook", "assemble"]
@@ -197,6 +199,23 @@ class Engine(ABC):
         self._emit(request, meter.usage(request, aborted=aborted, error=None if aborted else type(err).__name__))
 
     def _emit(self, request: GenerationRequest, usage: CallUsage) -> None:
+        emit(
+            "engine_call",
+            {
+                "engine": LiveRef(self),  # a run's recorder maps the engine to the role the run gave it
+                "model": self.model,
+                "backend": self.backend,
+                "n": request.n,
+                "max_tokens": request.max_tokens,
+                "temperature": request.temperature,
+                "prompt_tokens": usage.prompt_tokens,
+                "completion_tokens": usage.completion_tokens,
+                "latency_s": usage.latency_s,
+                "ttft_s": usage.ttft_s,
+                "aborted": usage.aborted,
+                "error": usage.error,
+            },
+        )
         for hook in list(self._usage_hooks):
             try:
                 hook(request, usage)

@@ -14,40 +14,49 @@ async for event in pipeline.stream("..."):                          # or watch i
 Without a planner the query is one reasoning thread: the strategy runs on it directly. With a planner the
 query becomes a DAG (`branchwise.executors.agent.run_agent`) whose reasoning nodes run the strategy. Each run
 gets a fresh `Budget` with the pipeline's caps, records its events (JSONL trace, OpenTelemetry spans, live
-progress, the `stream` queue) and returns a `RunResult`.
+progress, the `stream` queue; see `branchwise.orchestrator.recording`) and returns a `RunResult`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import inspect
 import logging
-import re
+import sys
 import time
 import uuid
-import weakref
-from collections import deque
-from collections.abc import AsyncIterator, Callable, Collection, Mapping
-from contextvars import ContextVar
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any, Literal, get_args
+from typing import IO, Any, Literal
 
+from .. import __version__
 from ..budget import Budget, UsageSnapshot
 from ..engine.base import Engine
-from ..engine.types import CallUsage, GenerationRequest
-from ..errors import ConfigError, EngineRequestError
+from ..errors import ConfigError, UnknownNameError
 from ..events import use_sink
-from .spec import EngineRole, EngineSpec, PipelineSpec, build_strategy, load_spec
-from .tracing import Event, EventListener, OTelSink, Recorder, TraceWriter, now_iso, otel_available
+from ..executors.agent import AgentResult, run_agent
+from ..executors.tools import ToolRegistry
+from ..planners.base import Planner
+from ..search.base import PromptTemplate, Result, SearchContext, Strategy
+from ..search.registry import strategy_info
+from ..search.single import Single
+from ..verifiers.extraction import AnswerExtractor
+from ..verifiers.grading import BaseGrader
+from .build import ENGINE_ROLES, Components, build_components, build_engines, close_soon, run_budget
+from .progress import make_progress
+from .recording import RunRecording, describe_strategy, strategy_records
+from .spec import PipelineSpec, load_spec
+from .spec_env import secret_values
+from .spec_strategy import Where, check_fan_out
+from .tracing import Event, EventListener, OTelSink, now_iso, otel_available
 
-__all__ = ["Pipeline", "RunResult", "run", "run_sync"]
+__all__ = ["Pipeline", "RunResult", "build_engines", "run", "run_sync"]
 
 logger = logging.getLogger(__name__)
 
 ProgressMode = Literal["auto", "on", "off"]
-_RUN_BUDGET: ContextVar[Budget | None] = ContextVar("branchwise_run_budget", default=None)
+_CAPS = ("max_tokens", "max_completion_tokens", "max_calls", "wall_clock_s", "max_cost")
 
 
 @dataclass
@@ -65,11 +74,12 @@ class RunResult:
             one so far).
         seconds: wall time of the run.
         run_id: the run's id (also in the trace header).
+        events: events recorded.
     """
 
     query: str
     answer: str | None
-    result: Any
+    result: Result | AgentResult | None
     usage: UsageSnapshot
     trace_path: Path | None
     pruned: int
@@ -98,17 +108,13 @@ class RunResult:
         }
 
 
-_CAPS = ("max_tokens", "max_completion_tokens", "max_calls", "wall_clock_s", "max_cost")
-
-
-@dataclass
+@dataclass(frozen=True)
 class _Settings:
     temperature: float = 0.7
     top_p: float = 1.0
     max_tokens: int = 512
     concurrency: int = 8
     max_replans: int = 1
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 class Pipeline:
@@ -118,7 +124,7 @@ class Pipeline:
         engine: the policy engine (every reasoning trace samples from it).
         strategy: the test-time-scaling strategy of every reasoning thread (default `Single`).
         planner: a planner (see `branchwise.planners.get_planner`); None runs the query as one thread.
-        tools: the tools a planner may call (a `ToolRegistry`).
+        tools: the tools a planner may call.
         budget: caps for each run: a `Budget` (its caps are copied into a fresh budget per run) or a mapping of
             caps (``{"max_tokens": 20000}``); None meters without limits.
         engines: other engines by role ("judge"), recorded in events.
@@ -138,23 +144,25 @@ class Pipeline:
         owns_engines: `aclose` closes the engines (pipelines built from YAML own theirs).
         spec: the spec this pipeline was built from, recorded in trace headers (secrets masked).
         secrets: strings that must never appear in traces (resolved environment values).
+        components: what a spec built besides engines, closed with the pipeline (scorers, built engines).
 
     Raises:
-        ConfigError: bad arguments.
+        ConfigError: bad arguments, a strategy count above its documented bound, or a strategy that starts more
+            traces than the budget has tokens.
     """
 
     def __init__(
         self,
         engine: Engine,
-        strategy: Any = None,
+        strategy: Strategy | None = None,
         *,
-        planner: Any = None,
-        tools: Any = None,
+        planner: Planner | None = None,
+        tools: ToolRegistry | None = None,
         budget: Budget | Mapping[str, Any] | None = None,
         engines: Mapping[str, Engine] | None = None,
-        extractor: Any = None,
-        grader: Any = None,
-        prompt: Any = None,
+        extractor: AnswerExtractor | None = None,
+        grader: BaseGrader | None = None,
+        prompt: PromptTemplate | None = None,
         temperature: float = 0.7,
         top_p: float = 1.0,
         max_tokens: int = 512,
@@ -168,15 +176,11 @@ class Pipeline:
         owns_engines: bool = False,
         spec: PipelineSpec | None = None,
         secrets: list[str] | None = None,
-        closeables: list[Any] | None = None,
+        components: Components | None = None,
     ) -> None:
-        from ..search.base import PromptTemplate, Strategy
-        from ..search.single import Single
-
         if not isinstance(engine, Engine):
             raise ConfigError(f"Pipeline: engine must be an Engine, got {type(engine).__name__}")
-        if strategy is None:
-            strategy = Single()
+        strategy = Single() if strategy is None else strategy
         if not isinstance(strategy, Strategy):
             raise ConfigError(f"Pipeline: strategy must be a search Strategy, got {type(strategy).__name__}")
         if tools is not None and planner is None:
@@ -193,6 +197,7 @@ class Pipeline:
         self.planner = planner
         self.tools = tools
         self.caps = _caps_of(budget)
+        _check_strategy(strategy, self.caps)
         self.extractor = extractor
         self.grader = grader
         self.prompt = prompt if prompt is not None else PromptTemplate()
@@ -205,10 +210,9 @@ class Pipeline:
         self.owns_engines = owns_engines
         self.spec = spec
         self.secrets = [s for s in (secrets or []) if s]
-        self._closeables = list(closeables or [])
+        self._components = components
+        self._built_engines: list[Engine] = []
         self._closed = False
-        for e in self.engines.values():
-            _install_hook(e)
 
     # -- construction from YAML --------------------------------------------------------------------------------
     @classmethod
@@ -219,7 +223,7 @@ class Pipeline:
         overrides: Mapping[str, Any] | None = None,
         engines: Mapping[str, Engine] | None = None,
     ) -> Pipeline:
-        """Build a pipeline from a YAML file path or YAML text (see `branchwise.orchestrator.spec`).
+        """Build a pipeline from a YAML file path or YAML text (see `branchwise.orchestrator.spec.load_spec`).
 
         Args:
             source: a ``.yaml`` path or the YAML text.
@@ -228,7 +232,7 @@ class Pipeline:
                 pipeline does not close them), e.g. one vLLM engine shared by many pipelines.
 
         Raises:
-            ConfigError: the spec is invalid (the message names the YAML path and line).
+            SpecError: the spec is invalid (the message names the YAML path and line).
         """
         return cls.from_spec(load_spec(source, overrides=overrides), engines=engines)
 
@@ -248,33 +252,23 @@ class Pipeline:
                 f"{', '.join(unknown)}"
             )
         resolved = spec.resolved()
-        secrets = _secret_values(spec)
-        base = Path(spec.source).parent if spec.source not in ("<string>",) and Path(spec.source).exists() else None
-        closeables: list[Any] = []
+        base = Path(spec.source).parent if Path(spec.source).is_file() else None
         built_engines = build_engines(resolved, skip=given)
-        engines = {**built_engines, **given}
+        all_engines = {**built_engines, **given}
         try:
-            policy = engines["policy"]
-            built = _build_components(resolved, engines, base)
-            closeables.extend(built.closeables)
-            strategy = build_strategy(
-                resolved.thought, resolved, scorer=built.step_scorer, judge=built.judge, verifier=built.verifier
-            )
+            built = build_components(resolved, all_engines, base)
+            strategy = built.strategy(resolved)
         except BaseException:
-            for engine in built_engines.values():
-                with contextlib.suppress(Exception):
-                    _close_soon(engine)
+            close_soon(list(built_engines.values()))
             raise
-        from ..search.base import PromptTemplate
-
         thought = resolved.thought
-        return cls(
-            policy,
+        pipeline = cls(
+            all_engines["policy"],
             strategy,
             planner=built.planner,
             tools=built.tools,
             budget=resolved.budget.model_dump(),
-            engines={r: e for r, e in engines.items() if r != "policy"},
+            engines={r: e for r, e in all_engines.items() if r != "policy"},
             extractor=built.extractor,
             grader=built.grader,
             prompt=PromptTemplate(user=thought.prompt.user, system=thought.prompt.system),
@@ -286,11 +280,12 @@ class Pipeline:
             trace=resolved.outputs.trace,
             progress=resolved.outputs.progress,
             otel=resolved.outputs.otel,
-            owns_engines=False,
             spec=spec,
-            secrets=secrets,
-            closeables=[*closeables, *built_engines.values()],  # the engines it built, not those it was given
+            secrets=secret_values(spec.raw(), source=spec.source),
+            components=built,
         )
+        pipeline._built_engines = list(built_engines.values())  # closed with the pipeline; given ones are not
+        return pipeline
 
     # -- running -----------------------------------------------------------------------------------------------
     def new_budget(self) -> Budget:
@@ -329,140 +324,69 @@ class Pipeline:
         owned = budget is None
         budget = budget if budget is not None else self.new_budget()
         path = _trace_path(trace if trace is not None else self.trace, run_id)
-        recorder = Recorder(listeners or [], secrets=self.secrets, budget_path=budget.path)
-        writer: TraceWriter | None = None
-        live: Any = None
-        if path is not None:
-            header = {
-                "run_id": run_id,
-                "created": now_iso(),
-                "branchwise": _version(),
-                "query": query,
-                "spec": self.spec.redacted() if self.spec is not None else None,
-            }
-            writer = TraceWriter(path, recorder.redact(header))
-            recorder.listeners.insert(0, writer)
-        if self.otel and otel_available():
-            recorder.add(OTelSink(self.tracer_provider))
+        recording = self._recording(query, run_id, budget, path, listeners or [])
         live = self._progress_listener()
         if live is not None:
-            recorder.add(live)
+            recording.add(live)
             live.start()
-        counts = _Counts()
-        recorder.add(counts)
-        started = time.perf_counter()
-        status, error = "ok", None
-        outcome: Any = None
+        outcome: Result | AgentResult | None = None
         try:
-            with use_sink(recorder.emit):
-                token = _RUN_BUDGET.set(budget)
-                roles = _ROLES.set({id(e): role for role, e in reversed(self.engines.items())})
-                try:
-                    recorder("run_start", self._describe(query, budget))
-                    budget.start()
-                    outcome = await self._execute(query, budget, recorder)
-                finally:
-                    _ROLES.reset(roles)
-                    _RUN_BUDGET.reset(token)
+            with use_sink(recording.sink), _current(budget):
+                recording.record("run_start", self._describe(query, budget))
+                budget.start()
+                outcome = await self._execute(query, budget, recording)
         except (asyncio.CancelledError, KeyboardInterrupt):
-            status, error = "cancelled", "interrupted"
+            recording.failed("cancelled", "interrupted")
             raise
         except BaseException as err:
-            status, error = "error", f"{type(err).__name__}: {err}"
-            recorder("error", {"type": type(err).__name__, "message": str(err)})
+            recording.failed("error", f"{type(err).__name__}: {err}", err)
             raise
         finally:
             if owned:
                 budget.stop()  # the run it meters is over (a budget passed in belongs to the caller)
-            if status != "ok":
-                counts.close_open(recorder, status)
-            usage = budget.usage.snapshot()
-            answer = getattr(outcome, "answer", None)
-            pruned = outcome.pruned if hasattr(outcome, "pruned") and isinstance(outcome.pruned, int) else counts.pruned
-            # The strategy knows whether a cap cut its work; a cap merely reached (max_calls hit by the last
-            # call) is not a cut.
-            flag = getattr(outcome, "budget_exhausted", None)
-            exhausted = bool(flag) if isinstance(flag, bool) else budget.exhausted
-            seconds = time.perf_counter() - started
-            recorder(
-                "run_end",
-                {
-                    "status": status,
-                    "error": error,
-                    "answer": answer,
-                    "usage": usage.to_dict(),
-                    "pruned": pruned,
-                    "budget_exhausted": exhausted,
-                    "seconds": seconds,
-                },
-            )
+            end = recording.finish(outcome, budget)
             if live is not None:
                 live.stop()
-            if writer is not None:
-                writer.close()
-        return RunResult(query, answer, outcome, usage, path, pruned, exhausted, seconds, run_id, recorder.count)
+        return RunResult(
+            query, end.answer, outcome, end.usage, path, end.pruned, end.budget_exhausted, end.seconds, run_id,
+            recording.events,
+        )  # fmt: skip
 
-    async def _execute(self, query: str, budget: Budget, recorder: Recorder) -> Any:
-        from ..search.base import SearchContext
-
+    async def _execute(self, query: str, budget: Budget, recording: RunRecording) -> Result | AgentResult:
         s = self.settings
-        context: dict[str, Any] = {
-            "temperature": s.temperature,
-            "top_p": s.top_p,
-            "max_tokens": s.max_tokens,
-            "prompt": self.prompt,
-        }
+        context: dict[str, Any] = {"temperature": s.temperature, "top_p": s.top_p, "max_tokens": s.max_tokens}
+        context["prompt"] = self.prompt
         if self.extractor is not None:
             context["extractor"] = self.extractor
         if self.grader is not None:
             context["grader"] = self.grader
         if self.planner is None:
             ctx = SearchContext(engine=self.engine, budget=budget, **context)
-            recorder("strategy_start", {"strategy": self.strategy.name, "params": _params(self.strategy)})
-            result = await self.strategy.run(query, ctx)
-            recorder(
-                "strategy_end",
-                {
-                    "strategy": result.strategy,
-                    "answer": result.answer,
-                    "votes": result.votes,
-                    "pruned": result.pruned,
-                    "budget_exhausted": result.budget_exhausted,
-                    "usage": result.usage.to_dict(),
-                    "decisions": result.decisions,
-                    "tree": result.trace.uid,
-                    "traces": [_node_record(n) for n in result.trace.nodes],
-                },
+            recording.record(
+                "strategy_start", {"strategy": self.strategy.name, "params": describe_strategy(self.strategy)}
             )
-            for decision in result.decisions:
-                recorder("decision", {"strategy": result.strategy, **dict(decision)})
+            result = await self.strategy.run(query, ctx)
+            for kind, data in strategy_records(result):
+                recording.record(kind, data)
             return result
-        from ..executors.agent import run_agent
-
-        kwargs: dict[str, Any] = {
-            "planner": self.planner,
-            "tools": self.tools,
-            "engine": self.engine,
-            "budget": budget,
-            "thought": self.strategy,
-            "max_replans": s.max_replans,
-            "concurrency": s.concurrency,
-            "events": recorder.emit,
-        }
-        accepted = inspect.signature(run_agent).parameters
-        if "thought_context" in accepted:
-            kwargs["thought_context"] = context
-        return await run_agent(query, **{k: v for k, v in kwargs.items() if k in accepted})
+        return await run_agent(
+            query,
+            planner=self.planner,
+            tools=self.tools if self.tools is not None else ToolRegistry(),
+            engine=self.engine,
+            budget=budget,
+            thought=self.strategy,
+            max_replans=s.max_replans,
+            concurrency=s.concurrency,
+            thought_context=context,
+        )
 
     async def start(self) -> None:
         """Start every engine (load models); `run` does it first, so a run's time excludes model loading."""
         if self._closed:
             raise ConfigError("Pipeline is closed")
-        seen: set[int] = set()
-        for engine in self.engines.values():
-            if id(engine) not in seen:
-                seen.add(id(engine))
-                await engine.start()
+        for engine in _distinct(self.engines.values()):
+            await engine.start()
 
     def run_sync(self, query: str, *, budget: Budget | None = None) -> RunResult:
         """`run` from synchronous code (starts an event loop; not from inside a running loop)."""
@@ -494,27 +418,20 @@ class Pipeline:
 
     # -- lifecycle ---------------------------------------------------------------------------------------------
     async def aclose(self) -> None:
-        """Release what the pipeline owns: its engines (when it built them), scorers; idempotent."""
+        """Release what the pipeline owns: the engines and scorers it built (all engines with ``owns_engines``);
+        idempotent. A failure to close one is logged and the others are still closed."""
         if self._closed:
             return
         self._closed = True
-        for item in self._closeables:
-            close = getattr(item, "aclose", None)
-            if close is not None:
-                try:
-                    await close()
-                except Exception:
-                    logger.exception("closing %r failed", item)
+        owned: list[Any] = list(self._components.closeables) if self._components is not None else []
+        owned += self._built_engines
         if self.owns_engines:
-            seen: set[int] = set()
-            for engine in self.engines.values():
-                if id(engine) in seen:
-                    continue
-                seen.add(id(engine))
-                try:
-                    await engine.aclose()
-                except Exception:
-                    logger.exception("closing engine %r failed", engine)
+            owned += [e for e in self.engines.values() if e not in owned]
+        for item in _distinct(owned):
+            try:
+                await item.aclose()
+            except Exception:
+                logger.exception("closing %r failed", item)
 
     async def __aenter__(self) -> Pipeline:
         return self
@@ -523,23 +440,42 @@ class Pipeline:
         await self.aclose()
 
     # -- helpers -----------------------------------------------------------------------------------------------
+    def _recording(
+        self, query: str, run_id: str, budget: Budget, path: Path | None, listeners: list[EventListener]
+    ) -> RunRecording:
+        header = {
+            "run_id": run_id,
+            "created": now_iso(),
+            "branchwise": __version__,
+            "query": query,
+            "spec": self.spec.redacted() if self.spec is not None else None,
+        }
+        recording = RunRecording(
+            listeners,
+            secrets=self.secrets,
+            budget=budget,
+            engines=self.engines,
+            trace=(path, header) if path is not None else None,
+        )
+        if self.otel and otel_available():
+            recording.add(OTelSink(self.tracer_provider))
+        return recording
+
     def _describe(self, query: str, budget: Budget) -> dict[str, Any]:
         return {
             "query": query,
             "strategy": self.strategy.name,
-            "params": _params(self.strategy),
-            "planner": _planner_name(self.planner),
-            "tools": _tool_names(self.tools),
+            "params": describe_strategy(self.strategy),
+            "planner": None
+            if self.planner is None
+            else (getattr(self.planner, "kind", None) or type(self.planner).__name__),
+            "tools": self.tools.names() if self.tools is not None else [],
             "engines": {role: {"backend": e.backend, "model": e.model} for role, e in self.engines.items()},
             "budget": {k: getattr(budget, k) for k in _CAPS if getattr(budget, k) is not None},
             "budget_path": budget.path,
         }
 
     def _progress_listener(self) -> Any:
-        import sys
-
-        from .progress import make_progress
-
         if self.progress == "off":
             return None
         out = self.progress_file if self.progress_file is not None else sys.stderr
@@ -547,120 +483,44 @@ class Pipeline:
 
 
 # -- module-level helpers -------------------------------------------------------------------------------------
-class _Counts:
-    """Counts prune events (the agent path reports pruning only through events) and tracks open traces."""
-
-    def __init__(self) -> None:
-        self.pruned = 0
-        self.open: dict[tuple[Any, Any], str] = {}
-
-    def __call__(self, event: Event) -> None:
-        d = event.data
-        if event.kind == "trace_start":
-            self.open[(d.get("tree"), d.get("trace"))] = str(d.get("kind", ""))
-        elif event.kind == "trace_end":
-            self.open.pop((d.get("tree"), d.get("trace")), None)
-            if d.get("status") == "pruned":
-                self.pruned += 1
-
-    def close_open(self, recorder: Recorder, status: str) -> None:
-        """Record an end for every trace the run left open (it was cancelled or failed under them)."""
-        for (tree, trace), kind in list(self.open.items()):
-            recorder(
-                "trace_end",
-                {"tree": tree, "trace": trace, "kind": kind, "status": status, "detail": f"the run ended ({status})"},
-            )
-
-
-_HOOKED: weakref.WeakSet[Engine] = weakref.WeakSet()
-_ROLES: ContextVar[dict[int, str]] = ContextVar("branchwise_engine_roles", default={})  # noqa: B039 - never mutated
-
-
-def _install_hook(engine: Engine) -> None:
-    """One usage hook per engine, however many pipelines share it: it reports each call to the run it belongs to
-    (the event sink of the calling context), under the role that run gave the engine."""
-    if engine not in _HOOKED:
-        engine.add_usage_hook(_call_hook(engine))
-        _HOOKED.add(engine)
-
-
-def _call_hook(engine: Engine) -> Callable[[GenerationRequest, CallUsage], None]:
-    from ..events import emit
-
-    def hook(request: GenerationRequest, usage: CallUsage) -> None:
-        emit(
-            "engine_call",
-            {
-                "role": _ROLES.get().get(id(engine), "other"),
-                "model": engine.model,
-                "backend": engine.backend,
-                "n": request.n,
-                "max_tokens": request.max_tokens,
-                "temperature": request.temperature,
-                "prompt_tokens": usage.prompt_tokens,
-                "completion_tokens": usage.completion_tokens,
-                "latency_s": usage.latency_s,
-                "ttft_s": usage.ttft_s,
-                "aborted": usage.aborted,
-                "error": usage.error,
-            },
-        )
-
-    return hook
-
-
-def _params(strategy: Any) -> dict[str, Any]:
+@contextlib.contextmanager
+def _current(budget: Budget) -> Any:
+    token = run_budget.set(budget)
     try:
-        described = dict(strategy.describe())
-    except Exception:
-        return {}
-    out: dict[str, Any] = {}
-    for key, value in described.items():
-        if value is None or isinstance(value, (bool, int, float, str)):
-            out[key] = value
-        elif isinstance(value, (list, tuple)) and all(isinstance(v, (int, float, str)) for v in value):
-            out[key] = list(value)
-        else:
-            out[key] = getattr(value, "name", None) or type(value).__name__
+        yield
+    finally:
+        run_budget.reset(token)
+
+
+def _distinct(items: Any) -> list[Any]:
+    seen: set[int] = set()
+    out = []
+    for item in items:
+        if id(item) not in seen:
+            seen.add(id(item))
+            out.append(item)
     return out
 
 
-def _node_record(node: Any) -> dict[str, Any]:
-    return {
-        "trace": node.id,
-        "parent": node.parent,
-        "kind": node.kind,
-        "status": node.status,
-        "tokens": node.tokens,
-        "answer": node.answer,
-        "scores": dict(node.scores),
-        "rule": node.pruned_by,
-        "detail": node.detail,
-    }
-
-
-def _planner_name(planner: Any) -> str | None:
-    if planner is None or isinstance(planner, str):
-        return planner
-    if isinstance(planner, Mapping):
-        return str(planner.get("kind"))
-    return str(getattr(planner, "kind", None) or type(planner).__name__)
-
-
-def _tool_names(tools: Any) -> list[str]:
-    if tools is None:
-        return []
-    names = getattr(tools, "names", None)
-    if callable(names):
-        return list(names())
-    return [getattr(t, "name", str(t)) for t in tools]
+def _check_strategy(strategy: Strategy, caps: Mapping[str, Any]) -> None:
+    """A registered strategy's counts within their bounds, and its fan-out within the budget's token caps."""
+    try:
+        info = strategy_info(strategy.name)
+    except UnknownNameError:
+        return  # a strategy object that was never registered declares nothing to check
+    if info.cls is type(strategy):
+        info.check_bounds(strategy)
+    try:
+        check_fan_out(strategy, caps, ("strategy",), Where({}, "Pipeline"))
+    except ConfigError as err:
+        raise ConfigError(f"Pipeline: {getattr(err, 'detail', err)}") from None
 
 
 def _caps_of(budget: Budget | Mapping[str, Any] | None) -> dict[str, Any]:
     if budget is None:
         return {}
     if isinstance(budget, Budget):
-        caps = {k: getattr(budget, k) for k in _CAPS if getattr(budget, k) is not None}
+        caps: dict[str, Any] = {k: getattr(budget, k) for k in _CAPS if getattr(budget, k) is not None}
         if budget.cost_model is not None:
             caps["cost_model"] = budget.cost_model
         return caps
@@ -678,265 +538,12 @@ def _trace_path(template: str | Path | None, run_id: str) -> Path | None:
     return Path(str(template).replace("{run_id}", run_id).replace("{time}", stamp))
 
 
-def _version() -> str:
-    from .. import __version__
-
-    return __version__
-
-
-def _secret_values(spec: PipelineSpec) -> list[str]:
-    """Values that came from environment references or sit under secret-named keys: never written anywhere."""
-    from .spec import _ENV_REF, SECRET_KEYS, resolve_env
-
-    raw = spec.raw()
-    done = resolve_env(raw, source=spec.source)
-    found: list[str] = []
-
-    def walk(a: Any, b: Any, key: str) -> None:
-        if isinstance(a, dict) and isinstance(b, dict):
-            for k in a:
-                walk(a[k], b.get(k), str(k))
-        elif isinstance(a, list) and isinstance(b, list):
-            for x, y in zip(a, b, strict=False):
-                walk(x, y, key)
-        elif (
-            isinstance(a, str)
-            and isinstance(b, str)
-            and ((_ENV_REF.search(a) and b != a) or any(s in key.lower() for s in SECRET_KEYS))
-        ):
-            found.append(b)
-
-    walk(raw, done, "")
-    return sorted({f for f in found if len(f) >= 4}, key=len, reverse=True)
-
-
-def _close_soon(engine: Engine) -> None:
-    with contextlib.suppress(RuntimeError):
-        asyncio.get_running_loop().create_task(engine.aclose())
-
-
-# -- building components from a spec --------------------------------------------------------------------------
-ENGINE_ROLES: tuple[str, ...] = get_args(EngineRole)
-"""Roles served by an `Engine`; ``draft`` configures the policy engine and ``embedder`` the embedding judge."""
-
-
-def build_engines(spec: PipelineSpec, *, skip: Collection[str] = ()) -> dict[str, Engine]:
-    """The engines of a resolved spec's engine roles, except those in ``skip`` (given ready by the caller).
-
-    A ``draft`` role becomes the policy engine's ``speculative_config``.
-    """
-    engines: dict[str, Engine] = {}
-    draft = spec.engines.get("draft")
-    try:
-        for role, engine_spec in spec.engines.items():
-            if role not in ENGINE_ROLES or role in skip:
-                continue
-            if role == "policy" and draft is not None:
-                options = {**engine_spec.options, "speculative_config": draft.speculative_config()}
-                engines[role] = build_engine(engine_spec.model_copy(update={"options": options}), runtime=spec.runtime)
-            else:
-                engines[role] = build_engine(engine_spec, runtime=spec.runtime)
-    except BaseException:
-        for engine in engines.values():
-            with contextlib.suppress(Exception):
-                _close_soon(engine)
-        raise
-    return engines
-
-
-def build_engine(spec: EngineSpec, *, runtime: Any = None) -> Engine:
-    """An engine from its spec (``test`` specs become a scripted `FunctionEngine`)."""
-    from ..engine import create_engine
-
-    options = dict(spec.options)
-    if spec.backend == "test":
-        return _scripted_engine(spec)
-    if spec.backend == "vllm":
-        if runtime is not None:
-            if runtime.seed is not None:
-                options.setdefault("seed", runtime.seed)
-            if runtime.dtype is not None:
-                options.setdefault("dtype", runtime.dtype)
-            if runtime.max_num_seqs is not None:
-                options.setdefault("max_num_seqs", runtime.max_num_seqs)
-        if spec.model:
-            options["model"] = spec.model
-    else:
-        options["model"] = spec.model
-        if spec.base_url is not None:
-            options["base_url"] = spec.base_url
-        if spec.api_key is not None:
-            options["api_key"] = spec.api_key
-    try:
-        return create_engine(spec.backend, **options)
-    except TypeError as err:
-        raise ConfigError(f"invalid {spec.backend} engine option: {err}") from None
-
-
-def _scripted_engine(spec: EngineSpec) -> Engine:
-    from ..engine.testing import FunctionEngine, ScriptedResponse, render_prompt
-    from .spec import ReplySpec
-
-    def convert(reply: Any) -> Any:
-        if isinstance(reply, ReplySpec):
-            logprobs: Any = reply.logprobs
-            if isinstance(logprobs, list):
-                logprobs = tuple(tuple(x) for x in logprobs)
-            return ScriptedResponse(
-                tuple(reply.texts), logprobs=logprobs, finish_reason=reply.finish_reason, token_delay=reply.token_delay
-            )
-        return reply
-
-    queue = deque(convert(r) for r in spec.replies)
-    rules = [(re.compile(r.when), convert(r.reply)) for r in spec.rules]
-    default = convert(spec.default) if spec.default is not None else None
-
-    def reply(request: GenerationRequest) -> Any:
-        prompt = render_prompt(request)
-        for pattern, answer in rules:
-            if pattern.search(prompt):
-                return answer
-        if queue:
-            return queue.popleft()
-        if default is not None:
-            return default
-        raise EngineRequestError("scripted engine: no rule matched, the reply queue is empty and there is no default")
-
-    return FunctionEngine(reply, model=spec.model or "scripted", token_delay=spec.token_delay)
-
-
-@dataclass
-class _Components:
-    extractor: Any = None
-    grader: Any = None
-    step_scorer: Any = None
-    judge: Any = None
-    verifier: Any = None
-    planner: Any = None
-    tools: Any = None
-    closeables: list[Any] = field(default_factory=list)
-
-
-def _build_components(spec: PipelineSpec, engines: Mapping[str, Engine], base: Path | None) -> _Components:
-    from ..verifiers.extraction import AnswerExtractor
-    from ..verifiers.grading import get_grader
-
-    out = _Components()
-    v = spec.verifiers
-    if v.extractor is not None:
-        out.extractor = AnswerExtractor(v.extractor)
-    out.grader = get_grader(v.grader.kind, **v.grader.options)
-
-    def role(name: str | None, fallback: str | None) -> Engine | None:
-        if name is not None:
-            return engines[name]
-        return engines.get(fallback) if fallback is not None else None
-
-    if v.step_scorer is not None:
-        s = v.step_scorer
-        from ..verifiers import step_scorers as ss
-
-        if s.kind == "generative_judge":
-            out.step_scorer = ss.GenerativeJudgeScorer(
-                role(s.engine, "judge"), top_logprobs=s.top_logprobs, fallback=s.fallback
-            )
-        elif s.kind == "scripted":
-            out.step_scorer = ss.ScriptedStepScorer(dict(s.scores), default=s.default)
-        else:
-            assert s.base_url is not None and s.model is not None
-            out.step_scorer = ss.VLLMRewardModelScorer.http(s.base_url, s.model)
-        out.closeables.append(out.step_scorer)
-    if v.redundancy is not None:
-        from ..verifiers import redundancy as rd
-
-        r = v.redundancy
-        options = dict(r.options)
-        if r.threshold is not None:
-            options["threshold"] = r.threshold
-        if r.kind == "answer":
-            options.setdefault("grader", out.grader)
-            if out.extractor is not None:
-                options.setdefault("extractor", out.extractor)
-            out.judge = rd.AnswerRedundancy(**options)
-        elif r.kind == "lexical":
-            out.judge = rd.LexicalRedundancy(**options)
-        else:
-            embedder = spec.engines.get("embedder")
-            if embedder is not None:
-                options.setdefault("model", embedder.model)
-                options.update(embedder.options)
-            out.judge = rd.EmbeddingRedundancy(**options)
-    if v.verifier is not None:
-        out.verifier = _run_verifier(role(v.verifier.engine, "judge") or engines["policy"], v.verifier)
-    if spec.planner is not None:
-        out.planner = _build_planner(spec)
-        out.tools = _build_tools(spec, base)
-    elif spec.tools:
-        raise ConfigError("tools are listed but there is no planner to call them: add a 'planner' section")
-    return out
-
-
-def _run_verifier(engine: Engine, vspec: Any) -> Callable[[str, Any], Any]:
-    """A best_of_n scorer: a generative verifier charged to the current run's budget."""
-    from ..verifiers.genrm import GenerativeVerifier
-
-    GenerativeVerifier(engine, k=vspec.k, temperature=vspec.temperature, max_tokens=vspec.max_tokens)  # validate
-
-    async def score(problem: str, candidate: Any) -> float:
-        verifier = GenerativeVerifier(
-            engine, k=vspec.k, temperature=vspec.temperature, max_tokens=vspec.max_tokens, budget=_RUN_BUDGET.get()
-        )
-        return float(await verifier(problem, candidate))
-
-    return score
-
-
-def _build_planner(spec: PipelineSpec) -> Any:
-    from ..planners import get_planner
-
-    assert spec.planner is not None
-    try:
-        return get_planner(spec.planner.kind, **spec.planner.options)
-    except TypeError as err:
-        raise ConfigError(f"invalid planner option for {spec.planner.kind!r}: {err}") from None
-
-
-def _build_tools(spec: PipelineSpec, base: Path | None) -> Any:
-    """The listed tools (names and options were checked when the spec was loaded); none listed: no tools."""
-    from ..executors.tools import ToolRegistry, default_tools
-    from .spec import SpecError
-
-    names = [t.name for t in spec.tools]
-    corpus = None
-    for i, tool in enumerate(spec.tools):
-        if tool.name == "retrieve":
-            corpus = _resolve_path(str(tool.options["corpus"]), base)
-            if not Path(corpus).exists():
-                where = f"tools.{i}.corpus"
-                raise SpecError(
-                    f"corpus {corpus!r} does not exist (relative paths are tried next to the YAML file, then in "
-                    "the working directory)",
-                    path=where,
-                    line=spec.line_of(f"tools.{i}.retrieve.corpus"),
-                    source=spec.source,
-                )
-    everything = default_tools(corpus=corpus, enable_http="http_get" in names)
-    return ToolRegistry([everything.get(n) for n in names])
-
-
-def _resolve_path(value: str, base: Path | None) -> str:
-    path = Path(value)
-    if not path.is_absolute() and base is not None and (base / path).exists():
-        return str(base / path)
-    return str(path)
-
-
 # -- one-call helpers -------------------------------------------------------------------------------------------
 async def run(
     query: str,
     *,
     engine: Engine,
-    strategy: Any = None,
+    strategy: Strategy | None = None,
     budget: Budget | Mapping[str, Any] | None = None,
     **options: Any,
 ) -> RunResult:
@@ -956,7 +563,7 @@ def run_sync(
     query: str,
     *,
     engine: Engine,
-    strategy: Any = None,
+    strategy: Strategy | None = None,
     budget: Budget | Mapping[str, Any] | None = None,
     **options: Any,
 ) -> RunResult:

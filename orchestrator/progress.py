@@ -14,6 +14,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import IO, Any
 
+from rich.console import Console, Group
+from rich.live import Live
+from rich.table import Table
+from rich.text import Text
+
 from .tracing import Event
 
 __all__ = ["LiveProgress", "PlainProgress", "ProgressState", "make_progress", "render_progress"]
@@ -168,10 +173,6 @@ def _bar(used: float, cap: float, width: int = 24) -> str:
 
 def render_progress(state: ProgressState) -> Any:
     """The live view of ``state`` as a rich renderable (pure: no I/O)."""
-    from rich.console import Group
-    from rich.table import Table
-    from rich.text import Text
-
     parts: list[Any] = []
     head = Text()
     head.append(f"{state.strategy or 'run'} ", style="bold cyan")
@@ -224,16 +225,12 @@ class LiveProgress:
     """A rich live view redrawn a few times a second while the run goes on."""
 
     def __init__(self, file: IO[str], *, caps: Mapping[str, Any] | None = None, refresh_per_second: float = 4) -> None:
-        from rich.console import Console
-
         self.state = ProgressState(caps=dict(caps or {}))
         self._console = Console(file=file)
         self._refresh = refresh_per_second
         self._live: Any = None
 
     def start(self) -> None:
-        from rich.live import Live
-
         self._live = Live(
             get_renderable=lambda: render_progress(self.state),
             console=self._console,

@@ -41,6 +41,8 @@ last line (a run killed mid-write).
 from __future__ import annotations
 
 import datetime as _dt
+import importlib
+import importlib.util
 import json
 import logging
 import math
@@ -50,7 +52,8 @@ from dataclasses import asdict, dataclass, field, is_dataclass
 from pathlib import Path
 from typing import IO, Any
 
-from ..errors import ConfigError
+from ..errors import ConfigError, MissingDependencyError, TraceFormatError
+from ..events import LiveRef
 
 __all__ = [
     "TRACE_FORMAT",
@@ -70,10 +73,6 @@ logger = logging.getLogger(__name__)
 
 TRACE_FORMAT = "branchwise-trace"
 TRACE_VERSION = 1
-
-
-class TraceFormatError(ConfigError):
-    """A file is not a branchwise trace, or has a version this reader does not know."""
 
 
 @dataclass(frozen=True)
@@ -116,15 +115,16 @@ def jsonable(value: Any) -> Any:
         return [jsonable(v) for v in value]
     to_dict = getattr(value, "to_dict", None) or getattr(value, "model_dump", None)
     if callable(to_dict):
-        try:
-            return jsonable(to_dict())
-        except Exception:
-            pass
+        return jsonable(to_dict())
     return str(value)
 
 
 class TraceWriter:
     """Writes a trace: the header, then one event a line, flushed after each line.
+
+    Text that is not valid Unicode (lone surrogates, e.g. a command-line argument that was not UTF-8, decoded
+    with Python's ``surrogateescape``) is written as JSON ``\\udcXX`` escapes, so the file stays UTF-8 and reads
+    back to the same string.
 
     Args:
         path: the file to create (parent folders are made).
@@ -135,7 +135,7 @@ class TraceWriter:
         self.path = Path(path)
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._file: IO[str] | None = self.path.open("w", encoding="utf-8")
+            self._file: IO[str] | None = self.path.open("w", encoding="utf-8", errors="backslashreplace")
         except OSError as err:
             raise ConfigError(f"cannot write trace file {self.path}: {err.strerror or err}") from None
         first = {"format": TRACE_FORMAT, "version": TRACE_VERSION, **jsonable(dict(header))}
@@ -175,46 +175,165 @@ class TraceFile:
 
 
 def read_trace(path: str | Path) -> TraceFile:
-    """Read a JSONL trace, checking its format and version.
+    """Read a JSONL trace, checking its format, version and every record's field types.
+
+    A last line cut mid-write (no newline at its end, and not a whole record) is tolerated: ``truncated`` is set.
 
     Raises:
-        TraceFormatError: not a branchwise trace, a newer version, or a malformed line before the last.
-        ConfigError: the file cannot be read.
+        TraceFormatError: not UTF-8 JSON Lines, another format or a newer version, a header that is not a JSON
+            object, or a record whose fields have the wrong types (the message names the file and line).
+        ConfigError: the file does not exist or cannot be read.
     """
     p = Path(path)
+    source = str(p)
+    if not p.is_file():
+        raise ConfigError(f"trace {source!r} does not exist" if not p.exists() else f"trace {source!r} is not a file")
     try:
-        text = p.read_text(encoding="utf-8")
+        with p.open("rb") as handle:
+            raw_lines = handle.read().split(b"\n")
     except OSError as err:
-        raise ConfigError(f"cannot read trace {p}: {err.strerror or err}") from None
-    lines = text.splitlines()
-    if not lines:
-        raise TraceFormatError(f"{p}: empty file, not a {TRACE_FORMAT} trace")
-    try:
-        header = json.loads(lines[0])
-    except json.JSONDecodeError:
-        raise TraceFormatError(f"{p}:1: not a {TRACE_FORMAT} trace (the header is not JSON)") from None
-    if not isinstance(header, dict) or header.get("format") != TRACE_FORMAT:
-        raise TraceFormatError(f"{p}:1: not a {TRACE_FORMAT} trace (format {header.get('format')!r})")
-    version = header.get("version")
-    if not isinstance(version, int) or version < 1 or version > TRACE_VERSION:
-        raise TraceFormatError(
-            f"{p}:1: {TRACE_FORMAT} version {version!r} is not supported (this reader knows 1..{TRACE_VERSION})"
-        )
-    trace = TraceFile(p, header)
-    complete = text.endswith("\n")
-    for number, line in enumerate(lines[1:], start=2):
-        if not line.strip():
+        raise ConfigError(f"cannot read trace {source}: {err.strerror or err}") from None
+    complete = raw_lines[-1] == b""
+    if complete:
+        raw_lines.pop()
+    if not raw_lines:
+        raise TraceFormatError(source, f"empty file, not a {TRACE_FORMAT} trace")
+    trace = TraceFile(p, _header(_decode(raw_lines[0], source, 1), source))
+    last = len(raw_lines)
+    for number, raw in enumerate(raw_lines[1:], start=2):
+        if not raw.strip():
             continue
         try:
-            record = json.loads(line)
-            event = Event(int(record["seq"]), float(record["t"]), str(record["kind"]), dict(record.get("data") or {}))
-        except (json.JSONDecodeError, KeyError, TypeError, ValueError):
-            if number == len(lines) and not complete:
+            trace.events.append(_event(_decode(raw, source, number), source, number))
+        except TraceFormatError:
+            if number == last and not complete:
                 trace.truncated = True
                 break
-            raise TraceFormatError(f"{p}:{number}: malformed event line") from None
-        trace.events.append(event)
+            raise
     return trace
+
+
+_NUMBER = (int, float)
+_HEADER_FIELDS: dict[str, tuple[type, ...]] = {
+    "run_id": (str,), "created": (str,), "branchwise": (str,), "query": (str,), "spec": (dict,),
+}  # fmt: skip
+_EVENT_FIELDS: dict[str, dict[str, tuple[type, ...]]] = {
+    "run_start": {"query": (str,), "strategy": (str,), "params": (dict,), "planner": (str,), "tools": (list,),
+                  "engines": (dict,), "budget": (dict,), "budget_path": (str,)},
+    "run_end": {"status": (str,), "error": (str,), "answer": (str,), "usage": (dict,), "pruned": (int,),
+                "budget_exhausted": (bool,), "seconds": _NUMBER},
+    "strategy_start": {"strategy": (str,), "params": (dict,)},
+    "strategy_end": {"strategy": (str,), "answer": (str,), "votes": (dict,), "pruned": (int,),
+                     "budget_exhausted": (bool,), "usage": (dict,), "decisions": (list,), "traces": (list,)},
+    "trace_start": {"parent": (int,), "kind": (str,)},
+    "trace_end": {"kind": (str,), "status": (str,), "tokens": (int,), "answer": (str,), "scores": (dict,),
+                  "finish_reason": (str,), "rule": (str,), "detail": (str,), "seconds": _NUMBER},
+    "engine_call": {"role": (str,), "model": (str,), "backend": (str,), "n": (int,), "max_tokens": (int,),
+                    "temperature": _NUMBER, "prompt_tokens": (int,), "completion_tokens": (int,),
+                    "latency_s": _NUMBER, "ttft_s": _NUMBER, "aborted": (bool,), "error": (str,)},
+    "budget_charge": {"budget": (str,), "prompt_tokens": (int,), "completion_tokens": (int,), "aborted": (bool,),
+                      "usage": (dict,), "remaining": (dict,)},
+    "budget_exhausted": {"budget": (str,), "cap": (str,), "detail": (str,)},
+    "error": {"type": (str,), "message": (str,)},
+}  # fmt: skip
+"""The documented fields of each event kind and their JSON types (null is allowed for every field; other
+fields and kinds are accepted, for newer writers)."""
+_NUMERIC_MAPS = ("usage", "remaining", "scores", "votes")
+
+
+def _decode(raw: bytes, source: str, number: int) -> Any:
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        message = f"not UTF-8 text: byte 0x{raw[err.start]:02x} at byte {err.start} of the line cannot be decoded"
+        raise TraceFormatError(source, message, line=number) from None
+    try:
+        return json.loads(text, parse_constant=_no_constant, parse_float=_finite)
+    except (ValueError, RecursionError) as err:  # JSONDecodeError is a ValueError
+        detail = err.msg if isinstance(err, json.JSONDecodeError) else str(err) or "nested too deeply"
+        raise TraceFormatError(source, f"not a JSON record ({detail})", line=number) from None
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _finite(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"{text} is out of range")
+    return value
+
+
+def _header(header: Any, source: str) -> dict[str, Any]:
+    if not isinstance(header, dict):
+        raise TraceFormatError(
+            source, f"not a {TRACE_FORMAT} trace: the header is a JSON {_json_type(header)}, not an object", line=1
+        )
+    if header.get("format") != TRACE_FORMAT:
+        raise TraceFormatError(source, f"not a {TRACE_FORMAT} trace (format {header.get('format')!r})", line=1)
+    version = header.get("version")
+    if isinstance(version, bool) or not isinstance(version, int) or not 1 <= version <= TRACE_VERSION:
+        raise TraceFormatError(
+            source,
+            f"{TRACE_FORMAT} version {version!r} is not supported (this reader knows 1..{TRACE_VERSION})",
+            line=1,
+        )
+    _check_fields(header, _HEADER_FIELDS, "header", source, 1)
+    return header
+
+
+def _event(record: Any, source: str, number: int) -> Event:
+    if not isinstance(record, dict):
+        raise TraceFormatError(source, f"an event must be a JSON object, got a {_json_type(record)}", line=number)
+    seq, t, kind, data = record.get("seq"), record.get("t"), record.get("kind"), record.get("data", {})
+    data = {} if data is None else data
+    if isinstance(seq, bool) or not isinstance(seq, int):
+        raise TraceFormatError(source, f"'seq' must be an integer, got {_json_type(seq)}", line=number)
+    if isinstance(t, bool) or not isinstance(t, _NUMBER):
+        raise TraceFormatError(source, f"'t' must be a number, got {_json_type(t)}", line=number)
+    if not isinstance(kind, str):
+        raise TraceFormatError(source, f"'kind' must be a string, got {_json_type(kind)}", line=number)
+    if not isinstance(data, dict):
+        raise TraceFormatError(source, f"'data' must be an object, got {_json_type(data)}", line=number)
+    _check_fields(data, _EVENT_FIELDS.get(kind, {}), f"{kind} event", source, number)
+    for name in (*_NUMERIC_MAPS, "budget") if kind == "run_start" else _NUMERIC_MAPS:
+        inner = data.get(name)
+        if isinstance(inner, dict):
+            for key, value in inner.items():
+                if value is not None and (isinstance(value, bool) or not isinstance(value, _NUMBER)):
+                    message = f"{kind} event: '{name}.{key}' must be a number, got {_json_type(value)}"
+                    raise TraceFormatError(source, message, line=number)
+    return Event(seq, float(t), kind, data)
+
+
+def _check_fields(
+    data: Mapping[str, Any], fields: Mapping[str, tuple[type, ...]], what: str, source: str, number: int
+) -> None:
+    for name, types in fields.items():
+        value = data.get(name)
+        if value is None:
+            continue
+        wrong_bool = isinstance(value, bool) and bool not in types
+        if wrong_bool or not isinstance(value, types):
+            expected = " or ".join(_TYPE_NAMES[t] for t in types)
+            message = f"{what}: {name!r} must be {expected}, got {_json_type(value)}"
+            raise TraceFormatError(source, message, line=number)
+
+
+_TYPE_NAMES = {str: "a string", int: "an integer", float: "a number", bool: "a boolean", dict: "an object",
+               list: "an array"}  # fmt: skip
+
+
+def _json_type(value: Any) -> str:
+    if value is None:
+        return "null"
+    for cls, name in (
+        (bool, "boolean"), (int, "integer"), (float, "number"), (str, "string"), (list, "array"), (dict, "object")
+    ):  # fmt: skip
+        if isinstance(value, cls):
+            return name
+    return type(value).__name__
 
 
 class Recorder:
@@ -242,8 +361,6 @@ class Recorder:
         self.listeners.append(listener)
 
     def __call__(self, kind: str, data: Mapping[str, Any]) -> Event:
-        from ..events import LiveRef
-
         live = {k: v.value for k, v in data.items() if isinstance(v, LiveRef)}
         payload = jsonable({k: v for k, v in data.items() if k not in live})
         if self.secrets:
@@ -280,8 +397,6 @@ class Recorder:
 
 def otel_available() -> bool:
     """True when the OpenTelemetry API can be imported."""
-    import importlib.util
-
     return importlib.util.find_spec("opentelemetry") is not None and (
         importlib.util.find_spec("opentelemetry.trace") is not None
     )
@@ -302,10 +417,9 @@ class OTelSink:
 
     def __init__(self, tracer_provider: Any = None) -> None:
         try:
-            from opentelemetry import trace
+            # an optional dependency: imported here, when spans are asked for, never at module level
+            trace: Any = importlib.import_module("opentelemetry.trace")
         except ImportError as err:
-            from ..errors import MissingDependencyError
-
             raise MissingDependencyError(
                 "OpenTelemetry spans", "opentelemetry-api", "pip install 'branchwise[telemetry]'"
             ) from err

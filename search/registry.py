@@ -220,7 +220,7 @@ def register_strategy(
     *,
     maxima: Mapping[str, int] | None = None,
     sources: Mapping[str, ParamSource] | None = None,
-    fan_out: Callable[[_S], int] | None = None,
+    fan_out: Callable[[Any], int] | None = None,
     replace: bool = False,
 ) -> Callable[[type[_S]], type[_S]]:
     """Register a strategy class under ``name`` (default: its ``name`` attribute); a class decorator.

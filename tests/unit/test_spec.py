@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 from branchwise.errors import ConfigError
-from branchwise.orchestrator.spec import PipelineSpec, SpecError, load_spec, pipeline_json_schema, resolve_env
+from branchwise.orchestrator.spec import PipelineSpec, SpecError, load_spec, resolve_env
+from branchwise.orchestrator.spec_schema import pipeline_json_schema
 
 BASE = "engine: {backend: test, default: 'The answer is 4.'}\n"
 
@@ -147,7 +148,7 @@ def test_load_from_file_and_missing_file(tmp_path: Path) -> None:
     with pytest.raises(SpecError) as info:
         load_spec(path)
     assert str(info.value).startswith(f"{path}:2:")
-    with pytest.raises(SpecError, match="cannot read"):
+    with pytest.raises(SpecError, match="does not exist"):
         load_spec(tmp_path / "missing.yaml")
 
 

@@ -58,7 +58,7 @@ def test_reader_rejects_other_formats_and_newer_versions(tmp_path: Path) -> None
         read_trace(path)
     header = json.dumps({"format": TRACE_FORMAT, "version": 1})
     path.write_text(header + "\n{broken\n" + json.dumps({"seq": 1, "t": 0, "kind": "x", "data": {}}) + "\n")
-    with pytest.raises(TraceFormatError, match=":2: malformed"):
+    with pytest.raises(TraceFormatError, match=":2: not a JSON record"):
         read_trace(path)
 
 
@@ -104,9 +104,10 @@ async def test_budget_reports_charges_and_exhaustion_on_the_event_channel() -> N
     engine = budget.bind(ScriptedEngine(default="one two three four five six seven"))
     with use_sink(lambda kind, data: got.append((kind, data))):
         await engine.generate(GenerationRequest(prompt="p", max_tokens=20))
-    kinds = [k for k, _ in got]
+    budget_events = [(k, d) for k, d in got if k.startswith("budget_")]
+    kinds = [k for k, _ in budget_events]
     assert "budget_exhausted" in kinds and kinds[-1] == "budget_charge"
-    charge = got[-1][1]
+    charge = budget_events[-1][1]
     assert charge["completion_tokens"] == 5 and charge["budget"] == "run"
     assert charge["usage"]["completion_tokens"] == 5  # type: ignore[index]
 
