@@ -10,22 +10,16 @@
   paired comparisons (McNemar).
 - `report`: Markdown and self-contained HTML reports with plots; `repro`: the reproducibility record.
 - `pipelines`: YAML pipelines evaluated on a benchmark (`evaluate_pipelines`, used by ``branchwise eval``).
-
-Names are imported lazily, so ``import branchwise.evals`` stays cheap.
 """
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
-
-if TYPE_CHECKING:
-    from .datasets import Benchmark, Problem, available_benchmarks, load_benchmark
-    from .metrics import ConfigMetrics, compare, pass_at_k, summarize, wilson_interval
-    from .report import build_report, write_report
-    from .repro import reproducibility_record
-    from .runner import EvalConfig, EvalSummary, run_eval, strategy_solver
-    from .store import ResultRow, ResultsStore
+from .datasets import Benchmark, Problem, available_benchmarks, load_benchmark
+from .metrics import ConfigMetrics, compare, pass_at_k, summarize, wilson_interval
+from .report import build_report, write_report
+from .repro import reproducibility_record
+from .runner import EvalConfig, EvalSummary, run_eval, strategy_solver
+from .store import ResultRow, ResultsStore
 
 __all__ = [
     "Benchmark",
@@ -47,35 +41,3 @@ __all__ = [
     "wilson_interval",
     "write_report",
 ]
-
-_WHERE = {
-    "Benchmark": "datasets",
-    "Problem": "datasets",
-    "available_benchmarks": "datasets",
-    "load_benchmark": "datasets",
-    "ConfigMetrics": "metrics",
-    "compare": "metrics",
-    "pass_at_k": "metrics",
-    "summarize": "metrics",
-    "wilson_interval": "metrics",
-    "build_report": "report",
-    "write_report": "report",
-    "reproducibility_record": "repro",
-    "EvalConfig": "runner",
-    "EvalSummary": "runner",
-    "run_eval": "runner",
-    "strategy_solver": "runner",
-    "ResultRow": "store",
-    "ResultsStore": "store",
-}
-
-
-def __getattr__(name: str) -> Any:
-    module = _WHERE.get(name)
-    if module is None:
-        raise AttributeError(f"module 'branchwise.evals' has no attribute {name!r}")
-    return getattr(importlib.import_module(f"{__name__}.{module}"), name)
-
-
-def __dir__() -> list[str]:
-    return sorted(__all__)

@@ -41,10 +41,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import httpx
+
+from ..engine.models import cache_dir
 from ..errors import ConfigError, DatasetError, UnknownNameError
 from ..search.base import PromptTemplate
 from ..verifiers.extraction import AnswerExtractor, ExtractionRule, extract_answer_is, extract_boxed
 from ..verifiers.grading import BaseGrader, get_grader
+from .arithmetic import arithmetic_problems
+from .multihop import multihop_questions
 
 __all__ = [
     "BENCHMARKS_ENV",
@@ -346,8 +351,6 @@ class BenchmarkSpec:
 
 
 def _arithmetic(limit: int | None, seed: int) -> list[Problem]:
-    from .arithmetic import arithmetic_problems
-
     return [
         Problem(p.id, p.question, (p.answer,), "arithmetic", level=str(p.level), metadata={"steps": list(p.steps)})
         for p in arithmetic_problems(limit or 100, seed=seed, levels=(1, 2, 3, 4, 5))
@@ -355,8 +358,6 @@ def _arithmetic(limit: int | None, seed: int) -> list[Problem]:
 
 
 def _multihop(limit: int | None, seed: int) -> list[Problem]:
-    from .multihop import multihop_questions
-
     return [
         Problem(
             q.id,
@@ -522,8 +523,6 @@ def _sha256_file(path: Path) -> str:
 
 def datasets_cache() -> Path:
     """Folder of downloaded benchmark files: ``$BRANCHWISE_CACHE/datasets``."""
-    from ..engine.models import cache_dir
-
     return cache_dir() / "datasets"
 
 
@@ -538,8 +537,6 @@ def fetch(url: str, sha256: str, *, timeout: float = 60.0) -> Path:
         ConfigError: ``sha256`` is not 64 hex digits.
         DatasetError: the download failed or its hash does not match.
     """
-    import httpx
-
     expected = sha256.strip().lower()
     if not _SHA256_RE.match(expected):
         raise ConfigError(f"sha256 must be 64 hex digits, got {sha256!r}")

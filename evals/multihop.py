@@ -32,6 +32,20 @@ from typing import Literal
 
 from ..errors import ConfigError
 from ..executors.retrieval import Document
+from .multihop_vocabulary import (
+    ATTRIBUTES,
+    CODAS,
+    COMPANY_KINDS,
+    ENTITY_TYPES,
+    FIRST_NAMES,
+    ONSETS,
+    PROFESSIONS,
+    REGIONS,
+    SUFFIXES,
+    VOWELS,
+    Attribute,
+    EntityType,
+)
 
 __all__ = [
     "ATTRIBUTES",
@@ -44,191 +58,7 @@ __all__ = [
     "multihop_questions",
 ]
 
-EntityType = Literal["city", "person", "company", "river", "mountain"]
 QuestionKind = Literal["argmax", "argmin", "difference", "sum", "count", "range"]
-
-_TYPES: tuple[EntityType, ...] = ("city", "person", "company", "river", "mountain")
-
-
-@dataclass(frozen=True)
-class Attribute:
-    """A numeric attribute of one entity type and how it is written and asked about.
-
-    Attributes:
-        key: identifier, unique across types (e.g. ``city.founded``).
-        entity_type: the type of entity that has it.
-        label: a noun phrase ("founding year").
-        fact: the sentence stating it, with ``{name}`` and ``{value}`` slots.
-        low: smallest value (inclusive).
-        high: largest value (exclusive).
-        is_year: values are calendar years (phrasing of comparisons).
-        argmax: question asking which entity has the largest value (``{names}`` = "A, B or C").
-        argmin: question asking which entity has the smallest value.
-        difference: question for ``value(A) - value(B)`` (A has the larger value).
-        count: question counting entities below ``{threshold}`` (``{names}`` = "A, B and C").
-        total: question for the sum of the values, or empty when a sum is meaningless (years).
-    """
-
-    key: str
-    entity_type: EntityType
-    label: str
-    fact: str
-    low: int
-    high: int
-    is_year: bool
-    argmax: str
-    argmin: str
-    difference: str
-    count: str
-    total: str = ""
-
-
-ATTRIBUTES: dict[str, Attribute] = {
-    a.key: a
-    for a in (
-        Attribute(
-            "city.founded",
-            "city",
-            "founding year",
-            "{name} was founded in {value}.",
-            1100,
-            1950,
-            True,
-            "Which of {names} was founded most recently?",
-            "Which of {names} was founded first?",
-            "How many years earlier was {b} founded than {a}?",
-            "How many of {names} were founded before {threshold}?",
-        ),
-        Attribute(
-            "city.population",
-            "city",
-            "population",
-            "{name} has a population of {value}.",
-            5000,
-            2_000_000,
-            False,
-            "Which of {names} has the largest population?",
-            "Which of {names} has the smallest population?",
-            "How many more inhabitants does {a} have than {b}?",
-            "How many of {names} have a population below {threshold}?",
-            "What is the combined population of {names}?",
-        ),
-        Attribute(
-            "city.elevation",
-            "city",
-            "elevation in metres",
-            "{name} lies at an elevation of {value} metres.",
-            2,
-            2500,
-            False,
-            "Which of {names} lies at the highest elevation?",
-            "Which of {names} lies at the lowest elevation?",
-            "How many metres higher does {a} lie than {b}?",
-            "How many of {names} lie below {threshold} metres?",
-        ),
-        Attribute(
-            "person.born",
-            "person",
-            "birth year",
-            "{name} was born in {value}.",
-            1800,
-            2000,
-            True,
-            "Who was born last: {names}?",
-            "Who was born first: {names}?",
-            "How many years older is {b} than {a}?",
-            "How many of {names} were born before {threshold}?",
-        ),
-        Attribute(
-            "company.founded",
-            "company",
-            "founding year",
-            "{name} was established in {value}.",
-            1800,
-            2016,
-            True,
-            "Which of {names} was established most recently?",
-            "Which of {names} was established first?",
-            "How many years earlier was {b} established than {a}?",
-            "How many of {names} were established before {threshold}?",
-        ),
-        Attribute(
-            "company.employees",
-            "company",
-            "number of employees",
-            "{name} employs {value} people.",
-            40,
-            250_000,
-            False,
-            "Which of {names} employs the most people?",
-            "Which of {names} employs the fewest people?",
-            "How many more people does {a} employ than {b}?",
-            "How many of {names} employ fewer than {threshold} people?",
-            "How many people do {names} employ in total?",
-        ),
-        Attribute(
-            "river.length",
-            "river",
-            "length in kilometres",
-            "The {name} is {value} kilometres long.",
-            30,
-            4000,
-            False,
-            "Which is the longest river: {names}?",
-            "Which is the shortest river: {names}?",
-            "How many kilometres longer is the {a} than the {b}?",
-            "How many of {names} are shorter than {threshold} kilometres?",
-            "What is the total length in kilometres of {names}?",
-        ),
-        Attribute(
-            "mountain.height",
-            "mountain",
-            "height in metres",
-            "{name} rises to a height of {value} metres.",
-            900,
-            8200,
-            False,
-            "Which is the highest mountain: {names}?",
-            "Which is the lowest mountain: {names}?",
-            "How many metres higher is {a} than {b}?",
-            "How many of {names} are lower than {threshold} metres?",
-        ),
-        Attribute(
-            "mountain.first_ascent",
-            "mountain",
-            "year of first ascent",
-            "{name} was first climbed in {value}.",
-            1780,
-            1995,
-            True,
-            "Which of {names} was first climbed most recently?",
-            "Which of {names} was climbed first?",
-            "How many years earlier was {b} first climbed than {a}?",
-            "How many of {names} were first climbed before {threshold}?",
-        ),
-    )
-}
-
-_ONSETS = ("b", "d", "k", "l", "m", "n", "r", "s", "t", "v", "z", "br", "dr", "gr", "kr", "st", "th", "sh", "qu",
-           "f", "h", "j", "w", "pl", "tr")  # fmt: skip
-_VOWELS = ("a", "e", "i", "o", "u", "ae", "ei", "ou", "y", "ia")
-_CODAS = ("", "", "n", "r", "l", "s", "th", "m", "x", "nd", "rk", "sk")
-_SUFFIX = {
-    "city": ("ia", "mark", "grad", "holm", "ford", "heim", "burg", "ora", "ene", "wick"),
-    "person": ("ek", "ov", "ard", "ien", "sen", "ani", "orn", "esk"),
-    "company": ("ex", "on", "ix", "ara", "eon", "ium"),
-    "river": ("ane", "ess", "wyn", "ode", "ire"),
-    "mountain": ("var", "horn", "dor", "kul", "ash"),
-}
-_FIRST_NAMES = ("Orsolya", "Bertil", "Ximena", "Tadeusz", "Ilka", "Radomir", "Selvi", "Oskarine", "Jorunn",
-                "Emerik", "Liesa", "Vasko", "Amarante", "Teodric", "Ysolde", "Kasimir", "Mireille", "Dragan",
-                "Sunniva", "Leopold", "Ottilie", "Bohdan", "Valeska", "Anselm", "Perpetua", "Ivar", "Zdenka",
-                "Casimira", "Ulrich", "Henrike")  # fmt: skip
-_COMPANY_KINDS = ("Analytics", "Shipping", "Foods", "Dynamics", "Textiles", "Optics", "Ceramics", "Robotics",
-                  "Pharmaceuticals", "Instruments")  # fmt: skip
-_REGIONS = ("the Northern Reach", "the Lowmarch", "Eastvale", "the Coastlands", "the High Plateau", "Westmoor")
-_PROFESSIONS = ("painter", "chemist", "novelist", "architect", "composer", "engineer", "botanist", "cartographer")
-_WORDS = {"city": "a city", "person": "a", "company": "a company", "river": "a river", "mountain": "a mountain"}
 
 
 @dataclass(frozen=True)
@@ -331,15 +161,15 @@ def _join(names: Sequence[str], word: str) -> str:
 class _NameMaker:
     def __init__(self, rng: random.Random) -> None:
         self.rng = rng
-        self.used: set[str] = {n.lower() for n in _FIRST_NAMES}
+        self.used: set[str] = {n.lower() for n in FIRST_NAMES}
 
     def core(self, entity_type: EntityType) -> str:
         for _ in range(10_000):
             syllables = [
-                self.rng.choice(_ONSETS) + self.rng.choice(_VOWELS) + self.rng.choice(_CODAS)
+                self.rng.choice(ONSETS) + self.rng.choice(VOWELS) + self.rng.choice(CODAS)
                 for _ in range(self.rng.randint(1, 2))
             ]
-            word = ("".join(syllables) + self.rng.choice(_SUFFIX[entity_type])).capitalize()
+            word = ("".join(syllables) + self.rng.choice(SUFFIXES[entity_type])).capitalize()
             if len(word) >= 5 and word.lower() not in self.used:
                 self.used.add(word.lower())
                 return word
@@ -352,7 +182,7 @@ class KnowledgeBase:
 
     Attributes:
         seed: the generation seed.
-        entities: every entity, grouped by type in `_TYPES` order.
+        entities: every entity, grouped by type in `ENTITY_TYPES` order.
     """
 
     seed: int
@@ -367,17 +197,17 @@ class KnowledgeBase:
             ConfigError: fewer than 40 entities, or more than the attribute ranges can keep distinct (1000).
         """
         # Values are distinct within a type, so the narrowest attribute range bounds the entities per type.
-        most = len(_TYPES) * min(spec.high - spec.low for spec in ATTRIBUTES.values())
+        most = len(ENTITY_TYPES) * min(spec.high - spec.low for spec in ATTRIBUTES.values())
         if not 40 <= n_entities <= most:
             raise ConfigError(
                 f"n_entities must be in 40..{most} (8 per type for 8-hop questions; distinct values), got {n_entities}"
             )
         rng = random.Random(seed)
         names = _NameMaker(rng)
-        per_type = {t: n_entities // len(_TYPES) + (1 if i < n_entities % len(_TYPES) else 0)
-                    for i, t in enumerate(_TYPES)}  # fmt: skip
+        per_type = {t: n_entities // len(ENTITY_TYPES) + (1 if i < n_entities % len(ENTITY_TYPES) else 0)
+                    for i, t in enumerate(ENTITY_TYPES)}  # fmt: skip
         entities: list[Entity] = []
-        for entity_type in _TYPES:
+        for entity_type in ENTITY_TYPES:
             count = per_type[entity_type]
             columns = {
                 key: rng.sample(range(spec.low, spec.high), count)
@@ -387,9 +217,9 @@ class KnowledgeBase:
             for index in range(count):
                 core = names.core(entity_type)
                 if entity_type == "person":
-                    name = f"{_FIRST_NAMES[index % len(_FIRST_NAMES)]} {core}"
+                    name = f"{FIRST_NAMES[index % len(FIRST_NAMES)]} {core}"
                 elif entity_type == "company":
-                    name = f"{core} {rng.choice(_COMPANY_KINDS)}"
+                    name = f"{core} {rng.choice(COMPANY_KINDS)}"
                 elif entity_type == "river":
                     name = f"{core} River"
                 elif entity_type == "mountain":
@@ -408,8 +238,8 @@ class KnowledgeBase:
 
     def _render(self, entity: Entity, rng: random.Random) -> Document:
         name = entity.name
-        others = {t: [e.name for e in self._of_type(t) if e.name != name] for t in _TYPES}
-        region = rng.choice(_REGIONS)
+        others = {t: [e.name for e in self._of_type(t) if e.name != name] for t in ENTITY_TYPES}
+        region = rng.choice(REGIONS)
 
         def year() -> int:  # distractor years in the same range as the facts
             return rng.randint(1750, 2020)
@@ -419,12 +249,12 @@ class KnowledgeBase:
             distractors = [
                 f"Its old harbour was rebuilt in {year()}.",
                 f"A great fire swept through its old town in {year()}.",
-                f"The {rng.choice(_PROFESSIONS)} {rng.choice(others['person'])} lived here for many years.",
+                f"The {rng.choice(PROFESSIONS)} {rng.choice(others['person'])} lived here for many years.",
                 f"Its annual lantern festival draws about {rng.randint(2000, 90000)} visitors.",
                 f"It is twinned with {rng.choice(others['city'])}.",
             ]
         elif entity.entity_type == "person":
-            profession = rng.choice(_PROFESSIONS)
+            profession = rng.choice(PROFESSIONS)
             intro = f"{name} is a {profession} from {rng.choice(others['city'])}."
             surname = name.split()[-1]
             distractors = [
@@ -455,7 +285,7 @@ class KnowledgeBase:
                 f"It stands {rng.randint(10, 400)} kilometres from {rng.choice(others['city'])}.",
                 f"A weather station was built on its slopes in {year()}.",
                 f"Its glacier has retreated by {rng.randint(50, 2500)} metres since records began.",
-                f"The {rng.choice(_PROFESSIONS)} {rng.choice(others['person'])} painted it many times.",
+                f"The {rng.choice(PROFESSIONS)} {rng.choice(others['person'])} painted it many times.",
             ]
         facts = [ATTRIBUTES[key].fact.format(name=name, value=value) for key, value in entity.values.items()]
         chosen = rng.sample(distractors, k=min(3, len(distractors)))
@@ -519,7 +349,7 @@ class KnowledgeBase:
         Raises:
             ConfigError: an invalid count, hop range or kind.
         """
-        per_type_min = min(len(self._of_type(t)) for t in _TYPES)
+        per_type_min = min(len(self._of_type(t)) for t in ENTITY_TYPES)
         if n < 1:
             raise ConfigError(f"n must be >= 1, got {n}")
         if not 2 <= min_hops <= max_hops <= min(8, per_type_min):

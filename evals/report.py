@@ -360,65 +360,81 @@ def build_report(results: str | Path, compare_with: str | Path | None = None, *,
     sources = [str(results)] + ([str(compare_with)] if compare_with is not None else [])
     doc.para("Results: " + " vs ".join(sources))
 
-    points = [(r.metrics.mean_completion_tokens, r.metrics.accuracy) for r in everything]
-    front = pareto_front(points)
+    front = pareto_front([(r.metrics.mean_completion_tokens, r.metrics.accuracy) for r in everything])
     doc.heading("Summary")
     doc.table(_SUMMARY_HEADER, _summary_rows(everything, set(front), show_source=compare_with is not None))
     doc.para(
         "Accuracy intervals are 95% Wilson score intervals. Pareto: no other configuration is at least as accurate "
         "with fewer completion tokens per problem. Wall time is summed over invocations (resumed runs)."
     )
+    images = _plot_section(doc, everything, front) if plots else {}
+    _sample_reuse_section(doc, everything)
+    _levels_section(doc, everything)
+    _comparison_section(doc, first, second, compare_with is not None)
+    doc.heading("Reproducibility")
+    _describe_runs(doc, str(results), runs_a)
+    if compare_with is not None:
+        _describe_runs(doc, str(compare_with), runs_b)
+    return Report("\n".join(doc.md).rstrip() + "\n", doc.render_html(title), images)
 
-    images: dict[str, bytes] = {}
-    if plots:
-        if importlib.util.find_spec("matplotlib") is None:
-            logger.warning("matplotlib is not installed: the report has no plots (pip install 'branchwise[reports]')")
-            doc.para("Plots are missing: matplotlib is not installed (pip install 'branchwise[reports]').")
-        else:
-            images = _plots(everything, front)
-            captions = {
-                "accuracy_vs_tokens.png": "Accuracy versus completion tokens per problem",
-                "accuracy_vs_n.png": "Accuracy versus N (maj@k solid, weighted@k dotted, pass@k dashed)",
-                "token_histograms.png": "Completion tokens per problem",
-            }
-            for name, data in images.items():
-                doc.image(name, data, captions[name])
 
+def _plot_section(doc: _Doc, everything: list[ConfigResults], front: list[int]) -> dict[str, bytes]:
+    if importlib.util.find_spec("matplotlib") is None:
+        logger.warning("matplotlib is not installed: the report has no plots (pip install 'branchwise[reports]')")
+        doc.para("Plots are missing: matplotlib is not installed (pip install 'branchwise[reports]').")
+        return {}
+    images = _plots(everything, front)
+    captions = {
+        "accuracy_vs_tokens.png": "Accuracy versus completion tokens per problem",
+        "accuracy_vs_n.png": "Accuracy versus N (maj@k solid, weighted@k dotted, pass@k dashed)",
+        "token_histograms.png": "Completion tokens per problem",
+    }
+    for name, data in images.items():
+        doc.image(name, data, captions[name])
+    return images
+
+
+def _sample_reuse_section(doc: _Doc, everything: list[ConfigResults]) -> None:
     curved = [r for r in everything if r.metrics.curves.get("pass@k")]
-    if any(len(r.metrics.curves["pass@k"]) > 1 for r in curved):
-        doc.heading("Sample reuse: accuracy at k samples, from one pool of N")
-        rows = []
-        for r in curved:
-            c = r.metrics.curves
-            for k in sorted(c["pass@k"]):
-                rows.append([r.name, str(k), _pct(c["maj@k"][k]), _pct(c["weighted@k"][k]), _pct(c["pass@k"][k]),
-                             str(int(c["count@k"][k]))])  # fmt: skip
-        doc.table(["configuration", "k", "maj@k", "weighted@k", "pass@k", "problems"], rows)
-        doc.para(
-            "pass@k is the unbiased estimator 1 - C(n-c,k)/C(n,k). maj@k and weighted@k (votes weighted by trace "
-            "confidence) average over every k-subset of a problem's samples when there are at most 400, else over "
-            "400 random subsets seeded by the problem id; ties give fractional credit."
-        )
+    if not any(len(r.metrics.curves["pass@k"]) > 1 for r in curved):
+        return
+    doc.heading("Sample reuse: accuracy at k samples, from one pool of N")
+    rows = []
+    for r in curved:
+        c = r.metrics.curves
+        for k in sorted(c["pass@k"]):
+            rows.append([r.name, str(k), _pct(c["maj@k"][k]), _pct(c["weighted@k"][k]), _pct(c["pass@k"][k]),
+                         str(int(c["count@k"][k]))])  # fmt: skip
+    doc.table(["configuration", "k", "maj@k", "weighted@k", "pass@k", "problems"], rows)
+    doc.para(
+        "pass@k is the unbiased estimator 1 - C(n-c,k)/C(n,k). maj@k and weighted@k (votes weighted by trace "
+        "confidence) average over every k-subset of a problem's samples when there are at most 400, else over "
+        "400 random subsets seeded by the problem id; ties give fractional credit."
+    )
 
+
+def _levels_section(doc: _Doc, everything: list[ConfigResults]) -> None:
     levelled = [r for r in everything if r.metrics.by_level]
-    if levelled:
-        doc.heading("Accuracy by difficulty level")
-        rows = [
-            [r.name, level, str(s.n), _pct(s.accuracy), _ci(s.ci), _num(s.mean_completion_tokens)]
-            for r in levelled
-            for level, s in r.metrics.by_level.items()
-        ]
-        doc.table(["configuration", "level", "problems", "accuracy", "95% CI", "tokens/problem"], rows)
+    if not levelled:
+        return
+    doc.heading("Accuracy by difficulty level")
+    rows = [
+        [r.name, level, str(s.n), _pct(s.accuracy), _ci(s.ci), _num(s.mean_completion_tokens)]
+        for r in levelled
+        for level, s in r.metrics.by_level.items()
+    ]
+    doc.table(["configuration", "level", "problems", "accuracy", "95% CI", "tokens/problem"], rows)
 
+
+def _comparison_section(doc: _Doc, first: list[ConfigResults], second: list[ConfigResults], two: bool) -> None:
+    """One file: each configuration against the first. Two files: configurations paired by label."""
     comparisons: list[list[str]] = []
-    if compare_with is None and len(first) > 1:
+    if not two and len(first) > 1:
         base = first[0]
         for other in first[1:]:
-            with_shared = {r.problem_id for r in base.rows} & {r.problem_id for r in other.rows}
-            if with_shared:
+            if {r.problem_id for r in base.rows} & {r.problem_id for r in other.rows}:
                 comparisons.append(_comparison_row(f"{other.name} vs {base.name}", compare(other.rows, base.rows)))
-    elif compare_with is not None:
-        pairs: list[tuple[ConfigResults, ConfigResults]] = []
+    elif two:
         if len(first) == 1 and len(second) == 1:
             pairs = [(first[0], second[0])]
         else:
@@ -437,12 +453,6 @@ def build_report(results: str | Path, compare_with: str | Path | None = None, *,
             "diff = accuracy A - accuracy B in points, with a 95% interval for paired proportions (Newcombe's "
             "hybrid score method); significance by McNemar's exact test (p < 0.05) on the discordant problems."
         )
-
-    doc.heading("Reproducibility")
-    _describe_runs(doc, str(results), runs_a)
-    if compare_with is not None:
-        _describe_runs(doc, str(compare_with), runs_b)
-    return Report("\n".join(doc.md).rstrip() + "\n", doc.render_html(title), images)
 
 
 def write_report(

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from ..engine.base import Engine
+from ..engine.models import MODELS, cache_dir, is_pulled, model_dir
 
 __all__ = ["DEFAULT_PACKAGES", "engine_record", "environment_record", "package_versions", "reproducibility_record",
            "weights_hash"]  # fmt: skip
@@ -121,8 +122,6 @@ def _weight_files(path: Path) -> list[Path]:
 
 
 def _hash_cache() -> Path:
-    from ..engine.models import cache_dir
-
     return cache_dir() / "weights-hashes.json"
 
 
@@ -183,8 +182,6 @@ def _model_path(engine: Engine) -> str | None:
     path = getattr(engine, "model_path", None)
     if path:
         return str(path)
-    from ..engine.models import MODELS, is_pulled, model_dir
-
     model = engine.model
     if model in MODELS:
         return str(model_dir(model)) if is_pulled(model) else None

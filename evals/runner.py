@@ -30,6 +30,17 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import IO, Any, Protocol
 
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TaskID,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+
 from ..budget import Budget
 from ..engine.base import Engine
 from ..errors import (
@@ -189,17 +200,7 @@ class LineProgress:
 class RichProgress:
     """A rich progress bar: problems done, accuracy so far, tokens, elapsed time and ETA."""
 
-    def __init__(self, console: Any = None) -> None:
-        from rich.console import Console
-        from rich.progress import (
-            BarColumn,
-            MofNCompleteColumn,
-            Progress,
-            TextColumn,
-            TimeElapsedColumn,
-            TimeRemainingColumn,
-        )
-
+    def __init__(self, console: Console | None = None) -> None:
         self._progress = Progress(
             TextColumn("[bold]{task.description}"),
             BarColumn(),
@@ -210,7 +211,7 @@ class RichProgress:
             TimeRemainingColumn(),
             console=console or Console(stderr=True),
         )
-        self._task: Any = None
+        self._task: TaskID | None = None
         self._running = False
         self._t = _Tally()
 
@@ -223,6 +224,7 @@ class RichProgress:
 
     def advance(self, row: ResultRow) -> None:
         self._t.add(row)
+        assert self._task is not None, "advance() before start()"
         self._progress.update(self._task, advance=1, acc=f"{self._t.accuracy:.1%}", tokens=f"{self._t.tokens:,}")
 
     def finish(self) -> None:
