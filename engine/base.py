@@ -24,9 +24,28 @@ from typing import Self
 from ..events import LiveRef, emit
 from .types import CallUsage, Capabilities, Completion, Delta, FinishReason, Generation, GenerationRequest, TokenLogprob
 
-__all__ = ["CallMeter", "Engine", "UsageHook", "assemble"]
+__all__ = ["CHAT_TEMPLATE_ALLOWANCE", "CallMeter", "Engine", "UsageHook", "assemble", "estimate_prompt_tokens"]
 
 logger = logging.getLogger(__name__)
+
+CHAT_TEMPLATE_ALLOWANCE = (48, 8)
+"""Tokens a chat template may add: per request (a default system turn, the generation prompt), per message."""
+
+
+def estimate_prompt_tokens(request: GenerationRequest) -> int:
+    """An over-estimate of the prompt tokens of ``request``, for backends that cannot count them.
+
+    Every token of a byte-level tokenizer (GPT-2, Llama 3, Qwen, SmolLM) or of one with byte fallback covers at
+    least one UTF-8 byte, so the text's byte count bounds its tokens; chat requests add `CHAT_TEMPLATE_ALLOWANCE`
+    for the template's own tokens. On English text this is about four times the real count.
+    """
+    if request.prompt is not None:
+        return len(request.prompt.encode("utf-8", "surrogatepass")) + 1  # + a BOS token
+    messages = request.messages or ()
+    per_request, per_message = CHAT_TEMPLATE_ALLOWANCE
+    text = sum(len(m.content.encode("utf-8", "surrogatepass")) for m in messages)
+    return text + per_request + per_message * len(messages)
+
 
 UsageHook = Callable[[GenerationRequest, CallUsage], None]
 """Called once per engine call when it ends, with the request and what the call cost."""
@@ -144,6 +163,14 @@ class Engine(ABC):
             self._report(request, meter, err)
             raise
         self._emit(request, meter.usage(request))
+
+    def count_prompt_tokens(self, request: GenerationRequest) -> int:
+        """The prompt tokens ``request`` will cost, known before it is sent (a `Budget` reserves them).
+
+        Backends with a tokenizer return the exact count; the default is `estimate_prompt_tokens`, an
+        over-estimate. Must be cheap and must not block: it runs on the event loop before every call.
+        """
+        return estimate_prompt_tokens(request)
 
     async def start(self) -> None:  # noqa: B027 - optional hook, empty by default
         """Prepare the backend (load weights, open connections). Optional: the first request does it lazily."""

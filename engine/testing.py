@@ -128,6 +128,10 @@ class _SimulatedEngine(Engine):
     def capabilities(self) -> Capabilities:
         return Capabilities(structured_output=True, prefix_caching=True)
 
+    def count_prompt_tokens(self, request: GenerationRequest) -> int:
+        """Exact: the prompt's pseudo-tokens, as the simulated call reports them."""
+        return len(tokenize(render_prompt(request)))
+
     async def _reply(self, request: GenerationRequest) -> ScriptedResponse:
         raise NotImplementedError
 
@@ -136,7 +140,7 @@ class _SimulatedEngine(Engine):
             raise ConfigError(f"{type(self).__name__} is closed")
         self.calls.append(request)
         response = await self._reply(request)
-        meter.prompt_tokens = len(tokenize(render_prompt(request)))
+        meter.prompt_tokens = self.count_prompt_tokens(request)
         if response.error is not None:
             raise response.error
         delay = self.token_delay if response.token_delay is None else response.token_delay

@@ -35,9 +35,11 @@ from ..errors import (
     EngineRequestError,
     EngineTimeout,
     EngineUnavailable,
+    MissingDependencyError,
     ModelProvisionError,
 )
-from .base import CallMeter, Engine
+from . import vllm_install_hint
+from .base import CallMeter, Engine, estimate_prompt_tokens
 from .models import DEFAULT_MODEL, resolve_model
 from .types import Capabilities, Completion, Delta, FinishReason, GenerationRequest, TokenLogprob
 
@@ -137,8 +139,8 @@ class VLLMEngine(Engine):
         model: a registered model name (default ``smollm2-135m-instruct``, provisioned offline on first use),
             a local Hugging Face folder, a ``.gguf`` file, or a hub id.
         enable_prefix_caching: reuse the KV cache of shared prompt prefixes (beams, n samples, few-shot).
-        enforce_eager: skip graph compilation. None means True on CPU (starts in ~10 s instead of ~90 s,
-            ~20% slower afterwards) and vLLM's default elsewhere.
+        enforce_eager: skip graph compilation. None means True on CPU (a much faster start for somewhat slower
+            decoding) and vLLM's default elsewhere.
         max_model_len: context length; None takes the model's.
         dtype: weights/activation dtype ("auto", "bfloat16", "float16", "float32"). On a CPU without native
             bf16 (no AVX512-BF16 / AMX), "auto" means float32, which is several times faster there.
@@ -156,7 +158,7 @@ class VLLMEngine(Engine):
         compact_json: lay out JSON constrained by a schema on one line, with no free whitespace between tokens
             (vLLM's ``disable_any_whitespace``, with the llguidance backend; see `_COMPACT_JSON`). It costs fewer
             tokens and stops a small model from looping on blank lines until the token cap, but it pushes a model
-            off the layout it learned: SmolLM2-135M made worse plans with it (BENCHMARKS.md), so it is off by
+            off the layout it learned (small models plan worse with it; see BENCHMARKS.md), so it is off by
             default. Engine-wide, because vLLM reads it from the engine config, not from each request.
         engine_args: any other `vllm.AsyncEngineArgs` field, passed through unchanged.
     """
@@ -209,6 +211,7 @@ class VLLMEngine(Engine):
         self._kv_cache_gib = kv_cache_gib
         self._llm: AsyncLLM | None = None
         self._tokenizer: Any = None
+        self._prompt_counts: dict[tuple[Any, ...], int] = {}  # prompt -> token count, oldest first
         self._capabilities: Capabilities | None = None
         self._starting: asyncio.Future[None] | None = None  # the load in flight, shared by concurrent `start` calls
         self._loading: AsyncLLM | None = None  # the engine being built, until it is published as _llm
@@ -258,12 +261,38 @@ class VLLMEngine(Engine):
         try:
             from vllm.engine.arg_utils import AsyncEngineArgs
             from vllm.v1.engine.async_llm import AsyncLLM
-            from vllm.v1.metrics.loggers import StatLoggerBase
         except ImportError as err:
-            from ..errors import MissingDependencyError
-            from . import vllm_install_hint
-
             raise MissingDependencyError("VLLMEngine", "vllm", vllm_install_hint()) from err
+        on_cpu = self._prepare_options()
+        try:
+            options = self.engine_args
+            if isinstance(options.get("structured_outputs_config"), Mapping):
+                from vllm.config import StructuredOutputsConfig
+
+                options["structured_outputs_config"] = StructuredOutputsConfig(**options["structured_outputs_config"])
+            args = AsyncEngineArgs(**options)
+        except (TypeError, ValueError) as err:  # unknown fields; pydantic's ValidationError is a ValueError
+            raise ConfigError(f"invalid vLLM engine argument: {err}") from err
+        logger.info("starting vLLM for %s (%s)", self.model, self.model_path)
+        try:
+            with main_hidden_from_spawn():
+                self._loading = AsyncLLM.from_engine_args(args, stat_loggers=[self._stats_tap()])
+        except (ConfigError, ModelProvisionError):
+            raise
+        except Exception as err:
+            raise EngineUnavailable(f"vLLM failed to start for model {self.model!r}: {err}") from err
+        self._describe_loaded(self._loading, on_cpu=on_cpu)
+        with self._publish_lock:
+            if not self._closed:
+                self._llm, self._loading = self._loading, None
+                return
+        logger.info("vLLM for %s finished loading after the engine was closed; shutting it down", self.model)
+        self._loading.shutdown()  # no request ever reached it, so no output handler runs
+        self._loading = None
+        gc.collect()
+
+    def _prepare_options(self) -> bool:
+        """Resolve the model (and draft model) and fill in the platform's defaults; returns whether on CPU."""
         self.model_path = resolve_model(self.model)
         draft = self._options.get("speculative_config")
         if draft and isinstance(draft.get("model"), str):
@@ -279,13 +308,18 @@ class VLLMEngine(Engine):
         eager = self._enforce_eager if self._enforce_eager is not None else (True if on_cpu else None)
         self._options["enforce_eager"] = eager
         if on_cpu and self._options["dtype"] == "auto" and not _cpu_has_fast_bf16():
-            # Measured here (no AVX512-BF16): SmolLM2-135M decodes ~4x faster in float32 than in bf16.
-            self._options["dtype"] = "float32"
+            self._options["dtype"] = "float32"  # without native bf16 the CPU emulates it, far slower than float32
         self._options["model"] = self.model_path
         self._options.setdefault("served_model_name", self.model)
+        return on_cpu
+
+    def _stats_tap(self) -> type:
+        """A vLLM stat logger class that hands vLLM's scheduler stats to this engine after every engine step."""
+        from vllm.v1.metrics.loggers import StatLoggerBase
+
         engine = self
 
-        class _StatsTap(StatLoggerBase):  # receives vLLM's own scheduler stats after every engine step
+        class _StatsTap(StatLoggerBase):
             def __init__(self, vllm_config: Any, engine_index: int = 0) -> None:
                 pass
 
@@ -296,25 +330,12 @@ class VLLMEngine(Engine):
             def log_engine_initialized(self) -> None:
                 pass
 
-        try:
-            options = self.engine_args
-            if isinstance(options.get("structured_outputs_config"), Mapping):
-                from vllm.config import StructuredOutputsConfig
+        return _StatsTap
 
-                options["structured_outputs_config"] = StructuredOutputsConfig(**options["structured_outputs_config"])
-            args = AsyncEngineArgs(**options)
-        except (TypeError, ValueError) as err:  # unknown fields; pydantic's ValidationError is a ValueError
-            raise ConfigError(f"invalid vLLM engine argument: {err}") from err
-        logger.info("starting vLLM for %s (%s)", self.model, self.model_path)
-        try:
-            with main_hidden_from_spawn():
-                self._loading = AsyncLLM.from_engine_args(args, stat_loggers=[_StatsTap])
-        except (ConfigError, ModelProvisionError):
-            raise
-        except Exception as err:
-            raise EngineUnavailable(f"vLLM failed to start for model {self.model!r}: {err}") from err
-        self._tokenizer = self._loading.get_tokenizer()
-        cfg = self._loading.model_config
+    def _describe_loaded(self, llm: AsyncLLM, *, on_cpu: bool) -> None:
+        """Record the loaded engine's tokenizer, resolved dtype and capabilities."""
+        self._tokenizer = llm.get_tokenizer()
+        cfg = llm.model_config
         # What "auto" became (the model's own dtype, or float32 on CPUs without it): outputs depend on it.
         self._options["dtype"] = str(cfg.dtype).removeprefix("torch.")
         self._capabilities = Capabilities(
@@ -329,14 +350,6 @@ class VLLMEngine(Engine):
             max_model_len=int(cfg.max_model_len),
             extra={"platform": "cpu" if on_cpu else "gpu", "model_path": self.model_path},
         )
-        with self._publish_lock:
-            if not self._closed:
-                self._llm, self._loading = self._loading, None
-                return
-        logger.info("vLLM for %s finished loading after the engine was closed; shutting it down", self.model)
-        self._loading.shutdown()  # no request ever reached it, so no output handler runs
-        self._loading = None
-        gc.collect()
 
     async def aclose(self) -> None:
         """Shut vLLM down and release its processes. Idempotent.
@@ -550,6 +563,25 @@ class VLLMEngine(Engine):
         except TimeoutError:
             state = await self.engine_state()
             raise EngineTimeout(f"vLLM still has work after {timeout} s: {state}") from None
+
+    def count_prompt_tokens(self, request: GenerationRequest) -> int:
+        """Exactly the prompt tokens vLLM will see, once the engine has loaded its tokenizer; before that (or if
+        the chat cannot be rendered) the base class's over-estimate. Counts are cached per prompt."""
+        if self._tokenizer is None:
+            return estimate_prompt_tokens(request)
+        key = (request.prompt, request.messages, request.continue_final_message)
+        count = self._prompt_counts.get(key)
+        if count is None:
+            try:
+                text = self.render(request)
+            except EngineRequestError:  # the call itself will fail the same way
+                return estimate_prompt_tokens(request)
+            # Raw prompts get the tokenizer's special tokens (BOS); rendered chats already hold them.
+            count = len(self._tokenizer.encode(text, add_special_tokens=request.prompt is not None))
+            if len(self._prompt_counts) >= 1024:
+                self._prompt_counts.pop(next(iter(self._prompt_counts)))
+            self._prompt_counts[key] = count
+        return count
 
     def count_tokens(self, text: str) -> int:
         """Number of tokens ``text`` encodes to (the engine must be started)."""

@@ -8,6 +8,7 @@ import contextlib
 import pytest
 
 from branchwise.engine import CallUsage, GenerationRequest
+from branchwise.engine.base import CHAT_TEMPLATE_ALLOWANCE, estimate_prompt_tokens
 from branchwise.engine.testing import FunctionEngine, ScriptedEngine, ScriptedResponse, tokenize
 
 
@@ -158,3 +159,25 @@ async def test_closed_engine_refuses() -> None:
         await engine.generate(_req())
     with pytest.raises(Exception, match="closed"):
         await engine.generate(_req())
+
+
+async def test_prompt_tokens_are_known_before_the_call_and_match_what_it_reports() -> None:
+    engine = ScriptedEngine(default="ok")
+    for request in (
+        GenerationRequest(prompt="Tom has 3 boxes of 12 eggs."),
+        GenerationRequest(messages=[{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi!"}]),
+    ):
+        before = engine.count_prompt_tokens(request)
+        assert before == (await engine.generate(request)).prompt_tokens
+
+
+@pytest.mark.parametrize(
+    "text", ["What is 2+2?", "naïve café — 東京 🚀", "x" * 500, "A train goes 60 mph for 3 hours. How far?"]
+)
+def test_the_default_prompt_estimate_bounds_a_byte_level_tokenizer(text: str) -> None:
+    # Engines that cannot count reserve estimate_prompt_tokens; a byte-level BPE token covers at least one byte.
+    chat = GenerationRequest(messages=[{"role": "user", "content": text}])
+    raw = GenerationRequest(prompt=text)
+    assert estimate_prompt_tokens(raw) >= len(text.encode()) + 1  # + BOS
+    assert estimate_prompt_tokens(chat) >= len(text.encode()) + sum(CHAT_TEMPLATE_ALLOWANCE)  # room for a template
+    assert ScriptedEngine().count_prompt_tokens(chat) <= estimate_prompt_tokens(chat)
