@@ -245,11 +245,11 @@ def register_strategy(
             raise ConfigError(f"register_strategy: {cls.__name__} has no name; pass one")
         if getattr(cls, "name", key) != key:
             raise ConfigError(f"register_strategy: {cls.__name__}.name is {cls.name!r}, registered as {key!r}")
-        cls.name = key
         old = _REGISTRY.get(key)
         if old is not None and old.cls is not cls and not replace and _qualname(old.cls) != _qualname(cls):
             raise ConfigError(f"strategy {key!r} is already registered by {_qualname(old.cls)}")
         params = _declared_params(cls, key, dict(maxima or {}), dict(sources or {}))
+        cls.name = key
         _REGISTRY[key] = StrategyInfo(key, cls, params, fan_out)
         return cls
 

@@ -10,11 +10,11 @@ import pytest
 
 import branchwise as bw
 from branchwise.budget import Budget
-from branchwise.engine.testing import ScriptedEngine, ScriptedResponse
-from branchwise.errors import ConfigError, EngineRequestError
+from branchwise.engine.testing import ScriptedEngine
+from branchwise.errors import ConfigError, EngineRequestError, SpecError
 from branchwise.orchestrator.pipeline import Pipeline
 from branchwise.orchestrator.tracing import read_trace
-from branchwise.search import Refine, SelfConsistency, Single
+from branchwise.search import Refine, Result, SelfConsistency, Single
 
 Q = "What is 6 x 7?"
 ANSWERS = ["6 x 7 = 42. The answer is 42.", "The answer is 42.", "The answer is 41."]
@@ -197,15 +197,27 @@ async def test_plain_progress_lines_during_a_run() -> None:
     assert "run ok: answer='42'" in lines[-1]
 
 
-async def test_scripted_response_logprobs_from_yaml() -> None:
-    text = "engine: {backend: test, default: {texts: ['The answer is 8.'], logprobs: -0.5, token_delay: 0}}\n"
-    async with Pipeline.from_yaml(text, overrides={"thought.strategy": "self_consistency", "thought.n": 2}) as p:
-        result = await p.run(Q)
-    assert result.answer == "8"
-    assert isinstance(ScriptedResponse(("a",)), ScriptedResponse)
+async def test_scripted_response_logprobs_from_yaml_reach_the_confidence_vote() -> None:
+    text = (
+        "engine:\n  backend: test\n  rules:\n"
+        "    - {when: 'certain', reply: {texts: ['The answer is 8.'], logprobs: -0.25}}\n"
+        "    - {when: 'doubtful', reply: {texts: ['The answer is 8.'], logprobs: [[-2.0, -1.0]]}}\n"
+        "thought: {strategy: self_consistency, n: 2, voting: confidence, confidence: mean}\n"
+    )
+    async with Pipeline.from_yaml(text, overrides={"outputs.otel": False}) as p:
+        sure = await p.run("certain?")
+        unsure = await p.run("doubtful?")
+    assert sure.answer == unsure.answer == "8"
+    assert isinstance(sure.result, Result) and isinstance(unsure.result, Result)
+    assert [c.confidence for c in sure.result.candidates] == [-0.25, -0.25]  # one logprob for every token
+    # a per-token list: -2.0, then -1.0 for every later token (the last value repeats)
+    tokens = len(unsure.result.trace.nodes[0].text.split())
+    expected = (-2.0 + -1.0 * (tokens - 1)) / tokens
+    assert unsure.result.candidates[0].confidence == pytest.approx(expected)
+    assert unsure.result.votes["8"] < sure.result.votes["8"]  # the vote is weighted by that confidence
 
 
-async def test_pipelines_sharing_an_engine_record_each_call_once(tmp_path: Path) -> None:
+async def test_pipelines_sharing_an_engine_record_each_call_once_and_attach_nothing_to_it(tmp_path: Path) -> None:
     engine = ScriptedEngine(default="The answer is 3.")
     first = Pipeline(engine, trace=tmp_path / "a.jsonl", otel=False)
     second = Pipeline(engine, trace=tmp_path / "b.jsonl", otel=False)
@@ -214,11 +226,21 @@ async def test_pipelines_sharing_an_engine_record_each_call_once(tmp_path: Path)
     for name in ("a.jsonl", "b.jsonl"):
         calls = read_trace(tmp_path / name).of_kind("engine_call")
         assert len(calls) == 1 and calls[0].data["role"] == "policy"
+    assert engine._usage_hooks == []  # the runs found their calls on the event channel, not through hooks
+
+
+async def test_an_engine_playing_two_roles_in_two_pipelines_is_named_per_run(tmp_path: Path) -> None:
+    shared = ScriptedEngine(default="The answer is 3.")
+    as_policy = Pipeline(shared, trace=tmp_path / "a.jsonl", otel=False)
+    as_judge = Pipeline(ScriptedEngine(default="The answer is 3."), engines={"judge": shared}, otel=False)
+    await as_policy.run(Q)
+    judge_run = await as_judge.run(Q, trace=tmp_path / "b.jsonl")
+    assert judge_run.answer == "3"
+    assert [e.data["role"] for e in read_trace(tmp_path / "a.jsonl").of_kind("engine_call")] == ["policy"]
+    assert [e.data["role"] for e in read_trace(tmp_path / "b.jsonl").of_kind("engine_call")] == ["policy"]
 
 
 def test_a_missing_corpus_is_reported_with_its_line(tmp_path: Path) -> None:
-    from branchwise.orchestrator.spec import SpecError
-
     path = tmp_path / "p.yaml"
     path.write_text(
         "engine: {backend: test, default: x}\nplanner: {kind: decompose}\ntools:\n  - retrieve: {corpus: nowhere/}\n"
