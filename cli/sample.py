@@ -16,11 +16,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
+from pathlib import Path
 from typing import Any
 
 from ..engine.tracebank import TraceBank
-from ..errors import ConfigError
 from ..evals.bank import DEFAULT_CHUNK_SIZE, draw_pipeline_bank
+from ..search.registry import MAX_CONCURRENCY, MAX_SAMPLES, MAX_TOP_LOGPROBS
+from .args import bounded_int, existing_file
+from .evaluate import MAX_PROBLEMS
 
 __all__ = ["add_commands"]
 
@@ -28,26 +31,34 @@ __all__ = ["add_commands"]
 def add_commands(subparsers: Any) -> None:
     """Register ``sample`` on the ``branchwise`` command's subparsers."""
     sp = subparsers.add_parser("sample", help="draw a trace bank: N traces per problem, stored for replay")
-    sp.add_argument("pipeline", metavar="PIPELINE.yaml")
+    sp.add_argument("pipeline", metavar="PIPELINE.yaml", type=Path)
     sp.add_argument("--benchmark", required=True, help="benchmark name (gsm8k, math500, ..., arithmetic, multihop)")
-    sp.add_argument("--n", type=int, required=True, help="traces per problem")
+    sp.add_argument("--n", type=bounded_int(1, MAX_SAMPLES), required=True, help="traces per problem")
     sp.add_argument("--out", required=True, metavar="BANK", help="bank folder (chunk files; resumed if it exists)")
     sp.add_argument("--data", help="benchmark file or http(s) URL (default: $BRANCHWISE_BENCHMARKS/<standard name>)")
-    sp.add_argument("--limit", type=int, help="problems to draw (default: all after --offset)")
-    sp.add_argument("--offset", type=int, default=0, help="position of the first problem (default 0)")
+    sp.add_argument("--limit", type=bounded_int(1, MAX_PROBLEMS), help="problems to draw (default: all after --offset)")
+    sp.add_argument("--offset", type=bounded_int(0), default=0, help="position of the first problem (default 0)")
     sp.add_argument("--seed", type=int, default=0, help="seed of generated benchmarks (default 0)")
-    sp.add_argument("--concurrency", type=int, default=4, help="problems in flight at once (default 4)")
     sp.add_argument(
-        "--chunk-size", type=int, default=DEFAULT_CHUNK_SIZE, help=f"problems per chunk file ({DEFAULT_CHUNK_SIZE})"
+        "--concurrency", type=bounded_int(1, MAX_CONCURRENCY), default=4, help="problems in flight at once (default 4)"
     )
-    sp.add_argument("--logprobs", type=int, help="top-k alternatives per token (default: the strategy's, else 5)")
+    sp.add_argument(
+        "--chunk-size",
+        type=bounded_int(1, MAX_PROBLEMS),
+        default=DEFAULT_CHUNK_SIZE,
+        help=f"problems per chunk file ({DEFAULT_CHUNK_SIZE})",
+    )
+    sp.add_argument(
+        "--logprobs",
+        type=bounded_int(0, MAX_TOP_LOGPROBS),
+        help="top-k alternatives per token (default: the strategy's, else 5)",
+    )
     sp.add_argument("--no-hash", action="store_true", help="do not hash the model weights for the record")
     sp.set_defaults(func=_sample)
 
 
 def _sample(args: argparse.Namespace) -> int:
-    if args.n < 1 or args.concurrency < 1:
-        raise ConfigError(f"--n and --concurrency must be >= 1, got {args.n} and {args.concurrency}")
+    existing_file(args.pipeline, "pipeline spec")
 
     def say(line: str) -> None:
         sys.stderr.write(line + "\n")

@@ -22,7 +22,7 @@ def _fmt_scores(scores: dict[str, Any]) -> str:
     return ", ".join(f"{k}={v:.3g}" if isinstance(v, (int, float)) else f"{k}={v}" for k, v in scores.items())
 
 
-def render_trace(trace: TraceFile, *, max_traces: int = 64) -> Any:
+def render_trace(trace: TraceFile, *, max_traces: int = 64) -> Tree:
     """A rich renderable of ``trace`` (pure: no I/O)."""
     h = trace.header
     end = trace.run_end
@@ -68,7 +68,7 @@ def render_trace(trace: TraceFile, *, max_traces: int = 64) -> Any:
     return root
 
 
-def _plan(root: Any, events: list[Event]) -> None:
+def _plan(root: Tree, events: list[Event]) -> None:
 
     plan_kinds = ("plan", "plan_error", "join", "replan", "agent_end")
     node_events = [e for e in events if e.kind.startswith(("node_", "plan_node")) or e.kind in plan_kinds]
@@ -93,7 +93,7 @@ def _plan(root: Any, events: list[Event]) -> None:
         )
 
 
-def _traces(root: Any, events: list[Event], max_traces: int) -> None:
+def _traces(root: Tree, events: list[Event], max_traces: int) -> None:
 
     ends: dict[tuple[Any, Any], Event] = {}
     opened: dict[Any, list[Event]] = defaultdict(list)
@@ -120,7 +120,7 @@ def _traces(root: Any, events: list[Event], max_traces: int) -> None:
             children[e.data.get("parent")].append(e)
         shown = 0
 
-        def add(parent_branch: Any, start: Event, tree: Any = tree, children: Any = children) -> None:
+        def add(parent_branch: Tree, start: Event, tree: Any = tree, children: Any = children) -> None:
             nonlocal shown
             if shown >= max_traces:
                 return
@@ -155,7 +155,7 @@ def _traces(root: Any, events: list[Event], max_traces: int) -> None:
                 branch.add(Text(f"decision: {decision}"))
 
 
-def _engine(root: Any, events: list[Event]) -> None:
+def _engine(root: Tree, events: list[Event]) -> None:
     calls = [e for e in events if e.kind == "engine_call"]
     if not calls:
         return
@@ -174,7 +174,7 @@ def _engine(root: Any, events: list[Event]) -> None:
         branch.add(Text(line))  # Text, not markup: names come from the file
 
 
-def _budget(root: Any, events: list[Event]) -> None:
+def _budget(root: Tree, events: list[Event]) -> None:
     start = next((e for e in events if e.kind == "run_start"), None)
     run_budget = start.data.get("budget_path") if start is not None else None
     charges = [

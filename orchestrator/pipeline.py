@@ -21,16 +21,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib.metadata
 import logging
 import sys
 import time
 import uuid
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any, Literal
+from typing import IO, Any, Literal, TypeVar
 
-from .. import __version__
 from ..budget import Budget, UsageSnapshot
 from ..engine.base import Engine
 from ..errors import ConfigError, UnknownNameError
@@ -44,7 +44,7 @@ from ..search.single import Single
 from ..verifiers.extraction import AnswerExtractor
 from ..verifiers.grading import BaseGrader
 from .build import ENGINE_ROLES, Components, build_components, build_engines, close_soon, run_budget
-from .progress import make_progress
+from .progress import LiveProgress, PlainProgress, make_progress
 from .recording import RunRecording, describe_strategy, strategy_records
 from .spec import PipelineSpec, load_spec
 from .spec_env import secret_values
@@ -56,6 +56,18 @@ __all__ = ["Pipeline", "RunResult", "build_engines", "run", "run_sync"]
 logger = logging.getLogger(__name__)
 
 ProgressMode = Literal["auto", "on", "off"]
+_T = TypeVar("_T")
+
+
+def _installed_version() -> str | None:
+    # the root package's __version__ would import it (and every layer it re-exports) from this lower layer
+    try:
+        return importlib.metadata.version("branchwise")
+    except importlib.metadata.PackageNotFoundError:  # running from a checkout that was never installed
+        return None
+
+
+_VERSION = _installed_version()
 _CAPS = ("max_tokens", "max_completion_tokens", "max_calls", "wall_clock_s", "max_cost")
 
 
@@ -446,7 +458,7 @@ class Pipeline:
         header = {
             "run_id": run_id,
             "created": now_iso(),
-            "branchwise": __version__,
+            "branchwise": _VERSION,
             "query": query,
             "spec": self.spec.redacted() if self.spec is not None else None,
         }
@@ -475,7 +487,7 @@ class Pipeline:
             "budget_path": budget.path,
         }
 
-    def _progress_listener(self) -> Any:
+    def _progress_listener(self) -> LiveProgress | PlainProgress | None:
         if self.progress == "off":
             return None
         out = self.progress_file if self.progress_file is not None else sys.stderr
@@ -484,7 +496,7 @@ class Pipeline:
 
 # -- module-level helpers -------------------------------------------------------------------------------------
 @contextlib.contextmanager
-def _current(budget: Budget) -> Any:
+def _current(budget: Budget) -> Iterator[None]:
     token = run_budget.set(budget)
     try:
         yield
@@ -492,9 +504,9 @@ def _current(budget: Budget) -> Any:
         run_budget.reset(token)
 
 
-def _distinct(items: Any) -> list[Any]:
+def _distinct(items: Iterable[_T]) -> list[_T]:
     seen: set[int] = set()
-    out = []
+    out: list[_T] = []
     for item in items:
         if id(item) not in seen:
             seen.add(id(item))

@@ -171,7 +171,7 @@ def _bar(used: float, cap: float, width: int = 24) -> str:
     return "█" * filled + "░" * (width - filled)
 
 
-def render_progress(state: ProgressState) -> Any:
+def render_progress(state: ProgressState) -> Group:
     """The live view of ``state`` as a rich renderable (pure: no I/O)."""
     parts: list[Any] = []
     head = Text()
@@ -228,7 +228,7 @@ class LiveProgress:
         self.state = ProgressState(caps=dict(caps or {}))
         self._console = Console(file=file)
         self._refresh = refresh_per_second
-        self._live: Any = None
+        self._live: Live | None = None
 
     def start(self) -> None:
         self._live = Live(
@@ -315,7 +315,9 @@ class PlainProgress:
             self.file.flush()
 
 
-def make_progress(file: IO[str], *, live: bool | None = None, caps: Mapping[str, Any] | None = None) -> Any:
+def make_progress(
+    file: IO[str], *, live: bool | None = None, caps: Mapping[str, Any] | None = None
+) -> LiveProgress | PlainProgress:
     """A live view when ``live`` is True (or None and ``file`` is a terminal), else plain lines."""
     if live is None:
         isatty = getattr(file, "isatty", None)
