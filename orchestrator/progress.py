@@ -186,7 +186,7 @@ def render_progress(state: ProgressState) -> Group:
             nodes.add_column(column)
         for node, entry in list(state.nodes.items()):
             style = "green" if entry["status"] in _NODE_DONE else "yellow" if entry["status"] == "running" else "red"
-            nodes.add_row(node, entry["label"], Text(entry["status"], style=style))
+            nodes.add_row(Text(str(node)), Text(str(entry["label"])), Text(str(entry["status"]), style=style))
         parts.append(nodes)
     traces = Table(title="traces", title_justify="left", show_edge=False, pad_edge=False)
     for column in ("trace", "kind", "state", "tokens", "conf", "answer"):
@@ -195,14 +195,16 @@ def render_progress(state: ProgressState) -> Group:
         tokens = str(view.live_tokens()) if view.node is not None else "…"
         live = getattr(view.node, "live_confidence", None)
         conf = f"{live:.2f}" if live is not None else ""
-        traces.add_row(f"{view.tree}.{view.trace}", view.kind, Text("running", style="yellow"), tokens, conf, "")
+        traces.add_row(
+            Text(f"{view.tree}.{view.trace}"), Text(view.kind), Text("running", style="yellow"), tokens, conf
+        )
     for view in list(state.finished)[-6:]:
         style = {"finished": "green", "pruned": "magenta", "budget": "red"}.get(view.status, "red")
         label = view.status + (f" ({view.rule})" if view.rule else "")
         conf = f"{view.confidence:.2f}" if view.confidence is not None else ""
-        traces.add_row(
-            f"{view.tree}.{view.trace}", view.kind, Text(label, style=style), str(view.tokens), conf, view.answer or ""
-        )
+        # Text, not markup: kinds, rules and answers are model or user text
+        cells = (Text(f"{view.tree}.{view.trace}"), Text(view.kind), Text(label, style=style), str(view.tokens), conf)
+        traces.add_row(*cells, Text(view.answer or ""))
     parts.append(traces)
     budget = Text()
     cap = state.caps.get("max_tokens")

@@ -84,6 +84,18 @@ def test_render_shows_nodes_traces_and_budget_burn_down() -> None:
     assert "250/1000" in text and "tok/s" in text and "budget exhausted: max_tokens" in text
 
 
+def test_render_shows_model_and_tool_text_as_text_not_markup() -> None:
+    state = ProgressState()
+    hostile = "[/bold] [red]x[/]"
+    state.update(Event(0, 0.0, "plan_node", {"node": 1, "kind": "tool", "name": hostile, "deps": []}))
+    state.update(Event(1, 0.1, "trace_start", {"tree": 1, "trace": 0, "parent": None, "kind": hostile}))
+    state.update(Event(2, 0.2, "trace_start", {"tree": 1, "trace": 1, "parent": None, "kind": "sample"}))
+    end = {"tree": 1, "trace": 1, "kind": "sample", "status": "finished", "tokens": 3, "answer": hostile, "scores": {}}
+    state.update(Event(3, 0.3, "trace_end", end))
+    text = text_of(render_progress(state), width=200)
+    assert text.count("[/bold] [red]x[/]") == 3  # the tool name, the running trace's kind, the finished answer
+
+
 def test_plain_progress_lines() -> None:
     out = io.StringIO()
     plain = PlainProgress(out)
