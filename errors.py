@@ -17,6 +17,7 @@ BranchwiseError
 │   ├── EngineUnavailable       the backend cannot be reached or started
 │   ├── EngineTimeout           a request exceeded its hard time limit
 │   ├── RateLimited             the backend kept answering 429 after all retries
+│   ├── EngineStreamBroken      a stream broke after part of its output was delivered (not retried)
 │   └── EngineRequestError      the backend rejected the request (HTTP 4xx, invalid output, ...)
 │       └── ReplayMiss          the replay engine's trace bank cannot serve the request (never resampled)
 ├── GraderPoolError             the grading worker pool cannot run items
@@ -46,6 +47,7 @@ __all__ = [
     "DatasetError",
     "EngineError",
     "EngineRequestError",
+    "EngineStreamBroken",
     "EngineTimeout",
     "EngineUnavailable",
     "ExecutionError",
@@ -215,6 +217,24 @@ class EngineTimeout(EngineError):
 
 class RateLimited(EngineError):
     """The backend kept rate-limiting (HTTP 429) after every retry."""
+
+
+class EngineStreamBroken(EngineError):
+    """A streamed call broke after part of its output had been delivered, so it was not retried.
+
+    The connection was lost, the server went silent past the idle timeout, or the stream ended before every
+    sample finished. Retrying inside the engine would sample different text than the consumer already holds, so
+    the engine stops instead; the caller may discard the partial output and make a new call (a strategy can
+    drop or resample that branch). A failure before any output was delivered is retried inside the engine and
+    never raises this. Not an `EngineUnavailable`: the server may well be up, only this request is lost.
+
+    Attributes:
+        url: the base URL the stream came from, when known.
+    """
+
+    def __init__(self, message: str, *, url: str | None = None) -> None:
+        super().__init__(message)
+        self.url = url
 
 
 class EngineRequestError(EngineError):

@@ -1,4 +1,4 @@
-"""OpenAIEngine against a real HTTP/1.1 server in the test whose answers are scripted request by request.
+"""OpenAIEngine against a real HTTP/1.1 server whose answers are scripted request by request (tests/fault_server.py).
 
 The server (asyncio.start_server on 127.0.0.1) records every request it gets and answers with the next scripted
 behaviour: a JSON reply, an SSE stream, an error status, a hang, a dropped connection, malformed output.
@@ -14,21 +14,37 @@ import json
 import logging
 import socket
 import time
-from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
 import pytest
 import pytest_asyncio
+from fault_server import (
+    Behaviour,
+    FaultServer,
+    Received,
+    chat_event,
+    completion_json,
+    drop,
+    error,
+    gated,
+    hang,
+    reply,
+    sse,
+    stream_text,
+    text_event,
+    usage_event,
+)
 
 from branchwise.engine import CallUsage, GenerationRequest, StructuredOutput, create_engine
 from branchwise.engine.base import assemble
-from branchwise.engine.openai_engine import OpenAIEngine, _retry_after
+from branchwise.engine.openai_engine import OpenAIEngine
+from branchwise.engine.openai_engine import retry_after as _retry_after
 from branchwise.engine.types import Delta
 from branchwise.errors import (
     ConfigError,
     EngineRequestError,
+    EngineStreamBroken,
     EngineTimeout,
     EngineUnavailable,
     RateLimited,
@@ -41,238 +57,15 @@ pytestmark = [pytest.mark.server, pytest.mark.timeout(30)]
 WAIT = 5.0  # upper bound on waiting for an event that should happen at once
 
 
-# -- the scripted server ----------------------------------------------------------------------------------------
-@dataclass
-class Received:
-    method: str
-    path: str
-    headers: dict[str, str]
-    body: Any
-    arrived: float
-    connection: int
-
-
-Behaviour = Callable[[Received, asyncio.StreamReader, asyncio.StreamWriter], Awaitable[bool]]
-"""Answers one request; returns False to close the connection afterwards."""
-
-
-class ScriptedServer:
-    def __init__(self) -> None:
-        self.requests: list[Received] = []
-        self.script: deque[Behaviour] = deque()
-        self.default: Behaviour | None = None
-        self.disconnected = asyncio.Event()  # a client closed a connection in the middle of a response
-        self.arrived = asyncio.Event()  # set on every request (clear it to wait for the next one)
-        self._handlers: set[asyncio.Task[None]] = set()
-        self._connections = 0
-        self._server: asyncio.Server | None = None
-        self.port = 0
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/v1"
-
-    def push(self, *behaviours: Behaviour) -> None:
-        self.script.extend(behaviours)
-
-    async def start(self) -> None:
-        self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
-        self.port = self._server.sockets[0].getsockname()[1]
-
-    async def close(self) -> None:
-        assert self._server is not None
-        self._server.close()
-        for task in list(self._handlers):
-            task.cancel()
-        await asyncio.gather(*self._handlers, return_exceptions=True)
-        await self._server.wait_closed()
-
-    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        self._handlers.add(task)
-        self._connections += 1
-        connection = self._connections
-        try:
-            while True:
-                head = await reader.readuntil(b"\r\n\r\n")
-                lines = head.decode("latin-1").split("\r\n")
-                method, path, _ = lines[0].split(" ", 2)
-                headers = {}
-                for line in lines[1:]:
-                    if line:
-                        name, _, value = line.partition(":")
-                        headers[name.strip().lower()] = value.strip()
-                raw = await reader.readexactly(int(headers.get("content-length", "0")))
-                body = json.loads(raw) if raw else None
-                req = Received(method, path, headers, body, time.monotonic(), connection)
-                self.requests.append(req)
-                self.arrived.set()
-                behaviour = self.script.popleft() if self.script else self.default
-                assert behaviour is not None, f"unscripted request {method} {path}"
-                if not await behaviour(req, reader, writer):
-                    break
-        except (asyncio.IncompleteReadError, ConnectionError):
-            pass  # the client went away between requests
-        finally:
-            writer.close()
-            with contextlib.suppress(Exception):
-                await writer.wait_closed()
-            self._handlers.discard(task)
-
-
-async def _wait_for_eof(reader: asyncio.StreamReader) -> None:
-    while await reader.read(1024):
-        pass
-
-
-def reply(
-    body: Any, status: int = 200, headers: Mapping[str, str] | None = None, raw: bytes | None = None
-) -> Behaviour:
-    async def behave(req: Received, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
-        payload = raw if raw is not None else json.dumps(body).encode()
-        extra = "".join(f"{k}: {v}\r\n" for k, v in (headers or {}).items())
-        writer.write(
-            f"HTTP/1.1 {status} X\r\nContent-Type: application/json\r\nContent-Length: {len(payload)}\r\n".encode()
-            + f"{extra}\r\n".encode()
-            + payload
-        )
-        await writer.drain()
-        return True
-
-    return behave
-
-
-def error(status: int, message: str = "boom", retry_after: str | None = None) -> Behaviour:
-    headers = {"Retry-After": retry_after} if retry_after is not None else None
-    return reply({"error": {"message": message, "type": "Err", "code": status}}, status=status, headers=headers)
-
-
-def sse(
-    events: Sequence[Any],
-    *,
-    done: bool = True,
-    then: str = "end",
-    gate: asyncio.Event | None = None,
-    server: ScriptedServer | None = None,
-) -> Behaviour:
-    """Stream ``events`` (dicts, or raw strings sent as they are) as chunked server-sent events.
-
-    then: "end" finishes the response; "drop" closes the socket mid-response; "wait" keeps the response open
-    until the client disconnects (recorded on ``server.disconnected``).
-    """
-
-    async def behave(req: Received, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
-        if gate is not None:
-            await gate.wait()
-        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n")
-        payloads = [e if isinstance(e, str) else f"data: {json.dumps(e)}\n\n" for e in events]
-        if done and then == "end":
-            payloads.append("data: [DONE]\n\n")
-        for p in payloads:
-            data = p.encode()
-            writer.write(f"{len(data):x}\r\n".encode() + data + b"\r\n")
-            await writer.drain()
-        if then == "drop":
-            return False
-        if then == "wait":
-            await _wait_for_eof(reader)
-            assert server is not None
-            server.disconnected.set()
-            return False
-        writer.write(b"0\r\n\r\n")
-        await writer.drain()
-        return True
-
-    return behave
-
-
-def hang(server: ScriptedServer) -> Behaviour:
-    async def behave(req: Received, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
-        await _wait_for_eof(reader)
-        server.disconnected.set()
-        return False
-
-    return behave
-
-
-def drop(partial: bytes = b"") -> Behaviour:
-    """Close the connection after sending ``partial`` (e.g. headers promising a longer body)."""
-
-    async def behave(req: Received, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
-        writer.write(partial)
-        await writer.drain()
-        return False
-
-    return behave
-
-
-def gated(gate: asyncio.Event, inner: Behaviour, started: asyncio.Event | None = None) -> Behaviour:
-    async def behave(req: Received, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
-        if started is not None:
-            started.set()
-        await gate.wait()
-        return await inner(req, reader, writer)
-
-    return behave
-
-
-# -- response builders ------------------------------------------------------------------------------------------
-def text_event(index: int, text: str, ids: list[int] | None = None, finish: str | None = None, **extra: Any) -> dict:
-    choice: dict[str, Any] = {"index": index, "text": text, "logprobs": None, "finish_reason": finish}
-    if ids is not None:
-        choice["token_ids"] = ids
-    choice.update(extra)
-    return {"id": "cmpl-1", "object": "text_completion", "model": "m", "choices": [choice]}
-
-
-def chat_event(
-    index: int, content: str | None, ids: list[int] | None = None, finish: str | None = None, **extra: Any
-) -> dict:
-    delta = {} if content is None else {"content": content}
-    choice: dict[str, Any] = {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish}
-    if ids is not None:
-        choice["token_ids"] = ids
-    choice.update(extra)
-    return {"id": "chat-1", "object": "chat.completion.chunk", "model": "m", "choices": [choice]}
-
-
-def usage_event(prompt: int, completion: int) -> dict:
-    return {"id": "x", "choices": [], "usage": {"prompt_tokens": prompt, "completion_tokens": completion}}
-
-
-def completion_json(texts: Sequence[str], *, prompt: int = 7, with_ids: bool = True) -> dict:
-    choices = []
-    for i, t in enumerate(texts):
-        c: dict[str, Any] = {"index": i, "text": t, "logprobs": None, "finish_reason": "length"}
-        if with_ids:
-            c["token_ids"] = list(range(100, 100 + len(t.split())))
-        choices.append(c)
-    completion = sum(len(t.split()) for t in texts)
-    return {"choices": choices, "usage": {"prompt_tokens": prompt, "completion_tokens": completion}}
-
-
-def stream_text(words: Sequence[str], *, prompt: int = 5) -> list[dict]:
-    events = [text_event(0, w, ids=[200 + k]) for k, w in enumerate(words)]
-    events[-1]["choices"][0]["finish_reason"] = "stop"
-    return [*events, usage_event(prompt, len(words))]
-
-
 # -- fixtures ---------------------------------------------------------------------------------------------------
-@pytest_asyncio.fixture
-async def server() -> AsyncIterator[ScriptedServer]:
-    srv = ScriptedServer()
-    await srv.start()
-    yield srv
-    await srv.close()
+@pytest.fixture
+def server(fault_server: FaultServer) -> FaultServer:
+    return fault_server
 
 
-@pytest_asyncio.fixture
-async def server_b() -> AsyncIterator[ScriptedServer]:
-    srv = ScriptedServer()
-    await srv.start()
-    yield srv
-    await srv.close()
+@pytest.fixture
+def server_b(fault_server_b: FaultServer) -> FaultServer:
+    return fault_server_b
 
 
 @pytest_asyncio.fixture
@@ -306,7 +99,7 @@ async def collect(engine: OpenAIEngine, req: GenerationRequest, into: list[Delta
 
 
 # -- request bodies and response mapping ------------------------------------------------------------------------
-async def test_completion_request_fields_and_parsed_result(server: ScriptedServer, engines: Any) -> None:
+async def test_completion_request_fields_and_parsed_result(server: FaultServer, engines: Any) -> None:
     lp0 = {
         "tokens": ["Hello", " world"],
         "token_logprobs": [-0.1, -0.7],
@@ -365,8 +158,11 @@ async def test_completion_request_fields_and_parsed_result(server: ScriptedServe
         "repetition_penalty": 1.1,
         "structured_outputs": {"regex": "[A-Za-z ]+"},
         "return_token_ids": True,
+        # generate streams too, so a hung or stalled server is noticed by the per-attempt timeouts
+        "stream": True,
+        "stream_options": {"include_usage": True},
     }
-    assert sent.body == expected  # nothing missing, nothing extra (no stream fields on the one-shot path)
+    assert sent.body == expected  # nothing missing, nothing extra
 
     first, second = gen.completions
     assert (first.text, first.token_ids, first.finish_reason) == ("Hello world", (5, 6), "stop")
@@ -379,7 +175,7 @@ async def test_completion_request_fields_and_parsed_result(server: ScriptedServe
     assert gen.usage.completion_tokens == 4
 
 
-async def test_chat_stream_fields_logprobs_and_reassembly(server: ScriptedServer, engines: Any) -> None:
+async def test_chat_stream_fields_logprobs_and_reassembly(server: FaultServer, engines: Any) -> None:
     def lp(tok: str, value: float) -> dict:
         return {
             "content": [
@@ -443,7 +239,7 @@ async def test_chat_stream_fields_logprobs_and_reassembly(server: ScriptedServer
     assert (usage.prompt_tokens, usage.completion_tokens, usage.aborted, usage.error) == (3, 3, False, None)
 
 
-async def test_stream_n2_interleaved_indices(server: ScriptedServer, engines: Any) -> None:
+async def test_stream_n2_interleaved_indices(server: FaultServer, engines: Any) -> None:
     words = {0: ["A", " b", " c"], 1: ["X", " y"]}
     events = [
         text_event(0, "A", ids=[1], prompt_token_ids=[9, 9, 9, 9]),
@@ -466,7 +262,7 @@ async def test_stream_n2_interleaved_indices(server: ScriptedServer, engines: An
     assert usages[0].ttft_s is not None
 
 
-async def test_sse_split_across_reads_and_crlf(server: ScriptedServer, engines: Any) -> None:
+async def test_sse_split_across_reads_and_crlf(server: FaultServer, engines: Any) -> None:
     # One event cut in the middle of its JSON, CRLF line ends, a comment line, and two events in one write.
     e1 = json.dumps(text_event(0, "one", ids=[1]))
     e2 = json.dumps(text_event(0, " two", ids=[2]))
@@ -478,7 +274,7 @@ async def test_sse_split_across_reads_and_crlf(server: ScriptedServer, engines: 
     assert (c.text, c.token_ids) == ("one two three", (1, 2, 3))
 
 
-async def test_generate_reuses_connection(server: ScriptedServer, engines: Any) -> None:
+async def test_generate_reuses_connection(server: FaultServer, engines: Any) -> None:
     server.push(sse(stream_text(["a", " b"])), sse(stream_text(["c"])), reply(completion_json(["d e"])))
     engine = engines(server.url)
     await collect(engine, GenerationRequest(prompt="p"))
@@ -488,7 +284,7 @@ async def test_generate_reuses_connection(server: ScriptedServer, engines: Any) 
     assert {r.connection for r in server.requests} == {1}  # keep-alive after a fully read stream
 
 
-async def test_openai_style_body_and_placeholder_ids(server: ScriptedServer, engines: Any) -> None:
+async def test_openai_style_body_and_placeholder_ids(server: FaultServer, engines: Any) -> None:
     events = [
         chat_event(0, "Hel"),
         chat_event(0, "lo"),
@@ -520,7 +316,7 @@ async def test_openai_style_body_and_placeholder_ids(server: ScriptedServer, eng
     assert len(server.requests) == 1  # rejected before sending
 
 
-async def test_placeholder_ids_from_logprobs_and_non_streaming_usage(server: ScriptedServer, engines: Any) -> None:
+async def test_placeholder_ids_from_logprobs_and_non_streaming_usage(server: FaultServer, engines: Any) -> None:
     lp = {"tokens": ["a", "b", "c"], "token_logprobs": [-1.0, -2.0, None], "top_logprobs": None}
     server.push(
         reply(
@@ -550,7 +346,7 @@ async def test_placeholder_ids_from_logprobs_and_non_streaming_usage(server: Scr
     assert sorted(c.num_tokens for c in gen2.completions) == [2, 3]
 
 
-async def test_continue_final_message_body(server: ScriptedServer, engines: Any) -> None:
+async def test_continue_final_message_body(server: FaultServer, engines: Any) -> None:
     server.push(
         reply(
             {
@@ -577,7 +373,7 @@ async def test_continue_final_message_body(server: ScriptedServer, engines: Any)
         await openai.generate(GenerationRequest(messages=msgs, continue_final_message=True))
 
 
-async def test_server_ignoring_stream_still_streams(server: ScriptedServer, engines: Any) -> None:
+async def test_server_ignoring_stream_still_streams(server: FaultServer, engines: Any) -> None:
     server.push(reply(completion_json(["whole answer here"])))
     engine = engines(server.url)
     deltas = await collect(engine, GenerationRequest(prompt="p"))
@@ -587,7 +383,7 @@ async def test_server_ignoring_stream_still_streams(server: ScriptedServer, engi
 
 
 # -- retries and errors -----------------------------------------------------------------------------------------
-async def test_retry_after_is_honoured(server: ScriptedServer, engines: Any) -> None:
+async def test_retry_after_is_honoured(server: FaultServer, engines: Any) -> None:
     server.push(error(429, "slow down", retry_after="0.2"), sse(stream_text(["ok"])))
     engine = engines(server.url, backoff_base_s=0.0)
     start = time.monotonic()
@@ -607,7 +403,7 @@ def test_retry_after_parsing() -> None:
     assert parsed is not None and 28 <= parsed <= 31
 
 
-async def test_retry_after_is_capped_by_max_backoff(server: ScriptedServer, engines: Any) -> None:
+async def test_retry_after_is_capped_by_max_backoff(server: FaultServer, engines: Any) -> None:
     server.push(error(503, retry_after="30"), reply(completion_json(["fine"])))
     engine = engines(server.url, max_backoff_s=0.05)
     start = time.monotonic()
@@ -615,7 +411,7 @@ async def test_retry_after_is_capped_by_max_backoff(server: ScriptedServer, engi
     assert time.monotonic() - start < 2.0
 
 
-async def test_retry_that_cannot_fit_the_deadline_fails_at_once(server: ScriptedServer, engines: Any) -> None:
+async def test_retry_that_cannot_fit_the_deadline_fails_at_once(server: FaultServer, engines: Any) -> None:
     server.push(error(429, "busy", retry_after="5"))
     engine = engines(server.url, request_timeout_s=1.0)
     start = time.monotonic()
@@ -625,7 +421,7 @@ async def test_retry_that_cannot_fit_the_deadline_fails_at_once(server: Scripted
     assert len(server.requests) == 1
 
 
-async def test_5xx_retried_then_success(server: ScriptedServer, engines: Any) -> None:
+async def test_5xx_retried_then_success(server: FaultServer, engines: Any) -> None:
     server.push(error(500), error(502), error(503), sse(stream_text(["fine"])))
     engine = engines(server.url, max_retries=3)
     (c,) = assemble(1, await collect(engine, GenerationRequest(prompt="p")))
@@ -637,7 +433,7 @@ async def test_5xx_retried_then_success(server: ScriptedServer, engines: Any) ->
     ("status", "expected"),
     [(429, RateLimited), (503, EngineUnavailable), (500, EngineRequestError)],
 )
-async def test_retries_exhausted(server: ScriptedServer, engines: Any, status: int, expected: type[Exception]) -> None:
+async def test_retries_exhausted(server: FaultServer, engines: Any, status: int, expected: type[Exception]) -> None:
     server.default = error(status, "still failing")
     engine = engines(server.url, max_retries=2)
     usages: list[CallUsage] = []
@@ -650,7 +446,7 @@ async def test_retries_exhausted(server: ScriptedServer, engines: Any, status: i
     assert usages[0].error == expected.__name__
 
 
-async def test_4xx_is_typed_and_not_retried(server: ScriptedServer, engines: Any) -> None:
+async def test_4xx_is_typed_and_not_retried(server: FaultServer, engines: Any) -> None:
     server.push(error(400, "This model's maximum context length is 2048 tokens"))
     engine = engines(server.url)
     with pytest.raises(EngineRequestError, match="maximum context length") as info:
@@ -663,7 +459,7 @@ async def test_4xx_is_typed_and_not_retried(server: ScriptedServer, engines: Any
     assert info.value.status_code == 404
 
 
-async def test_timeout_raises_quickly_and_closes_the_connection(server: ScriptedServer, engines: Any) -> None:
+async def test_timeout_raises_quickly_and_closes_the_connection(server: FaultServer, engines: Any) -> None:
     server.push(hang(server))
     engine = engines(server.url, request_timeout_s=0.3)
     start = time.monotonic()
@@ -673,7 +469,7 @@ async def test_timeout_raises_quickly_and_closes_the_connection(server: Scripted
     await asyncio.wait_for(server.disconnected.wait(), WAIT)
 
 
-async def test_timeout_covers_a_stalled_stream(server: ScriptedServer, engines: Any) -> None:
+async def test_timeout_covers_a_stalled_stream(server: FaultServer, engines: Any) -> None:
     server.push(sse([text_event(0, "a", ids=[1])], then="wait", server=server))
     engine = engines(server.url, request_timeout_s=0.3)
     got: list[Delta] = []
@@ -683,7 +479,7 @@ async def test_timeout_covers_a_stalled_stream(server: ScriptedServer, engines: 
     await asyncio.wait_for(server.disconnected.wait(), WAIT)
 
 
-async def test_timeout_counts_a_slow_consumer(server: ScriptedServer, engines: Any) -> None:
+async def test_timeout_counts_a_slow_consumer(server: FaultServer, engines: Any) -> None:
     server.push(sse([text_event(0, "a", ids=[1])], then="wait", server=server))
     engine = engines(server.url, request_timeout_s=0.3)
     got: list[str] = []
@@ -701,7 +497,7 @@ async def test_timeout_counts_a_slow_consumer(server: ScriptedServer, engines: A
     await asyncio.wait_for(server.disconnected.wait(), WAIT)
 
 
-async def test_connection_dropped_before_tokens_is_retried(server: ScriptedServer, engines: Any) -> None:
+async def test_connection_dropped_before_tokens_is_retried(server: FaultServer, engines: Any) -> None:
     sse_head = b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
     json_head = b'HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 500\r\n\r\n{"cho'
     server.push(drop(sse_head), sse(stream_text(["after", " retry"])), drop(json_head), reply(completion_json(["ok"])))
@@ -712,18 +508,29 @@ async def test_connection_dropped_before_tokens_is_retried(server: ScriptedServe
     assert len(server.requests) == 4
 
 
-async def test_connection_dropped_after_tokens_raises(server: ScriptedServer, engines: Any) -> None:
+async def test_connection_dropped_after_tokens_raises(server: FaultServer, engines: Any) -> None:
     server.push(sse([text_event(0, "a", ids=[1]), text_event(0, " b", ids=[2])], then="drop"))
     server.default = sse(stream_text(["never"]))
     engine = engines(server.url)
     got: list[Delta] = []
-    with pytest.raises(EngineUnavailable, match="not retried"):
+    with pytest.raises(EngineStreamBroken, match="not retried") as info:
         await collect(engine, GenerationRequest(prompt="p"), got)
+    assert not isinstance(info.value, EngineUnavailable)  # the server is up: an eval must not stop for this
+    assert info.value.url == server.url
     assert [d.text for d in got] == ["a", " b"]
     assert len(server.requests) == 1
 
 
-async def test_malformed_output_is_a_request_error(server: ScriptedServer, engines: Any) -> None:
+async def test_generate_retries_a_stream_dropped_midway(server: FaultServer, engines: Any) -> None:
+    """generate hands nothing out before the end, so a broken stream is simply sent again."""
+    server.push(sse([text_event(0, "a", ids=[1])], then="drop"), sse(stream_text(["whole", " answer"])))
+    engine = engines(server.url)
+    generation = await engine.generate(GenerationRequest(prompt="p"))
+    assert generation.text == "whole answer" and generation.usage.completion_tokens == 2
+    assert len(server.requests) == 2
+
+
+async def test_malformed_output_is_a_request_error(server: FaultServer, engines: Any) -> None:
     server.push(
         reply(None, raw=b'{"choices": [ {"index": 0, "te'),
         sse(["data: {not json}\n\n"]),
@@ -742,7 +549,7 @@ async def test_malformed_output_is_a_request_error(server: ScriptedServer, engin
     assert len(server.requests) == 4  # none of them retried
 
 
-async def test_error_event_mid_stream(server: ScriptedServer, engines: Any) -> None:
+async def test_error_event_mid_stream(server: FaultServer, engines: Any) -> None:
     server.push(sse([text_event(0, "a", ids=[1]), {"error": {"message": "Internal server error", "code": 500}}]))
     engine = engines(server.url)
     with pytest.raises(EngineRequestError, match="Internal server error") as info:
@@ -759,7 +566,7 @@ async def test_unreachable_raises_engine_unavailable(engines: Any) -> None:
 
 
 # -- balancing, limits ------------------------------------------------------------------------------------------
-async def test_least_outstanding_balancing(server: ScriptedServer, server_b: ScriptedServer, engines: Any) -> None:
+async def test_least_outstanding_balancing(server: FaultServer, server_b: FaultServer, engines: Any) -> None:
     release = asyncio.Event()
     started = asyncio.Event()
     server.push(gated(release, sse(stream_text(["slow"])), started))
@@ -784,7 +591,7 @@ async def test_least_outstanding_balancing(server: ScriptedServer, server_b: Scr
     assert (len(server.requests), len(server_b.requests)) == (3, 4)
 
 
-async def test_dead_url_fails_over_without_backoff(server: ScriptedServer, engines: Any) -> None:
+async def test_dead_url_fails_over_without_backoff(server: FaultServer, engines: Any) -> None:
     server.default = sse(stream_text(["alive"]))
     engine = engines([dead_url(), server.url], backoff_base_s=5.0, max_backoff_s=5.0)
     start = time.monotonic()
@@ -795,9 +602,7 @@ async def test_dead_url_fails_over_without_backoff(server: ScriptedServer, engin
     assert len(server.requests) == 3
 
 
-async def test_failing_url_request_moves_to_other(
-    server: ScriptedServer, server_b: ScriptedServer, engines: Any
-) -> None:
+async def test_failing_url_request_moves_to_other(server: FaultServer, server_b: FaultServer, engines: Any) -> None:
     server.push(error(503, "overloaded"))
     server_b.push(sse(stream_text(["from b"])))
     engine = engines([server.url, server_b.url], backoff_base_s=5.0)
@@ -806,7 +611,7 @@ async def test_failing_url_request_moves_to_other(
     assert (len(server.requests), len(server_b.requests)) == (1, 1)
 
 
-async def test_rate_limit_spaces_requests(server: ScriptedServer, engines: Any) -> None:
+async def test_rate_limit_spaces_requests(server: FaultServer, engines: Any) -> None:
     server.default = reply(completion_json(["x"]))
     engine = engines(server.url, rate_limit=1, rate_period_s=0.2)
     start = time.monotonic()
@@ -818,7 +623,7 @@ async def test_rate_limit_spaces_requests(server: ScriptedServer, engines: Any) 
     assert all(b - a >= 0.15 for a, b in itertools.pairwise(times))
 
 
-async def test_max_concurrency_queues_requests(server: ScriptedServer, engines: Any) -> None:
+async def test_max_concurrency_queues_requests(server: FaultServer, engines: Any) -> None:
     release = asyncio.Event()
     started = asyncio.Event()
     finished_at: list[float] = []
@@ -843,7 +648,7 @@ async def test_max_concurrency_queues_requests(server: ScriptedServer, engines: 
 
 
 # -- cancellation, lifecycle, configuration ---------------------------------------------------------------------
-async def test_cancelling_consumer_closes_the_connection(server: ScriptedServer, engines: Any) -> None:
+async def test_cancelling_consumer_closes_the_connection(server: FaultServer, engines: Any) -> None:
     server.push(sse([text_event(0, "a", ids=[1]), text_event(0, " b", ids=[2])], then="wait", server=server))
     engine = engines(server.url)
     usages: list[CallUsage] = []
@@ -869,7 +674,7 @@ async def test_cancelling_consumer_closes_the_connection(server: ScriptedServer,
     assert usage.aborted and usage.completion_tokens == 2
 
 
-async def test_closing_stream_early_closes_the_connection(server: ScriptedServer, engines: Any) -> None:
+async def test_closing_stream_early_closes_the_connection(server: FaultServer, engines: Any) -> None:
     server.push(sse([text_event(0, "a", ids=[1]), text_event(0, " b", ids=[2])], then="wait", server=server))
     engine = engines(server.url)
     async with contextlib.aclosing(engine.stream(GenerationRequest(prompt="p"))) as stream:
@@ -878,7 +683,7 @@ async def test_closing_stream_early_closes_the_connection(server: ScriptedServer
     await asyncio.wait_for(server.disconnected.wait(), WAIT)
 
 
-async def test_start_learns_context_length(server: ScriptedServer, engines: Any) -> None:
+async def test_start_learns_context_length(server: FaultServer, engines: Any) -> None:
     models = {"object": "list", "data": [{"id": "m", "object": "model", "max_model_len": 2048}]}
     server.push(reply(models), reply({"data": [{"id": "other"}]}))
     engine = engines(server.url)
@@ -889,7 +694,7 @@ async def test_start_learns_context_length(server: ScriptedServer, engines: Any)
         await engine.start()
 
 
-async def test_closed_engine_raises(server: ScriptedServer, engines: Any) -> None:
+async def test_closed_engine_raises(server: FaultServer, engines: Any) -> None:
     engine = engines(server.url)
     await engine.aclose()
     await engine.aclose()  # idempotent
@@ -899,7 +704,7 @@ async def test_closed_engine_raises(server: ScriptedServer, engines: Any) -> Non
 
 
 async def test_api_key_from_env_is_sent_but_never_logged(
-    server: ScriptedServer, engines: Any, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+    server: FaultServer, engines: Any, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     monkeypatch.setenv("BW_TEST_KEY", "sk-very-secret")
     server.push(error(500, "flaky"), reply(completion_json(["ok"])))
