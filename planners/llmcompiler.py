@@ -55,6 +55,7 @@ END_OF_PLAN = "<END_OF_PLAN>"
 
 _TASK = re.compile(r"^\s*(?:[-*]\s*)?(?:(?:step|task)\s*)?(\d+)\s*[.):]\s*(.*)$", re.IGNORECASE)
 _CALL = re.compile(r"^([A-Za-z_][\w]*)\s*\((.*)$", re.DOTALL)
+_MAX_TASK_DIGITS = 9  # int() refuses much longer numbers outright; no plan has that many tasks
 _BRACED = re.compile(r"\$\{(\d+)\}")
 _BARE_REF = re.compile(r"\$(?:\{\d+\}|\d+)(?:\.[A-Za-z0-9_]+)*")
 
@@ -239,7 +240,10 @@ class PlanParser:
             return None
         m = _TASK.match(line)
         if m is not None:
-            number: int | None = int(m.group(1))
+            digits = m.group(1)
+            if len(digits.lstrip("0")) > _MAX_TASK_DIGITS:
+                raise PlanError(f"task number {digits[:12]}... has {len(digits)} digits", field="id")
+            number: int | None = int(digits)
             body = m.group(2)
         elif _CALL.match(line) and not line.lower().startswith(("the ", "i ", "we ")):
             number, body = None, line

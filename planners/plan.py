@@ -54,6 +54,8 @@ __all__ = [
 NodeKind = Literal["tool", "thought", "join"]
 _KINDS = ("tool", "thought", "join")
 
+_MAX_ID_DIGITS = 9
+
 REFERENCE = re.compile(r"\$(?:\{(\d+)\}|(\d+))((?:\.[A-Za-z0-9_]+)*)")
 """A reference inside an argument: ``$2``, ``${2}``, ``$2.field``, ``${2}.a.0``."""
 
@@ -120,6 +122,9 @@ def _collect(value: Any, found: list[Reference]) -> None:
 
 def _ref(m: re.Match[str]) -> Reference:
     number = m.group(1) or m.group(2)
+    if len(number.lstrip("0")) > _MAX_ID_DIGITS:
+        # int() refuses numbers this long outright (CPython's digit limit); no plan has such a node anyway.
+        raise PlanError(f"reference {m.group(0)[:16]}... names a node number of {len(number)} digits; no such node")
     path = tuple(p for p in m.group(3).split(".") if p)
     return Reference(int(number), path, m.group(0))
 
