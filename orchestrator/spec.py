@@ -197,6 +197,8 @@ def load_spec(source: str | Path, *, overrides: Mapping[str, Any] | None = None)
     if isinstance(source, Path) or ("\n" not in source and source.strip().endswith((".yaml", ".yml"))):
         return load_spec_file(Path(source), overrides=overrides)
     data, lines = parse_yaml(source, "<string>")
+    if isinstance(data, str) and "\n" not in source.strip():
+        raise SpecError(f"{source!r} is not a spec: no such file, and as YAML text it is a string, not a mapping")
     spec = validate_spec(data, lines, source="<string>")
     return spec.with_overrides(overrides) if overrides else spec
 

@@ -173,6 +173,8 @@ def test_a_missing_path_is_reported_missing_whatever_its_name(
         assert "mapping" not in err  # never read as YAML text
     with pytest.raises(SpecError, match="does not exist"):
         load_spec_file("no-such-file")
+    with pytest.raises(SpecError, match="'no-such-file' is not a spec: no such file"):
+        load_spec("no-such-file")  # the library door takes text too: a one-line string is named as both
     assert main(["validate", str(tmp_path)]) == 2
     assert "is not a file" in capsys.readouterr().err
 
