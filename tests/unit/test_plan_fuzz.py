@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 from hypothesis import example, given
 from hypothesis import strategies as st
+from tool_fakes import FakeRegistry
 
 from branchwise.errors import PlanError
 from branchwise.planners.llmcompiler import END_OF_PLAN, PlanParser, parse_plan
@@ -24,53 +25,15 @@ pytestmark = pytest.mark.timeout(120)
 PER_INPUT_S = 1.0  # generous bound on one input (shared machines); typical: a few milliseconds
 
 
-class Tool:
-    def __init__(self, name: str, params: list[str]) -> None:
-        self.name = name
-        self.description = name
-        self.params = params
-
-    def bind(self, args: Any, kwargs: Any) -> dict[str, Any]:
-        from branchwise.errors import ToolArgumentError
-
-        if len(args) > len(self.params):
-            raise ToolArgumentError(self.name, "too many positional arguments")
-        named = dict(zip(self.params, args, strict=False))
-        for k, v in kwargs.items():
-            if k not in self.params or k in named:
-                raise ToolArgumentError(self.name, "unknown or repeated argument", field=k)
-            named[k] = v
-        return named
-
-    def validate(self, arguments: Any) -> dict[str, Any]:
-        return dict(arguments)
-
-    def signature(self) -> str:
-        return f"{self.name}({', '.join(self.params)})"
-
-    async def call(self, arguments: Any) -> Any:
-        return arguments
+def retrieve(query: str, k: int = 3) -> str:
+    return query
 
 
-class Registry:
-    def __init__(self) -> None:
-        self.tools = {"retrieve": Tool("retrieve", ["query", "k"]), "calculator": Tool("calculator", ["expression"])}
-
-    def __contains__(self, name: object) -> bool:
-        return name in self.tools
-
-    def get(self, name: str) -> Tool:
-        from branchwise.errors import UnknownNameError
-
-        if name not in self.tools:
-            raise UnknownNameError("tool", name, list(self.tools))
-        return self.tools[name]
-
-    def names(self) -> list[str]:
-        return list(self.tools)
+def calculator(expression: str) -> str:
+    return expression
 
 
-TOOLS = Registry()
+TOOLS = FakeRegistry(retrieve, calculator)
 
 # -- strategies ---------------------------------------------------------------------------------------------------
 numbers = st.one_of(
