@@ -45,8 +45,8 @@ from branchwise.errors import (
 
 pytestmark = [pytest.mark.server, pytest.mark.timeout(60)]
 
-FIRST_BYTE = 0.4  # per-attempt limits of the engines below, short so that faults end quickly
-IDLE = 0.4
+FIRST_BYTE = 0.8  # per-attempt limits of the engines below: short so that faults end quickly, long enough for a
+IDLE = 0.8  # loaded machine
 WAIT = 3.0  # upper bound on waiting for something that should happen at once
 PROMPT = GenerationRequest(prompt="p", max_tokens=50)
 
@@ -113,8 +113,13 @@ FAULTS: list[tuple[str, list[Behaviour], str | type[Exception], int]] = [
     ("reset after tokens", [reset_after([text_event(0, "half", ids=[1])])], EngineStreamBroken, 1),
     ("accepts and never answers", [hang(), FINE], "fine", 2),
     ("stalls after the head", [trickle([], delay=0.0, done=False), FINE], "fine", 2),
-    ("slow trickle within the idle limit", [trickle(stream_text(["fine"]), delay=IDLE / 8)], "fine", 1),
-    ("trickle slower than the idle limit", [trickle(stream_text(["late"]), delay=IDLE * 3), FINE], "fine", 2),
+    (
+        "slow trickle within the idle limit",
+        [trickle(stream_text(["fine"]), delay=IDLE / 8, bytes_per_write=32)],
+        "fine",
+        1,
+    ),
+    ("trickle slower than the idle limit", [trickle(stream_text(["late"]), delay=IDLE * 2), FINE], "fine", 2),
     ("non-JSON body", [non_json()], EngineRequestError, 1),
     ("SSE without [DONE], complete", [sse(stream_text(["fine"]), done=False)], "fine", 1),
     ("SSE without [DONE], cut before a token", [sse([chat_event(0, None)], done=False), FINE], "fine", 2),
@@ -144,9 +149,7 @@ async def test_each_fault_ends_in_a_retry_or_a_typed_error_and_leaves_nothing(
         await fault_server.wait_until(lambda: not fault_server.busy_connections, WAIT)
     assert len(fault_server.requests) == 2 * per_round  # nothing retried that should not be
     fault_server.push(FINE)
-    start = time.monotonic()
-    assert await collect(engine) == "fine"
-    assert time.monotonic() - start < FIRST_BYTE  # no wait for a connection: none leaked
+    assert await collect(engine) == "fine"  # with a connection leaked per round, the pool would have none left
     await assert_nothing_left(engine, fault_server)
 
 
@@ -204,14 +207,14 @@ async def test_hung_url_fails_over_to_the_healthy_one_within_seconds(
     engine = engines([fault_server.url, fault_server_b.url], backoff_base_s=0.25, first_byte_timeout_s=1.0)
     start = time.monotonic()
     assert await collect(engine) == "fine"
-    assert time.monotonic() - start < 1.0 + 1.0
+    assert time.monotonic() - start < 1.0 + 2.0
     assert (len(fault_server.requests), len(fault_server_b.requests)) == (1, 1)
     await asyncio.wait_for(fault_server.disconnected.wait(), WAIT)  # the hung request was given up
     # The hung URL cools down: the next calls go to the healthy one without waiting.
     start = time.monotonic()
     for _ in range(3):
         assert await collect(engine) == "fine"
-    assert time.monotonic() - start < 1.0
+    assert time.monotonic() - start < 2.0
     assert len(fault_server.requests) == 1
     await assert_nothing_left(engine, fault_server, fault_server_b)
 
@@ -239,9 +242,7 @@ async def test_wall_clock_stops_close_the_request_and_free_the_connection(
         await fault_server.wait_until(lambda: not fault_server.busy_connections, 1.0)
         assert client_tasks(fault_server) == []
     fault_server.push(FINE)
-    start = time.monotonic()
-    assert await collect(engine) == "fine"
-    assert time.monotonic() - start < FIRST_BYTE
+    assert await collect(engine) == "fine"  # after max_concurrency + 2 stops, a connection is still there
     await assert_nothing_left(engine, fault_server)
 
 
