@@ -107,7 +107,9 @@ class OpenAIEngine(Engine):
             streaming), after which it raises `EngineTimeout` and closes the connection.
         connect_timeout_s: limit on opening one TCP connection; the attempt then counts as a connection error.
         first_byte_timeout_s: per attempt, the longest wait from sending the request to the response head
-            (status line and headers); the attempt is then retried, on another base URL if there is one.
+            (status line and headers); the attempt is then retried, on another base URL if there is one. A
+            streaming server sends its head at once; one that ignores ``stream`` sends it only with the finished
+            answer, and needs a limit above its longest generation.
         idle_timeout_s: per attempt, the longest gap without a byte from the server while it is expected to
             send (between the response head and the first token, and between chunks); the attempt is then
             retried if nothing was delivered yet, else the stream raises `EngineStreamBroken`.
