@@ -9,17 +9,17 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections import deque
 from collections.abc import AsyncGenerator
-from dataclasses import asdict, dataclass
-from typing import Any, Final
+from dataclasses import asdict
+from typing import Final
 
 from ..engine.base import CallMeter, Engine
 from ..engine.types import Capabilities, Delta, GenerationRequest
 from ..errors import BudgetExhausted, ConfigError
 from ..events import current_sink, emit
-from .cost import CostModel, positive
-from .usage import Usage
+from .call import Call
+from .cost import CostModel
+from .usage import Remaining, Usage, capped, smaller
 
 __all__ = ["Budget", "BudgetedEngine", "Remaining"]
 
@@ -27,38 +27,6 @@ logger = logging.getLogger(__name__)
 
 # Caps whose reaching aborts the calls in flight (max_calls only refuses new calls).
 _ABORTING_CAPS: Final = frozenset({"max_tokens", "max_completion_tokens", "max_cost", "wall_clock_s"})
-
-
-@dataclass(frozen=True, slots=True)
-class Remaining:
-    """What a budget has left, counting its ancestors' caps too; None means uncapped.
-
-    Attributes:
-        tokens: total (prompt + completion) tokens.
-        completion_tokens: completion tokens.
-        calls: engine calls.
-        seconds: wall-clock seconds.
-        cost: estimated compute (FLOP-equivalents).
-    """
-
-    tokens: int | None
-    completion_tokens: int | None
-    calls: int | None
-    seconds: float | None
-    cost: float | None
-
-
-def _cap(name: str, value: Any, *, integer: bool) -> Any:
-    if value is None:
-        return None
-    positive(name, value, integer=integer)
-    return value
-
-
-def _min(a: Any, b: Any) -> Any:
-    if a is None:
-        return b
-    return a if b is None else min(a, b)
 
 
 class Budget:
@@ -94,11 +62,11 @@ class Budget:
         cost_model: CostModel | str | None = None,
         name: str = "run",
     ) -> None:
-        self.max_tokens: int | None = _cap("max_tokens", max_tokens, integer=True)
-        self.max_completion_tokens: int | None = _cap("max_completion_tokens", max_completion_tokens, integer=True)
-        self.max_calls: int | None = _cap("max_calls", max_calls, integer=True)
-        self.wall_clock_s: float | None = _cap("wall_clock_s", wall_clock_s, integer=False)
-        self.max_cost: float | None = _cap("max_cost", max_cost, integer=False)
+        self.max_tokens: int | None = capped("max_tokens", max_tokens, integer=True)
+        self.max_completion_tokens: int | None = capped("max_completion_tokens", max_completion_tokens, integer=True)
+        self.max_calls: int | None = capped("max_calls", max_calls, integer=True)
+        self.wall_clock_s: float | None = capped("wall_clock_s", wall_clock_s, integer=False)
+        self.max_cost: float | None = capped("max_cost", max_cost, integer=False)
         if isinstance(cost_model, str):
             cost_model = CostModel.preset(cost_model)
         elif cost_model is not None and not isinstance(cost_model, CostModel):
@@ -111,7 +79,9 @@ class Budget:
         self.children: list[Budget] = []
         self._chain: tuple[Budget, ...] = (self,)
         self._usage = Usage()
-        self._inflight: set[_Call] = set()
+        self._inflight: set[Call[Budget]] = set()
+        self._reserved = 0  # prompt tokens reserved by calls in flight whose real count is not known yet
+        self._reserved_cost = 0.0  # and their prompt cost
         self._exhausted_cap: str | None = None
         self._clipped_calls = 0
         self._started_at: float | None = None
@@ -214,15 +184,15 @@ class Budget:
         for b in self._chain:
             u = b._usage
             if b.max_tokens is not None:
-                tokens = _min(tokens, max(0, b.max_tokens - u.total_tokens))
+                tokens = smaller(tokens, max(0, b.max_tokens - u.total_tokens - b._reserved))
             if b.max_completion_tokens is not None:
-                completion = _min(completion, max(0, b.max_completion_tokens - u.completion_tokens))
+                completion = smaller(completion, max(0, b.max_completion_tokens - u.completion_tokens))
             if b.max_calls is not None:
-                calls = _min(calls, max(0, b.max_calls - u.calls))
+                calls = smaller(calls, max(0, b.max_calls - u.calls))
             if b.wall_clock_s is not None:
-                seconds = _min(seconds, max(0.0, b.wall_clock_s - b.elapsed))
+                seconds = smaller(seconds, max(0.0, b.wall_clock_s - b.elapsed))
             if b.max_cost is not None:
-                cost = _min(cost, max(0.0, b.max_cost - u.estimated_cost))
+                cost = smaller(cost, max(0.0, b.max_cost - u.estimated_cost - b._reserved_cost))
         return Remaining(tokens=tokens, completion_tokens=completion, calls=calls, seconds=seconds, cost=cost)
 
     def start(self) -> None:
@@ -280,29 +250,27 @@ class Budget:
         u = self._usage
         if self.max_calls is not None and u.calls >= self.max_calls:
             return "max_calls"
-        if self.max_tokens is not None and u.total_tokens >= self.max_tokens:
-            return "max_tokens"
-        if self.max_completion_tokens is not None and u.completion_tokens >= self.max_completion_tokens:
-            return "max_completion_tokens"
-        if self.max_cost is not None and u.estimated_cost >= self.max_cost:
-            return "max_cost"
-        return None
+        return self._reached_cap()
 
     def _reached_cap(self) -> str | None:
-        """The token or cost cap this budget has reached, if any (checked after every charge)."""
+        """The token or cost cap this budget has reached, if any (checked after every charge).
+
+        Prompt tokens (and cost) reserved by calls in flight count as spent: they will be.
+        """
         u = self._usage
         if self.max_completion_tokens is not None and u.completion_tokens >= self.max_completion_tokens:
             return "max_completion_tokens"
-        if self.max_tokens is not None and u.total_tokens >= self.max_tokens:
+        if self.max_tokens is not None and u.total_tokens + self._reserved >= self.max_tokens:
             return "max_tokens"
-        if self.max_cost is not None and u.estimated_cost >= self.max_cost:
+        if self.max_cost is not None and u.estimated_cost + self._reserved_cost >= self.max_cost:
             return "max_cost"
         return None
 
     def _describe(self, cap: str) -> str:
         u = self._usage
         if cap == "max_tokens":
-            figures = f"{u.total_tokens} of {self.max_tokens} tokens"
+            reserved = f" + {self._reserved} reserved for prompts in flight" if self._reserved else ""
+            figures = f"{u.total_tokens}{reserved} of {self.max_tokens} tokens"
         elif cap == "max_completion_tokens":
             figures = f"{u.completion_tokens} of {self.max_completion_tokens} completion tokens"
         elif cap == "max_calls":
@@ -316,17 +284,21 @@ class Budget:
     def _error(self, cap: str) -> BudgetExhausted:
         return BudgetExhausted(cap, self._describe(cap))
 
-    def _exhaust(self, cap: str) -> None:
-        """Record that ``cap`` was reached; for token, cost and time caps, abort the unfinished calls in flight."""
+    def _exhaust(self, cap: str, *, abort: bool = True) -> None:
+        """Record that ``cap`` was reached; for token, cost and time caps, abort the unfinished calls in flight.
+
+        With ``abort=False`` (a call refused because its prompt does not fit) the calls in flight run on: they may
+        still finish in what is left, and are aborted if they reach the cap.
+        """
         if self._exhausted_cap is None:
             self._exhausted_cap = cap
             logger.info("%s", self._describe(cap))
             emit("budget_exhausted", {"budget": self.path, "cap": cap, "detail": self._describe(cap)})
-        if cap not in _ABORTING_CAPS:
+        if cap not in _ABORTING_CAPS or not abort:
             return
         for call in list(self._inflight):
             if call.unfinished and call.abort is None and not call.done:
-                call.abort_by(self, cap)
+                call.abort_by(self._error(cap))
 
     def _arm(self) -> None:
         if self.wall_clock_s is None or self._timer is not None or self._stopped_at is not None:
@@ -346,7 +318,8 @@ class Budget:
             self._exhaust("wall_clock_s")
 
     # -- internals: admission and charging (synchronous: no awaits between check and charge) --------------------
-    def _admit(self, request: GenerationRequest, cost_model: CostModel | None) -> _Call:
+    def _admit(self, request: GenerationRequest, cost_model: CostModel | None, prompt: int) -> Call[Budget]:
+        """Admit a call whose prompt is ``prompt`` tokens (exact or over-estimated): check, reserve, clip, count."""
         chain = self._chain
         now = time.monotonic()
         for b in chain:
@@ -357,21 +330,14 @@ class Budget:
             if cap is not None:
                 b._exhaust(cap)
                 raise b._error(cap)
-        n = request.n
-        left = self.remaining()
-        per_sample = request.max_tokens
-        allowance = _min(left.tokens, left.completion_tokens)
-        if allowance is not None:
-            per_sample = min(per_sample, max(1, allowance // n))
-        if left.cost is not None and cost_model is not None:
-            per_sample = min(per_sample, max(1, cost_model.max_tokens_within(left.cost, n)))
-        if per_sample < request.max_tokens:
-            request = request.replace(max_tokens=per_sample, min_tokens=min(request.min_tokens, per_sample))
-            for b in chain:
-                b._clipped_calls += 1
-        call = _Call(chain, request, cost_model)
+        prompt_cost = cost_model.cost(cost_model.prompt_flops(prompt), 0.0) if cost_model is not None else 0.0
+        self._check_prompt_fits(prompt, prompt_cost)
+        request = self._clip(request, cost_model, prompt, prompt_cost)
+        call = Call(chain, request, cost_model, prompt, prompt_cost)
         for b in chain:
             b._usage.calls += 1
+            b._reserved += prompt
+            b._reserved_cost += prompt_cost
             b._inflight.add(call)
             b._arm()
         for b in chain:
@@ -379,15 +345,47 @@ class Budget:
                 b._exhaust("max_calls")
         return call
 
-    def _charge_prompt(self, call: _Call) -> None:
+    def _check_prompt_fits(self, prompt: int, prompt_cost: float) -> None:
+        """Refuse a call whose prompt would reach a token or cost cap by itself (no room for one token)."""
+        for b in self._chain:
+            cap = None
+            if b.max_tokens is not None and b._usage.total_tokens + b._reserved + prompt >= b.max_tokens:
+                cap, need = "max_tokens", f"its prompt needs {prompt} tokens"
+            elif b.max_cost is not None and b._usage.estimated_cost + b._reserved_cost + prompt_cost >= b.max_cost:
+                cap, need = "max_cost", f"its prompt costs {prompt_cost:.4g}"
+            if cap is not None:
+                b._exhaust(cap, abort=False)
+                raise BudgetExhausted(cap, f"{b._describe(cap)}: a call was refused, {need}")
+
+    def _clip(
+        self, request: GenerationRequest, cost_model: CostModel | None, prompt: int, prompt_cost: float
+    ) -> GenerationRequest:
+        """Lower the request's per-sample ``max_tokens`` to what the chain has left once its prompt is paid."""
+        n = request.n
+        left = self.remaining()
+        per_sample = request.max_tokens
+        allowance = smaller(None if left.tokens is None else left.tokens - prompt, left.completion_tokens)
+        if allowance is not None:
+            per_sample = min(per_sample, max(1, allowance // n))
+        if left.cost is not None and cost_model is not None:
+            within = cost_model.max_tokens_within(left.cost - prompt_cost, n, prompt)
+            per_sample = min(per_sample, max(1, within))
+        if per_sample >= request.max_tokens:
+            return request
+        for b in self._chain:
+            b._clipped_calls += 1
+        return request.replace(max_tokens=per_sample, min_tokens=min(request.min_tokens, per_sample))
+
+    def _charge_prompt(self, call: Call[Budget]) -> None:
+        """The backend reported the prompt length: release the call's reservation and charge the real figures."""
         p = call.meter.prompt_tokens
         call.prompt_charged = True
         flops = kv = 0.0
         model = call.cost_model
         if model is not None:
             flops = model.prompt_flops(p)
-            # completion tokens charged before the prompt length was known were charged with P = 0
-            kv = float(model.kv_bytes_per_token * p * call.completion_tokens)
+            # completion tokens charged before the prompt length was known were charged with the reserved length
+            kv = float(model.kv_bytes_per_token * (p - call.reserved) * call.completion_tokens)
         cost = model.cost(flops, kv) if model is not None else 0.0
         for b in call.chain:
             u = b._usage
@@ -395,8 +393,16 @@ class Budget:
             u.estimated_flops += flops
             u.estimated_kv_bytes += kv
             u.estimated_cost += cost
+        self._release(call)
 
-    def _charge(self, call: _Call, delta: Delta) -> None:
+    @staticmethod
+    def _release(call: Call[Budget]) -> None:
+        for b in call.chain:
+            b._reserved -= call.reserved
+            b._reserved_cost -= call.reserved_cost
+        call.reserved, call.reserved_cost = 0, 0.0
+
+    def _charge(self, call: Call[Budget], delta: Delta) -> None:
         """Charge one delivered delta (and the prompt, once known) to the chain, then enforce the caps."""
         if not call.prompt_charged and call.meter.prompt_tokens:
             self._charge_prompt(call)
@@ -411,7 +417,7 @@ class Budget:
             model = call.cost_model
             flops = kv = cost = 0.0
             if model is not None:
-                prompt = call.meter.prompt_tokens if call.prompt_charged else 0
+                prompt = call.meter.prompt_tokens if call.prompt_charged else call.reserved
                 flops = model.decode_flops(m)
                 kv = float(model.decode_kv_bytes(prompt, generated, m))
                 cost = model.cost(flops, kv)
@@ -433,7 +439,7 @@ class Budget:
             if cap is not None:
                 b._exhaust(cap)
 
-    def _settle(self, call: _Call, *, aborted: bool) -> None:
+    def _settle(self, call: Call[Budget], *, aborted: bool) -> None:
         """The call has left the engine: unregister it, charge a prompt reported late, count aborted tokens."""
         if call.settled:
             return
@@ -448,6 +454,8 @@ class Budget:
         if not call.prompt_charged and call.meter.prompt_tokens:
             self._charge_prompt(call)
             self._enforce(call.chain)
+        elif call.reserved or call.reserved_cost:  # never reported (e.g. refused by the backend): nothing to charge
+            self._release(call)
         if current_sink() is None:  # the events below cost a `remaining()` per budget; skip them unobserved
             return
         for b in call.chain:
@@ -462,69 +470,6 @@ class Budget:
                     "remaining": {k: v for k, v in asdict(b.remaining()).items() if v is not None},
                 },
             )
-
-
-class _Call:
-    """One engine call in flight under a budget: its accounting, its engine task and its delivery buffer."""
-
-    __slots__ = (
-        "abort",
-        "buffer",
-        "chain",
-        "completed",
-        "completion_tokens",
-        "cost_model",
-        "done",
-        "error",
-        "finished",
-        "meter",
-        "prompt_charged",
-        "request",
-        "sample_tokens",
-        "settled",
-        "task",
-        "unfinished",
-        "waiter",
-    )
-
-    def __init__(self, chain: tuple[Budget, ...], request: GenerationRequest, cost_model: CostModel | None) -> None:
-        self.chain = chain
-        self.request = request
-        self.cost_model = cost_model
-        self.meter = CallMeter()
-        self.prompt_charged = False
-        self.sample_tokens = [0] * request.n
-        self.finished = [False] * request.n
-        self.unfinished = request.n
-        self.completion_tokens = 0
-        self.buffer: deque[Delta] = deque()
-        self.waiter: asyncio.Future[None] | None = None
-        self.task: asyncio.Task[None] | None = None
-        self.abort: BudgetExhausted | None = None
-        self.error: Exception | None = None
-        self.done = False
-        self.completed = False
-        self.settled = False
-
-    def abort_by(self, budget: Budget, cap: str) -> None:
-        self.abort = budget._error(cap)
-        task = self.task
-        # The call whose own charge crossed the cap is running right now: it stops pulling by itself. Cancelling
-        # it too would interrupt the backend's own clean-up awaits (e.g. vLLM's abort) in its aclose.
-        if task is not None and not task.done() and task is not asyncio.current_task():
-            task.cancel()
-        self.wake()
-
-    def wake(self) -> None:
-        if self.waiter is not None and not self.waiter.done():
-            self.waiter.set_result(None)
-
-    async def wait(self) -> None:
-        self.waiter = asyncio.get_running_loop().create_future()
-        try:
-            await self.waiter
-        finally:
-            self.waiter = None
 
 
 class BudgetedEngine(Engine):
@@ -594,6 +539,9 @@ class BudgetedEngine(Engine):
     def capabilities(self) -> Capabilities:
         return self.engine.capabilities
 
+    def count_prompt_tokens(self, request: GenerationRequest) -> int:
+        return self.engine.count_prompt_tokens(request)
+
     async def start(self) -> None:
         await self.engine.start()
 
@@ -602,7 +550,8 @@ class BudgetedEngine(Engine):
 
     async def _stream(self, request: GenerationRequest, meter: CallMeter) -> AsyncGenerator[Delta, None]:
         budget = self.budget
-        call = budget._admit(request, self.cost_model)  # raises BudgetExhausted before the engine is called
+        prompt = self.engine.count_prompt_tokens(request)
+        call = budget._admit(request, self.cost_model, prompt)  # raises BudgetExhausted before the engine is called
         try:
             call.task = asyncio.get_running_loop().create_task(self._pump(call), name=f"budgeted-call[{budget.path}]")
             while True:
@@ -622,7 +571,7 @@ class BudgetedEngine(Engine):
             await self._close(call)
             meter.prompt_tokens = call.meter.prompt_tokens
 
-    async def _close(self, call: _Call) -> None:
+    async def _close(self, call: Call[Budget]) -> None:
         task = call.task
         if task is not None and not task.done():
             task.cancel()
@@ -638,7 +587,7 @@ class BudgetedEngine(Engine):
         # A task cancelled before it ran never got to settle (and the engine never saw the call).
         self.budget._settle(call, aborted=not call.completed and call.error is None)
 
-    async def _pump(self, call: _Call) -> None:
+    async def _pump(self, call: Call[Budget]) -> None:
         """Pull the wrapped engine's deltas as soon as they exist, charge them, and buffer them for the consumer."""
         inner, request, meter = self.engine, call.request, call.meter
         try:

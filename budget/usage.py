@@ -1,12 +1,14 @@
-"""What a run has spent: `Usage` (live, mutable) and `UsageSnapshot` (frozen), with the same fields."""
+"""What a run has spent, `Usage` (live, mutable) and `UsageSnapshot` (frozen), and what it has left, `Remaining`."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Any, Final, TypeVar
 
-__all__ = ["Usage", "UsageSnapshot"]
+from .cost import positive
+
+__all__ = ["Remaining", "Usage", "UsageSnapshot", "capped", "smaller"]
 
 _USAGE_FIELDS: Final = (
     "prompt_tokens",
@@ -107,3 +109,40 @@ class UsageSnapshot(_UsageFields):
         if summed is None:
             return NotImplemented
         return UsageSnapshot(**summed)
+
+
+@dataclass(frozen=True, slots=True)
+class Remaining:
+    """What a budget has left, counting its ancestors' caps too; None means uncapped.
+
+    Attributes:
+        tokens: total (prompt + completion) tokens.
+        completion_tokens: completion tokens.
+        calls: engine calls.
+        seconds: wall-clock seconds.
+        cost: estimated compute (FLOP-equivalents).
+    """
+
+    tokens: int | None
+    completion_tokens: int | None
+    calls: int | None
+    seconds: float | None
+    cost: float | None
+
+
+N = TypeVar("N", int, float)
+
+
+def capped(name: str, value: N | None, *, integer: bool) -> N | None:
+    """A cap as given, after checking it is a positive (integer) number; None means uncapped."""
+    if value is None:
+        return None
+    positive(name, value, integer=integer)
+    return value
+
+
+def smaller(a: N | None, b: N | None) -> N | None:
+    """The smaller of two allowances, None meaning unlimited."""
+    if a is None:
+        return b
+    return a if b is None else min(a, b)

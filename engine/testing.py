@@ -140,7 +140,7 @@ class _SimulatedEngine(Engine):
             raise ConfigError(f"{type(self).__name__} is closed")
         self.calls.append(request)
         response = await self._reply(request)
-        meter.prompt_tokens = self.count_prompt_tokens(request)
+        meter.prompt_tokens = len(tokenize(render_prompt(request)))
         if response.error is not None:
             raise response.error
         delay = self.token_delay if response.token_delay is None else response.token_delay

@@ -31,6 +31,7 @@ from branchwise.budget import (
 from branchwise.engine import CallMeter, CallUsage, Delta, GenerationRequest
 from branchwise.engine.testing import FunctionEngine, ScriptedEngine, ScriptedResponse
 from branchwise.errors import BudgetExhausted, ConfigError, UnknownNameError
+from branchwise.events import use_sink
 
 WORDS = " ".join(f"w{i}" for i in range(200))  # 200 one-word tokens
 
@@ -103,21 +104,23 @@ async def test_clip_splits_remaining_allowance_over_samples() -> None:
     assert engine.active == 0
 
 
-async def test_clip_uses_the_total_token_allowance_and_keeps_small_requests() -> None:
+async def test_clip_leaves_room_for_the_prompt_and_a_prompt_that_cannot_fit_is_refused() -> None:
     engine = ScriptedEngine(default=WORDS)
     budget = Budget(max_tokens=30)
     bound = budget.bind(engine)
     gen = await bound.generate(req("one two three four", max_tokens=5))
     assert engine.calls[0].max_tokens == 5  # fits: untouched
-    assert budget.usage.prompt_tokens == 4 and budget.usage.completion_tokens == 5
-    # 21 left: 10 per sample; the clip cannot know this call's prompt, so the cap is reached mid-call
-    with pytest.raises(BudgetExhausted) as info:
-        await bound.generate(req("one two three four", n=2, max_tokens=100))
-    assert engine.calls[1].max_tokens == (30 - 9) // 2 == 10
+    assert gen.usage.prompt_tokens == 4 and budget.usage.completion_tokens == 5
+    # 21 left, 4 of them for this call's prompt: 17 for two samples, 8 each
+    second = await bound.generate(req("one two three four", n=2, max_tokens=100))
+    assert engine.calls[1].max_tokens == 8
+    assert [c.num_tokens for c in second.completions] == [8, 8] and budget.usage.total_tokens == 29
+    assert not budget.exhausted
+    # 1 left: a four-token prompt cannot fit; refused before the engine is called, nothing in flight is touched
+    with pytest.raises(BudgetExhausted, match="prompt needs 4 tokens") as info:
+        await bound.generate(req("one two three four"))
     assert info.value.cap == "max_tokens" and budget.exhausted_cap == "max_tokens"
-    assert gen.usage.prompt_tokens == 4
-    assert budget.usage.total_tokens == 30  # one-token deltas: exactly at the cap
-    assert budget.usage.prompt_tokens == 8 and budget.usage.aborted_tokens == 30 - 8 - 5
+    assert len(engine.calls) == 2 and budget.usage.total_tokens == 29 and budget.usage.aborted_tokens == 0
 
 
 async def test_call_cap_refuses_the_extra_call_but_never_aborts_running_ones() -> None:
@@ -258,10 +261,17 @@ async def test_wall_clock_timer_aborts_stalled_and_streaming_calls() -> None:
 
 
 async def test_wall_clock_timer_only_armed_while_calls_run() -> None:
-    budget = Budget(wall_clock_s=60)
+    events: list[str] = []
+    budget = Budget(wall_clock_s=0.05)
     bound = budget.bind(ScriptedEngine(default="a b c"))
-    await bound.generate(req())
-    assert budget._timer is None  # no stray timer left on the loop after the call ended
+    with use_sink(lambda kind, data: events.append(kind)):
+        await bound.generate(req())
+        await asyncio.sleep(0.1)  # let the deadline pass with no call in flight
+    # the deadline passed, but no timer fired for it: nothing was in flight to abort
+    assert "budget_exhausted" not in events
+    assert budget.exhausted_cap == "wall_clock_s"
+    with pytest.raises(BudgetExhausted, match="wall_clock_s"):
+        await bound.generate(req())
     budget.stop()
     frozen = budget.usage.wall_time_s
     assert frozen > 0 and budget.usage.wall_time_s == frozen
@@ -387,48 +397,86 @@ def test_cost_cap_needs_a_cost_model() -> None:
 # -------------------------------------------------------------------------------------------------------------
 # cost model
 # -------------------------------------------------------------------------------------------------------------
-def test_cost_model_presets_and_hand_computed_estimates() -> None:
+def simulate(model: CostModel, prompt: int, lengths: list[int]) -> tuple[float, float, float]:
+    """Compute by walking the decode token by token: the ground truth the closed forms of `CostModel` must match.
+
+    Prefill costs one forward pass (2 x parameters FLOPs) per prompt token, once for all samples; producing a
+    sample's token k (0-based) costs one forward pass and reads the KV cache of the prompt and the k tokens before.
+    """
+    flops = 2.0 * model.parameters * prompt
+    kv = 0.0
+    for length in lengths:
+        for k in range(length):
+            flops += 2.0 * model.parameters
+            kv += model.kv_bytes_per_token * (prompt + k)
+    return flops, kv, flops + model.memory_weight * kv
+
+
+def most_tokens_within(model: CostModel, cost: float, n: int = 1, prompt: int = 0) -> int:
+    """The largest T whose decode (n samples of T tokens after ``prompt``) costs at most ``cost``, by search."""
+    t = 0
+    while True:
+        _, _, full = simulate(model, prompt, [t + 1] * n)
+        if full - 2.0 * model.parameters * prompt > cost:
+            return t
+        t += 1
+
+
+def test_cost_model_presets() -> None:
+    # SmolLM2-135M: 30 layers, 3 KV heads of dimension 64, bf16 K and V
     smol = CostModel.preset("smollm2-135m-instruct")
-    assert smol.kv_bytes_per_token == 2 * 30 * 3 * 64 * 2 == 23_040
+    assert smol.kv_bytes_per_token == 23_040 and smol.parameters == 135e6
     assert smol.memory_weight == DEFAULT_MEMORY_WEIGHT
+    # Qwen2.5-0.5B: 24 layers, 2 KV heads of dimension 64
     qwen = CostModel.preset("qwen2.5-coder-0.5b-instruct")
-    assert qwen.kv_bytes_per_token == 2 * 24 * 2 * 64 * 2 == 12_288 and qwen.parameters == 494e6
+    assert qwen.kv_bytes_per_token == 12_288 and qwen.parameters == 494e6
     assert CostModel.find("/models/Qwen2.5-Coder-0.5B-Instruct") == qwen
-
-    # one sample: P = 10, T = 3 -> token k reads 10 + k - 1 positions: 10 + 11 + 12 = 33
-    est = smol.estimate(10, 3)
-    assert est.flops == 2 * 135e6 * (10 + 3)
-    assert est.kv_bytes == 23_040 * 33
-    assert est.cost == est.flops + 300 * 23_040 * 33
-    # two samples sharing the prompt: prompt FLOPs once, each sample reads the shared prompt KV + its own tokens
-    est2 = smol.estimate(10, [2, 3])
-    assert est2.flops == 2 * 135e6 * (10 + 5)
-    assert est2.kv_bytes == 23_040 * ((10 + 11) + (10 + 11 + 12))
-
-    tiny = CostModel(parameters=1, kv_bytes_per_token=1, memory_weight=1)
-    # T tokens after P=0: flops 2T, kv T(T-1)/2: T=4 -> 8 + 6 = 14, T=5 -> 10 + 10 = 20
-    assert tiny.max_tokens_within(19) == 4 and tiny.max_tokens_within(20) == 5
-    assert tiny.max_tokens_within(40, n=2) == 5
-    assert tiny.max_tokens_within(0) == 0
-    no_memory = CostModel(parameters=1, kv_bytes_per_token=1, memory_weight=0)
-    assert no_memory.max_tokens_within(9) == 4
+    assert CostModel.find("gpt-unknown") is None
 
 
-async def test_streamed_cost_charges_equal_the_whole_call_estimate() -> None:
+@settings(max_examples=200, deadline=None)
+@given(
+    parameters=st.integers(1, 10**6),
+    kv_bytes=st.integers(1, 10**4),
+    weight=st.sampled_from([0.0, 0.5, 1.0, 300.0]),
+    prompt=st.integers(0, 300),
+    lengths=st.lists(st.integers(0, 40), min_size=1, max_size=4),
+)
+def test_cost_estimates_match_a_token_by_token_simulation(
+    parameters: int, kv_bytes: int, weight: float, prompt: int, lengths: list[int]
+) -> None:
+    model = CostModel(parameters=parameters, kv_bytes_per_token=kv_bytes, memory_weight=weight)
+    est = model.estimate(prompt, lengths if len(lengths) > 1 else lengths[0])
+    flops, kv, cost = simulate(model, prompt, lengths)
+    assert est.flops == pytest.approx(flops) and est.kv_bytes == pytest.approx(kv)
+    assert est.cost == pytest.approx(cost)
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    kv_bytes=st.integers(1, 50),
+    weight=st.sampled_from([0.0, 0.5, 1.0, 3.0]),
+    budget=st.integers(0, 5000),
+    n=st.integers(1, 4),
+    prompt=st.integers(0, 50),
+)
+def test_max_tokens_within_is_the_largest_affordable_length(
+    kv_bytes: int, weight: float, budget: int, n: int, prompt: int
+) -> None:
+    model = CostModel(parameters=1, kv_bytes_per_token=kv_bytes, memory_weight=weight)
+    assert model.max_tokens_within(budget, n, prompt) == most_tokens_within(model, budget, n, prompt)
+
+
+async def test_streamed_cost_charges_equal_the_whole_call_cost() -> None:
     model = CostModel.for_model(1000, 2, 1, 4, memory_weight=0.5)
     engine = ScriptedEngine([ScriptedResponse(["a b c d", "a b"])])
     budget = Budget(cost_model=model)
     await budget.bind(engine).generate(req("one two three", n=2))
-    expected = model.estimate(3, [4, 2])
     u = budget.usage
-    assert (u.estimated_flops, u.estimated_kv_bytes, u.estimated_cost) == (
-        expected.flops,
-        expected.kv_bytes,
-        expected.cost,
-    )
+    assert (u.estimated_flops, u.estimated_kv_bytes, u.estimated_cost) == pytest.approx(simulate(model, 3, [4, 2]))
 
 
-async def test_prompt_reported_only_at_the_end_corrects_kv_traffic() -> None:
+async def test_prompt_reported_only_at_the_end_charges_the_same() -> None:
     class LatePrompt(ScriptedEngine):
         """Reports the prompt length only after the last delta, like an HTTP backend sending usage last."""
 
@@ -439,28 +487,38 @@ async def test_prompt_reported_only_at_the_end_corrects_kv_traffic() -> None:
                     yield d
             meter.prompt_tokens = inner.prompt_tokens
 
+    class LateAndOverestimated(LatePrompt):
+        """Cannot count prompts before sending them: reserves three times the real count."""
+
+        def count_prompt_tokens(self, request: GenerationRequest) -> int:
+            return 3 * super().count_prompt_tokens(request)
+
     model = CostModel(parameters=1, kv_bytes_per_token=1, memory_weight=1)
-    budget = Budget(cost_model=model)
-    await budget.bind(LatePrompt(default="a b c")).generate(req("p q r s"))
-    expected = model.estimate(4, 3)
-    assert budget.usage.prompt_tokens == 4
-    assert budget.usage.estimated_kv_bytes == expected.kv_bytes and budget.usage.estimated_cost == expected.cost
+    for engine in (LatePrompt(default="a b c"), LateAndOverestimated(default="a b c")):
+        budget = Budget(cost_model=model)
+        await budget.bind(engine).generate(req("p q r s"))
+        assert budget.usage.prompt_tokens == 4
+        _, kv, cost = simulate(model, 4, [3])
+        assert budget.usage.estimated_kv_bytes == kv and budget.usage.estimated_cost == cost
+        assert budget.remaining() == Remaining(None, None, None, None, None)
 
 
-async def test_cost_cap_clips_and_stops_generation() -> None:
+async def test_cost_cap_clips_each_call_to_what_it_can_pay_and_refuses_an_unpayable_prompt() -> None:
     model = CostModel(parameters=1, kv_bytes_per_token=1, memory_weight=1)
     engine = ScriptedEngine(default=WORDS)
     budget = Budget(max_cost=100, cost_model=model)
     bound = budget.bind(engine)
-    await bound.generate(req("p", max_tokens=100))
-    # with P unknown at admission the clip uses a lower-bound cost: 2T + T(T-1)/2 <= 100
-    assert engine.calls[0].max_tokens == model.max_tokens_within(100) == 12  # 2*12 + 66 = 90; 13 -> 104
-    # with P = 1 the 12th (last) token crosses the cap: 2 + 24 + 78 = 104; that call is complete, so delivered
-    assert budget.usage.estimated_cost == 104
-    assert budget.exhausted_cap == "max_cost"
+    spent, prompt_cost = 0.0, simulate(model, 1, [])[2]
+    while spent + prompt_cost < 100:  # the prompt plus at least one token may fit
+        await bound.generate(req("p", max_tokens=100))
+        affordable = most_tokens_within(model, 100 - spent - prompt_cost, 1, 1)
+        assert engine.calls[-1].max_tokens == max(1, affordable)
+        spent += simulate(model, 1, [engine.calls[-1].max_tokens])[2]
+        assert budget.usage.estimated_cost == spent
     with pytest.raises(BudgetExhausted) as info:
-        await bound.generate(req())
-    assert info.value.cap == "max_cost"
+        await bound.generate(req("p", max_tokens=100))
+    assert info.value.cap == "max_cost" and "prompt costs" in str(info.value)
+    assert budget.usage.estimated_cost <= 100 and budget.usage.aborted_tokens == 0
 
 
 # -------------------------------------------------------------------------------------------------------------
@@ -546,22 +604,25 @@ COST = CostModel(parameters=1, kv_bytes_per_token=1, memory_weight=1)  # small i
 PROMPT_TOKENS = 2  # every prompt below is two pseudo-tokens
 
 
-def _token_cap_reached(budget: Budget) -> str | None:
-    """Which token or cost cap of ``budget`` or an ancestor is reached right now (None if none)."""
-    chain = []
-    b: Budget | None = budget
-    while b is not None:
-        chain.append(b)
-        b = b.parent
-    for b in chain:
-        u = b.usage
-        if b.max_completion_tokens is not None and u.completion_tokens >= b.max_completion_tokens:
-            return f"{b.path}:max_completion_tokens"
-        if b.max_tokens is not None and u.total_tokens >= b.max_tokens:
-            return f"{b.path}:max_tokens"
-        if b.max_cost is not None and u.estimated_cost >= b.max_cost:
-            return f"{b.path}:max_cost"
-    return None
+@dataclass
+class Truth:
+    """What the engines have done, counted engine-side: the ground truth the budgets' figures are checked against."""
+
+    produced: Produced
+    entered: dict[str, GenerationRequest] = field(default_factory=dict)  # prompt -> the request the engine got
+
+    def spent(self, prompts: set[str]) -> tuple[int, int, float]:
+        """(completion tokens, total tokens, cost) the engines spent so far on the calls of ``prompts``."""
+        completion, total, cost = 0, 0, 0.0
+        for prompt, request in self.entered.items():
+            if prompt not in prompts:
+                continue
+            per_sample = self.produced.tokens.get(id(request), {})
+            done = sum(per_sample.values())
+            completion += done
+            total += done + PROMPT_TOKENS
+            cost += COST.estimate(PROMPT_TOKENS, [per_sample.get(k, 0) for k in range(request.n)]).cost
+        return completion, total, cost
 
 
 async def _run_scenario(sc: dict[str, object]) -> None:
@@ -583,11 +644,25 @@ async def _run_scenario(sc: dict[str, object]) -> None:
         assert request.prompt is not None
         return ScriptedResponse([words(k) for k in plans[request.prompt].lengths])
 
-    def capped(request: GenerationRequest) -> str | None:
-        assert request.prompt is not None
-        return _token_cap_reached(budget_of_prompt[request.prompt])
+    truth = Truth(Produced())
+    prompts_under: dict[int, set[str]] = {id(b): set() for b in [root, *budgets]}
 
-    produced = Produced()
+    def capped(request: GenerationRequest) -> str | None:
+        """A token or cost cap of the call's budget or its parent that the engines' own tallies have reached."""
+        assert request.prompt is not None
+        truth.entered[request.prompt] = request
+        own = budget_of_prompt[request.prompt]
+        for b, caps_of_b in ((own, {"max_completion_tokens": own.max_completion_tokens}), (root, caps)):
+            completion, total, cost = truth.spent(prompts_under[id(b)])
+            limits = (caps_of_b.get("max_completion_tokens"), caps_of_b.get("max_tokens"), caps_of_b.get("max_cost"))
+            for name, used, limit in zip(
+                ("completion", "total", "cost"), (completion, total, cost), limits, strict=True
+            ):
+                if limit is not None and used >= limit:
+                    return f"{b.path}:{name}"
+        return None
+
+    produced = truth.produced
     engines = [PacedEngine(reply, rng, produced, capped) for _ in range(2)]  # two engines, one budget tree
     hooks = [HookLog(e) for e in engines]
     exhausted_mid_stream: list[str] = []
@@ -600,6 +675,8 @@ async def _run_scenario(sc: dict[str, object]) -> None:
             prompt = f"t{i} r{j}"
             plans[prompt] = a
             budget_of_prompt[prompt] = budgets[i]
+            prompts_under[id(budgets[i])].add(prompt)
+            prompts_under[id(root)].add(prompt)
             request = req(prompt, n=a.n, max_tokens=a.max_tokens)
             seen = 0
             try:
@@ -656,15 +733,14 @@ async def _run_scenario(sc: dict[str, object]) -> None:
             per_sample = produced.tokens.get(id(r), {})
             cost += COST.estimate(x.prompt_tokens, [per_sample.get(k, 0) for k in range(r.n)]).cost
         assert u.estimated_cost == cost
-        # the documented guarantee (deltas carry one token: d = 1)
-        late_prompts = sum(1 for _, x in mine if x.aborted and x.completion_tokens == 0 and x.prompt_tokens)
+        # the documented guarantee: one-token deltas (d = 1) and prompts counted exactly before the call (e = 0)
         if budget.max_completion_tokens is not None:
             assert u.completion_tokens <= budget.max_completion_tokens
         if budget.max_tokens is not None:
-            assert u.total_tokens <= budget.max_tokens + PROMPT_TOKENS * (1 + late_prompts)
+            assert u.total_tokens <= budget.max_tokens
         if budget.max_cost is not None:
-            step = COST.prompt_flops(PROMPT_TOKENS) + COST.cost(COST.decode_flops(1), PROMPT_TOKENS + 25)
-            assert u.estimated_cost <= budget.max_cost + step + COST.prompt_flops(PROMPT_TOKENS) * late_prompts
+            costliest_token = 2 * COST.parameters + COST.memory_weight * COST.kv_bytes_per_token * (PROMPT_TOKENS + 24)
+            assert u.estimated_cost <= budget.max_cost + costliest_token
         if budget.max_calls is not None:
             assert u.calls <= budget.max_calls
         assert u.calls >= len(mine)  # admitted calls; the engine never saw the refused ones
@@ -681,3 +757,119 @@ async def _run_scenario(sc: dict[str, object]) -> None:
 @given(scenarios())
 def test_property_caps_hold_and_everything_is_counted_and_aborted(sc: dict[str, object]) -> None:
     asyncio.run(_run_scenario(sc))
+
+
+# -------------------------------------------------------------------------------------------------------------
+# prompt reservations: the total-token bound does not grow with the calls in flight (issue 12 #13)
+# -------------------------------------------------------------------------------------------------------------
+class BranchEngine(FunctionEngine):
+    """An engine for many concurrent branches: deltas of ``chunk`` tokens, the prompt length reported when the
+    call starts (like vLLM), with its first delta, or only at the end (like an HTTP backend), a chosen error in
+    its prompt estimate, and random interleaving. Records each call's real prompt length and its estimate."""
+
+    def __init__(
+        self,
+        fn: Callable[[GenerationRequest], str],
+        *,
+        rng: random.Random,
+        chunk: int = 1,
+        prompt_at: str = "first",
+        estimate: Callable[[int], int] = lambda real: real,
+        token_delay: float = 0.0,
+    ) -> None:
+        super().__init__(fn, token_delay=token_delay)
+        self.rng, self.chunk, self.prompt_at, self.estimate = rng, chunk, prompt_at, estimate
+        self.estimates: dict[str, tuple[int, int]] = {}  # prompt -> (real, estimated)
+
+    def count_prompt_tokens(self, request: GenerationRequest) -> int:
+        real = super().count_prompt_tokens(request)
+        estimated = self.estimate(real)
+        self.estimates[request.prompt or ""] = (real, estimated)
+        return estimated
+
+    async def _stream(self, request: GenerationRequest, meter: CallMeter) -> AsyncGenerator[Delta, None]:
+        inner = meter if self.prompt_at == "start" else CallMeter()
+        pending: dict[int, list[Delta]] = {}
+        async with contextlib.aclosing(super()._stream(request, inner)) as deltas:
+            async for d in deltas:
+                if self.prompt_at == "first":
+                    meter.prompt_tokens = inner.prompt_tokens
+                held = pending.setdefault(d.index, [])
+                held.append(d)
+                if sum(len(x.token_ids) for x in held) < self.chunk and d.finish_reason is None:
+                    continue
+                del pending[d.index]
+                for _ in range(self.rng.randint(0, 3)):
+                    await asyncio.sleep(0)  # interleave with the other branches
+                yield Delta(
+                    index=d.index,
+                    text="".join(x.text for x in held),
+                    token_ids=tuple(t for x in held for t in x.token_ids),
+                    finish_reason=d.finish_reason,
+                )
+        meter.prompt_tokens = inner.prompt_tokens
+
+
+async def test_64_runs_sharing_a_budget_stay_within_it_although_their_prompts_alone_exceed_it() -> None:
+    # 64 runs of 18-token prompts (1,152 prompt tokens in all) under max_tokens=1000. The backend counts each prompt
+    # when its call starts, before the first token: without reservations, the prompts of calls still waiting for
+    # their first token when the cap was reached were charged after it, and usage ended far above 1000.
+    prompt = " ".join(["word"] * 18)
+    engine = BranchEngine(lambda r: words(60), rng=random.Random(0), prompt_at="start", token_delay=0.002)
+    budget = Budget(max_tokens=1000)
+    bound = budget.bind(engine)
+
+    async def run(i: int) -> str:
+        try:
+            await bound.generate(GenerationRequest(prompt=prompt, n=2, max_tokens=40, seed=i))
+        except BudgetExhausted as err:
+            return err.cap
+        return "finished"
+
+    outcomes = await gather_list(*(run(i) for i in range(64)))
+    assert budget.usage.total_tokens <= 1000
+    assert budget.usage.prompt_tokens == 18 * len(engine.calls)  # every admitted prompt was charged
+    assert "max_tokens" in outcomes
+    assert engine.active == 0 and budget.in_flight == 0 and only_current_task()
+
+
+@settings(deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    branches=st.integers(8, 64),
+    max_tokens=st.integers(20, 3000),
+    chunk=st.integers(1, 4),
+    prompt_at=st.sampled_from(["start", "first", "end"]),
+    error=st.sampled_from(["exact", "over", "under"]),
+    seed=st.integers(0, 2**16),
+)
+def test_property_overshoot_with_many_branches_in_flight_stays_within_the_bound(
+    branches: int, max_tokens: int, chunk: int, prompt_at: str, error: str, seed: int
+) -> None:
+    """usage.total_tokens <= max_tokens + d - 1 + e whatever the number of calls in flight (see branchwise.budget):
+    d is the largest delta, e the prompt tokens the engine's estimates missed (0 unless it under-estimates)."""
+    rng = random.Random(seed)
+    estimate = {"exact": lambda p: p, "over": lambda p: 2 * p + 3, "under": lambda p: max(0, p - 3)}[error]
+    lengths = {f"b{i}": rng.randint(0, 60) for i in range(branches)}
+    engine = BranchEngine(
+        lambda r: words(lengths[(r.prompt or "").split()[0]]), rng=rng, chunk=chunk, prompt_at=prompt_at,
+        estimate=estimate,
+    )  # fmt: skip
+    budget = Budget(max_tokens=max_tokens)
+
+    async def branch(i: int) -> None:
+        prompt = f"b{i} " + " ".join(["w"] * rng.randint(0, 30))
+        with contextlib.suppress(BudgetExhausted):
+            async with contextlib.aclosing(budget.bind(engine).stream(req(prompt, n=rng.randint(1, 3)))) as deltas:
+                async for _ in deltas:
+                    pass
+
+    async def run_all() -> None:
+        async with asyncio.TaskGroup() as tg:
+            for i in range(branches):
+                tg.create_task(branch(i))
+        assert engine.active == 0 and budget.in_flight == 0
+
+    asyncio.run(run_all())
+    missed = sum(max(0, real - estimated) for real, estimated in engine.estimates.values())
+    assert budget.usage.total_tokens <= max_tokens + chunk - 1 + missed
+    assert budget.remaining().tokens == max(0, max_tokens - budget.usage.total_tokens)  # no reservation left over

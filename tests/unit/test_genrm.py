@@ -105,17 +105,17 @@ async def test_budget_is_charged_and_exhaustion_is_marked() -> None:
 
 async def test_budget_cut_mid_stream_scores_finished_rationales() -> None:
     long = " ".join(["hmm"] * 200) + " Verdict: No"
-    # token_delay simulates decoding time, so the consumer reads each delta before the next one exists (the
-    # budget drops deltas still buffered when it aborts a call).
-    engine = ScriptedEngine([ScriptedResponse(["Fine. Verdict: Yes", long])], token_delay=0.001)
-    budget = Budget(max_tokens=60)  # the 48-token prompt is charged at the first delta; the long rationale crosses
-    verifier = GenerativeVerifier(engine, k=2, max_tokens=200, budget=budget)
+    # token_delay simulates decoding time: the short rationale ends after a few ms, the long one would take 0.4 s
+    engine = ScriptedEngine([ScriptedResponse(["Fine. Verdict: Yes", long], token_delay=0.002)])
+    budget = Budget(wall_clock_s=0.15)  # the deadline falls inside the long rationale's stream
+    verifier = GenerativeVerifier(engine, k=2, max_tokens=300, budget=budget)
     result = await verifier.score(Q, "The answer is 42.")
     assert result.budget_exhausted
     assert result.finish_reasons == ("stop", "abort")
     assert result.verdicts == (True, None)
     assert result.score == 1.0  # over the one rationale that finished
     assert result.unparsed == 0
+    assert budget.usage.aborted_tokens > 0  # cut inside the stream, not refused
 
 
 def test_validation() -> None:

@@ -99,8 +99,8 @@ async def test_refine_budget_refusal_returns_best_so_far() -> None:
 
 async def test_refine_budget_cut_mid_stream_keeps_previous_answer() -> None:
     long = " ".join(["step"] * 300) + " The answer is 7."
-    engine = ScriptedEngine(["The answer is 42.", long])
-    budget = Budget(max_tokens=120)  # the refinement's prompt is charged at its first delta and crosses the cap
+    engine = ScriptedEngine(["The answer is 42.", ScriptedResponse(long, token_delay=0.005)])  # 1.5 s to decode
+    budget = Budget(wall_clock_s=0.3)  # the deadline falls inside the refinement's stream
     result = await Refine(rounds=3).run(Q, ctx_for(engine, budget=budget, max_tokens=400))
     assert result.budget_exhausted
     assert result.answer == "42"
@@ -239,11 +239,11 @@ async def test_pdr_budget_cut_mid_round_returns_best_so_far() -> None:
         if "attempted solutions" in prompt:
             return "SUMMARY most say 42"
         if "Notes distilled" in prompt:
-            return ScriptedResponse(["The answer is 7.", long])
+            return ScriptedResponse([long, long], token_delay=0.01)  # 1 s to decode; round 1 takes no time
         return DRAFTS
 
     engine = FunctionEngine(reply)
-    budget = Budget(max_tokens=200)
+    budget = Budget(wall_clock_s=0.3)  # the deadline falls inside round 2's stream
     result = await PDR(m=(4, 2)).run(Q, ctx_for(engine, budget=budget, max_tokens=200))
     assert result.budget_exhausted
     assert budget.usage.aborted_tokens > 0  # round 2 was cut inside the engine
