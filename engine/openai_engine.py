@@ -15,7 +15,8 @@ against a shared server:
   request to the response head, ``idle_timeout_s`` (30 s) for any gap without a byte while the server is
   expected to send, the wait for the first token included. A server that accepts and never answers costs
   10 s per attempt; with a second base URL the call goes on there at once. A server queueing requests longer
-  than ``idle_timeout_s`` before their first token needs a larger value;
+  than ``idle_timeout_s`` before their first token needs a larger value, or SSE keep-alive comments (any byte
+  counts as a sign of life; ``vllm serve --sse-keep-alive-interval 10`` sends them while a request waits);
 - a hard limit on the whole call (queueing for a slot, every attempt, backoff and streaming included):
   ``request_timeout_s`` (600 s), raising `EngineTimeout`;
 - a client-side rate limit (asyncio-throttle) and a cap on concurrent requests;

@@ -120,6 +120,12 @@ FAULTS: list[tuple[str, list[Behaviour], str | type[Exception], int]] = [
         1,
     ),
     ("trickle slower than the idle limit", [trickle(stream_text(["late"]), delay=IDLE * 2), FINE], "fine", 2),
+    (
+        "keep-alive comments while queued",
+        [trickle([": keep-alive\n\n"] * 4 + stream_text(["fine"]), delay=IDLE / 3, bytes_per_write=4096)],
+        "fine",
+        1,
+    ),
     ("non-JSON body", [non_json()], EngineRequestError, 1),
     ("SSE without [DONE], complete", [sse(stream_text(["fine"]), done=False)], "fine", 1),
     ("SSE without [DONE], cut before a token", [sse([chat_event(0, None)], done=False), FINE], "fine", 2),
