@@ -272,7 +272,7 @@ def _event(choice: dict[str, Any]) -> bytes:
     return f"data: {json.dumps({'choices': [choice]})}\n\ndata: [DONE]\n\n".encode()
 
 
-# Outputs that once got through as wrongly typed deltas or escaped as untyped exceptions.
+# Wrongly typed fields, which must end in a request error, never in deltas of the wrong types or an untyped error.
 _BAD_TEXT = _event({"index": 0, "text": 5, "finish_reason": "stop"})
 _BAD_IDS = _event({"index": 0, "text": "ab", "token_ids": "ab", "finish_reason": "stop"})
 _HUGE_LOGPROB = (

@@ -103,7 +103,7 @@ async def test_memory_hog_hits_the_memory_limit() -> None:
     ],
 )
 async def test_code_killing_its_own_interpreter_is_reported_as_that_signal(code: str, name: str) -> None:
-    """A signal the code sent itself is no limit: never "memory" (SIGKILL used to be read as the memory limit)."""
+    """A signal the code sent itself is no limit: reported as that signal, never as "memory"."""
     result = await run_python(code, FAST, check=False)
     assert result.violation is None and result.returncode < 0
     assert result.detail.startswith(f"killed by signal {name}")
