@@ -224,10 +224,12 @@ _EVENT_FIELDS: dict[str, dict[str, tuple[type, ...]]] = {
                 "budget_exhausted": (bool,), "seconds": _NUMBER},
     "strategy_start": {"strategy": (str,), "params": (dict,)},
     "strategy_end": {"strategy": (str,), "answer": (str,), "votes": (dict,), "pruned": (int,),
-                     "budget_exhausted": (bool,), "usage": (dict,), "decisions": (list,), "traces": (list,)},
-    "trace_start": {"parent": (int,), "kind": (str,)},
-    "trace_end": {"kind": (str,), "status": (str,), "tokens": (int,), "answer": (str,), "scores": (dict,),
-                  "finish_reason": (str,), "rule": (str,), "detail": (str,), "seconds": _NUMBER},
+                     "budget_exhausted": (bool,), "usage": (dict,), "decisions": (list,), "tree": (int,),
+                     "traces": (list,)},
+    "trace_start": {"tree": (int,), "trace": (int,), "parent": (int,), "kind": (str,)},
+    "trace_end": {"tree": (int,), "trace": (int,), "kind": (str,), "status": (str,), "tokens": (int,),
+                  "answer": (str,), "scores": (dict,), "finish_reason": (str,), "rule": (str,), "detail": (str,),
+                  "seconds": _NUMBER},
     "engine_call": {"role": (str,), "model": (str,), "backend": (str,), "n": (int,), "max_tokens": (int,),
                     "temperature": _NUMBER, "prompt_tokens": (int,), "completion_tokens": (int,),
                     "latency_s": _NUMBER, "ttft_s": _NUMBER, "aborted": (bool,), "error": (str,)},
@@ -239,6 +241,11 @@ _EVENT_FIELDS: dict[str, dict[str, tuple[type, ...]]] = {
 """The documented fields of each event kind and their JSON types (null is allowed for every field; other
 fields and kinds are accepted, for newer writers)."""
 _NUMERIC_MAPS = ("usage", "remaining", "scores", "votes")
+_TRACE_RECORD_FIELDS: dict[str, tuple[type, ...]] = {
+    "trace": (int,), "parent": (int,), "kind": (str,), "status": (str,), "tokens": (int,), "answer": (str,),
+    "scores": (dict,), "rule": (str,), "detail": (str,),
+}  # fmt: skip
+"""The fields of each trace in a ``strategy_end`` event's ``traces``."""
 
 
 def _decode(raw: bytes, source: str, number: int) -> Any:
@@ -297,6 +304,18 @@ def _event(record: Any, source: str, number: int) -> Event:
     if not isinstance(data, dict):
         raise TraceFormatError(source, f"'data' must be an object, got {_json_type(data)}", line=number)
     _check_fields(data, _EVENT_FIELDS.get(kind, {}), f"{kind} event", source, number)
+    _check_numbers(data, kind, source, number)
+    if kind == "strategy_end":
+        for i, node in enumerate(data.get("traces") or []):
+            if not isinstance(node, dict):
+                raise TraceFormatError(source, f"strategy_end event: traces[{i}] must be an object", line=number)
+            _check_fields(node, _TRACE_RECORD_FIELDS, f"strategy_end event: traces[{i}]", source, number)
+            _check_numbers(node, kind, source, number)
+    return Event(seq, float(t), kind, data)
+
+
+def _check_numbers(data: Mapping[str, Any], kind: str, source: str, number: int) -> None:
+    """The values of the mappings of numbers (usage, remaining, scores, votes; run_start's budget caps)."""
     for name in (*_NUMERIC_MAPS, "budget") if kind == "run_start" else _NUMERIC_MAPS:
         inner = data.get(name)
         if isinstance(inner, dict):
@@ -304,7 +323,6 @@ def _event(record: Any, source: str, number: int) -> Event:
                 if value is not None and (isinstance(value, bool) or not isinstance(value, _NUMBER)):
                     message = f"{kind} event: '{name}.{key}' must be a number, got {_json_type(value)}"
                     raise TraceFormatError(source, message, line=number)
-    return Event(seq, float(t), kind, data)
 
 
 def _check_fields(

@@ -138,6 +138,12 @@ HEADER = json.dumps({"format": TRACE_FORMAT, "version": 1, "run_id": "r", "query
             "NaN is not a JSON number",
         ),
         (HEADER.encode() + b"\n" + b"[" * 100_000 + b"\n", 2, "not a JSON record"),
+        (HEADER.encode() + b'\n{"seq": 0, "t": 0, "kind": "trace_end", "data": {"tree": []}}\n', 2, "'tree' must be"),
+        (
+            HEADER.encode() + b'\n{"seq": 0, "t": 0, "kind": "strategy_end", "data": {"traces": [{"scores": []}]}}\n',
+            2,
+            "traces[0]: 'scores' must be an object",
+        ),
         (
             json.dumps({"format": TRACE_FORMAT, "version": True}).encode() + b"\n",
             1,
@@ -157,6 +163,8 @@ HEADER = json.dumps({"format": TRACE_FORMAT, "version": 1, "run_id": "r", "query
         "tokens",
         "nan",
         "deep",
+        "tree-id",
+        "strategy-traces",
         "version-bool",
         "query-type",
     ],
