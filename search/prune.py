@@ -32,7 +32,7 @@ PRUNE_RULE = "redundant_with_trace"
         "interval": MAX_TOKENS,
         "min_tokens": MAX_TOKENS,
         "keep_per_cluster": MAX_WIDTH,
-        "max_traces": MAX_SAMPLES,
+        "max_traces": 2 * MAX_SAMPLES,
     },
     sources={"judge": Component("redundancy_judge")},
     fan_out=lambda s: s.n,

@@ -162,3 +162,9 @@ def test_every_registered_strategy_declares_a_usable_schema_and_bounds() -> None
                 assert isinstance(param.source, (Component, NestedStrategy))
         assert info.fan_out is not None, f"{name} declares no fan-out"
         assert info.fan_out(info.cls()) >= 1
+        largest = {k: p.maximum for k, p in info.params.items() if p.maximum is not None and p.annotation is int}
+        try:
+            at_the_bounds = info.cls(**largest)
+        except ConfigError:
+            continue  # the counts constrain each other (adaptive's probe below its stages)
+        info.check_bounds(at_the_bounds)  # what the constructor derives from them stays within bounds too
