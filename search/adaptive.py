@@ -61,7 +61,9 @@ class Adaptive(Strategy):
         votes: dict[str, float] = {}
         drawn = 0
         for stage, total in enumerate((self.probe, *self.stages)):
-            traces, exhausted = await sample(ctx, problem, tree, n=total - drawn, kind=f"stage{stage}")
+            traces, exhausted = await sample(
+                ctx, problem, tree, n=total - drawn, kind=f"stage{stage}", decisions=decisions
+            )
             drawn = total
             candidates.extend(candidates_of(traces))
             votes = await cluster_votes([(c.answer, 1.0) for c in candidates if c.answer is not None], ctx.grader)

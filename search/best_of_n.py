@@ -60,7 +60,8 @@ class BestOfN(Strategy):
         tree = TraceTree()
         by_confidence = self.scorer == "confidence"
         extra: dict[str, Any] = {"logprobs": 5} if by_confidence else {}
-        traces, exhausted = await sample(ctx, problem, tree, n=self.n, **extra)
+        decisions: list[dict[str, Any]] = []
+        traces, exhausted = await sample(ctx, problem, tree, n=self.n, decisions=decisions, **extra)
         candidates = candidates_of(traces, confidence=self.confidence if by_confidence else None, window=self.window)
         if by_confidence:
             scored = [replace(c, score=c.confidence) for c in candidates]
@@ -78,4 +79,4 @@ class BestOfN(Strategy):
         for c in ranked:  # an answer's vote is its best score
             assert c.answer is not None and c.score is not None
             votes[c.answer] = max(votes.get(c.answer, c.score), c.score)
-        return Result(self.name, answer, scored, votes, tree, ctx.usage(), budget_exhausted=exhausted)
+        return Result(self.name, answer, scored, votes, tree, ctx.usage(), exhausted, decisions)

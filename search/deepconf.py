@@ -15,12 +15,20 @@ import asyncio
 import math
 from typing import Any, Literal
 
-from ..engine.types import Delta
-from ..errors import ConfigError
+from ..engine.types import Delta, GenerationRequest
+from ..errors import ConfigError, EngineError
 from ..verifiers.confidence import ConfidenceMetric, ConfidenceTracker
 from .base import Candidate, Result, SearchContext, Strategy, TraceTree
 from .registry import MAX_CONCURRENCY, MAX_SAMPLES, MAX_TOKENS, MAX_TOP_LOGPROBS, register_strategy
-from .sampling import SampledTrace, candidates_of, cluster_votes, pick_answer, sample, stream_trace
+from .sampling import (
+    SampledTrace,
+    candidates_of,
+    cluster_votes,
+    enough_branches,
+    pick_answer,
+    sample,
+    stream_trace,
+)
 
 __all__ = ["DeepConf"]
 
@@ -91,72 +99,110 @@ class DeepConf(Strategy):
     # -- offline ----------------------------------------------------------------------------------------------
     async def _offline(self, problem: str, ctx: SearchContext) -> Result:
         tree = TraceTree()
-        traces, exhausted = await sample(ctx, problem, tree, n=self.n, logprobs=self.top_logprobs)
+        decisions: list[dict[str, Any]] = []
+        traces, exhausted = await sample(ctx, problem, tree, n=self.n, decisions=decisions, logprobs=self.top_logprobs)
         candidates = candidates_of(traces, confidence=self.metric, window=self.window)
         kept, threshold = _filter(candidates, self.keep)
         votes = await _vote(kept, ctx)
-        decisions = [{"event": "offline_filter", "threshold": threshold, "kept": len(kept), "of": len(candidates)}]
+        decisions.append({"event": "offline_filter", "threshold": threshold, "kept": len(kept), "of": len(candidates)})
         return Result(self.name, pick_answer(votes), candidates, votes, tree, ctx.usage(), exhausted, decisions)
 
     # -- online -----------------------------------------------------------------------------------------------
     async def _online(self, problem: str, ctx: SearchContext) -> Result:
         tree = TraceTree()
-        warm, exhausted = await sample(ctx, problem, tree, n=self.warmup, kind="warmup", logprobs=self.top_logprobs)
+        decisions: list[dict[str, Any]] = []
+        warm, exhausted = await sample(
+            ctx, problem, tree, n=self.warmup, kind="warmup", decisions=decisions, logprobs=self.top_logprobs
+        )
         candidates = candidates_of(warm, confidence=self.metric, window=self.window)
         confidences = [c.confidence for c in candidates if c.confidence is not None]
         threshold = _quantile(confidences, 1 - self.keep) if confidences else None
-        decisions: list[dict[str, Any]] = [
-            {"event": "threshold", "value": threshold, "from_warmup": len(confidences), "keep": self.keep}
-        ]
+        decisions.append({"event": "threshold", "value": threshold, "from_warmup": len(confidences), "keep": self.keep})
         remaining = self.n - self.warmup
-        if exhausted or remaining == 0 or threshold is None:
-            votes = await _vote(candidates, ctx)
-            return Result(self.name, pick_answer(votes), candidates, votes, tree, ctx.usage(), exhausted, decisions)
-
-        request = ctx.request(problem, n=1, logprobs=self.top_logprobs)
-        halted: list[str] = []  # why no more traces start: "consensus" (in-flight ones stop too) or "budget"
-        gate = asyncio.Semaphore(self.concurrency)
-        cutoff: float = threshold
-
-        def check(trace: SampledTrace, delta: Delta) -> str | None:
-            if halted and halted[0] == "consensus":
-                return "deepconf_consensus_reached"
-            tracker: ConfidenceTracker = trackers[trace.node.id]
-            tracker.update(delta.logprobs or ())
-            current = tracker.current_group_confidence
-            if tracker.num_tokens >= self.window and current is not None and current < cutoff:
-                trace.node.scores["group_confidence_at_prune"] = current
-                return PRUNE_RULE
-            return None
-
-        trackers: dict[int, ConfidenceTracker] = {}
-
-        async def one() -> None:
-            async with gate:
-                if halted:
-                    return
-                trace = SampledTrace(tree.open("sample"))
-                trackers[trace.node.id] = ConfidenceTracker(window=self.window, tail=self.window)
-                await stream_trace(ctx, request, trace, tree, check)
-                if trace.node.status == "budget" or trace.clipped:
-                    halted.append("budget")
-                if trace.node.status == "budget":
-                    return
-                if trace.finished:
-                    candidates.extend(candidates_of([trace], confidence=self.metric, window=self.window))
-                    if self.consensus is not None and await _has_consensus(candidates, ctx, self.consensus, self.n):
-                        if not halted:
-                            decisions.append({"event": "consensus", "after_traces": len(tree)})
-                        halted.append("consensus")
-
-        async with asyncio.TaskGroup() as tg:
-            for _ in range(remaining):
-                tg.create_task(one())
-        exhausted = exhausted or "budget" in halted or any(node.status == "budget" for node in tree.nodes)
-        pruned = [node for node in tree.nodes if node.status == "pruned"]
-        decisions.append({"event": "pruned", "count": len(pruned), "tokens": sum(node.tokens for node in pruned)})
+        if not exhausted and remaining > 0 and threshold is not None:
+            phase = _Online(self, ctx, ctx.request(problem, n=1, logprobs=self.top_logprobs), tree, threshold)
+            phase.candidates, phase.decisions = candidates, decisions
+            async with asyncio.TaskGroup() as tg:
+                for _ in range(remaining):
+                    tg.create_task(phase.one())
+            if not enough_branches(len(phase.dropped), self.n):
+                raise phase.dropped[-1]
+            exhausted = exhausted or "budget" in phase.halted or any(node.status == "budget" for node in tree.nodes)
+            pruned = [node for node in tree.nodes if node.status == "pruned"]
+            decisions.append({"event": "pruned", "count": len(pruned), "tokens": sum(node.tokens for node in pruned)})
         votes = await _vote(candidates, ctx)
         return Result(self.name, pick_answer(votes), candidates, votes, tree, ctx.usage(), exhausted, decisions)
+
+
+class _Online:
+    """The streaming phase of online DeepConf: traces stopped when their group confidence drops below the cutoff."""
+
+    def __init__(
+        self, strategy: DeepConf, ctx: SearchContext, request: GenerationRequest, tree: TraceTree, cutoff: float
+    ) -> None:
+        self.s, self.ctx, self.request, self.tree, self.cutoff = strategy, ctx, request, tree, cutoff
+        self.halted: list[str] = []  # why no more traces start: "consensus" (in-flight ones stop too) or "budget"
+        self.gate = asyncio.Semaphore(strategy.concurrency)
+        self.trackers: dict[int, ConfidenceTracker] = {}
+        self.candidates: list[Candidate] = []
+        self.decisions: list[dict[str, Any]] = []
+        self.dropped: list[EngineError] = []
+
+    def check(self, trace: SampledTrace, delta: Delta) -> str | None:
+        if self.halted and self.halted[0] == "consensus":
+            return "deepconf_consensus_reached"
+        tracker = self.trackers[trace.node.id]
+        tracker.update(delta.logprobs or ())
+        current = tracker.current_group_confidence
+        if tracker.num_tokens >= self.s.window and current is not None and current < self.cutoff:
+            trace.node.scores["group_confidence_at_prune"] = current
+            return PRUNE_RULE
+        return None
+
+    async def one(self) -> None:
+        async with self.gate:
+            trace = await self.stream("sample")
+            if trace is not None and trace.node.status == "error":
+                trace = await self.stream("retry") if self.retry(trace, first=True) else None
+                if trace is not None and trace.node.status == "error":
+                    self.retry(trace, first=False)
+                    trace = None
+            if trace is None:
+                return
+            if trace.node.status == "budget" or trace.clipped:
+                self.halted.append("budget")
+            if trace.finished:
+                await self.finished(trace)
+
+    async def stream(self, kind: str) -> SampledTrace | None:
+        if self.halted:
+            return None
+        trace = SampledTrace(self.tree.open(kind))
+        self.trackers[trace.node.id] = ConfidenceTracker(window=self.s.window, tail=self.s.window)
+        return await stream_trace(self.ctx, self.request, trace, self.tree, self.check)
+
+    def retry(self, trace: SampledTrace, *, first: bool) -> bool:
+        """Record a broken stream; whether to sample that branch again (once, while the budget lasts)."""
+        assert trace.error is not None
+        budget = self.ctx.budget
+        again = first and not (budget is not None and budget.exhausted)
+        error = f"{type(trace.error).__name__}: {trace.error}"
+        self.decisions.append(
+            {"event": "engine_error", "error": error, "broken": [trace.node.id], "action": "retry" if again else "drop"}
+        )
+        if not first:
+            self.dropped.append(trace.error)
+        elif not again:
+            self.halted.append("budget")
+        return again
+
+    async def finished(self, trace: SampledTrace) -> None:
+        self.candidates.extend(candidates_of([trace], confidence=self.s.metric, window=self.s.window))
+        consensus = self.s.consensus
+        if consensus is not None and await _has_consensus(self.candidates, self.ctx, consensus, self.s.n):
+            if not self.halted:
+                self.decisions.append({"event": "consensus", "after_traces": len(self.tree)})
+            self.halted.append("consensus")
 
 
 def _quantile(values: list[float], q: float) -> float:

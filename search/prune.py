@@ -14,12 +14,12 @@ import asyncio
 import contextlib
 from typing import Any
 
-from ..engine.types import Delta
-from ..errors import ConfigError
+from ..engine.types import Delta, GenerationRequest
+from ..errors import ConfigError, EngineError
 from ..verifiers.redundancy import AnswerRedundancy, RedundancyJudge, greedy_clusters
 from .base import Result, SearchContext, Strategy, TraceTree
 from .registry import MAX_SAMPLES, MAX_TOKENS, MAX_WIDTH, Component, register_strategy
-from .sampling import SampledTrace, candidates_of, cluster_votes, pick_answer, stream_trace
+from .sampling import SampledTrace, candidates_of, cluster_votes, enough_branches, pick_answer, stream_trace
 
 __all__ = ["Prune"]
 
@@ -73,82 +73,122 @@ class Prune(Strategy):
         self.max_traces = max_traces if max_traces is not None else 2 * n
 
     async def run(self, problem: str, ctx: SearchContext) -> Result:
-        tree = TraceTree()
-        request = ctx.request(problem, n=1)
-        partial: dict[int, list[str]] = {}  # live trace id -> text so far
-        doomed: dict[int, int] = {}  # trace id -> the representative it duplicates
-        inherited: dict[int, int] = {}  # representative id -> extra votes from pruned duplicates
-        due = asyncio.Event()
-        decisions: list[dict[str, Any]] = []
-        finished: list[SampledTrace] = []
-        budget_cut = False
-
-        def check(trace: SampledTrace, delta: Delta) -> str | None:
-            node = trace.node
-            partial[node.id].append(delta.text)
-            if node.id in doomed:
-                node.detail = f"duplicates trace {doomed[node.id]}"
-                return PRUNE_RULE
-            if (
-                delta.token_ids
-                and node.tokens // self.interval != (node.tokens - len(delta.token_ids)) // self.interval
-            ):
-                due.set()
-            return None
-
-        async def checkpoint() -> None:
-            while True:
-                await due.wait()
-                due.clear()
-                live = [
-                    i for i, parts in partial.items() if i not in doomed and tree.nodes[i].tokens >= self.min_tokens
-                ]
-                if len(live) < 2:
-                    continue
-                clusters = await greedy_clusters(self.judge, ["".join(partial[i]) for i in live])
-                newly = {}
-                for cluster in clusters:
-                    keep, drop = cluster[: self.keep_per_cluster], cluster[self.keep_per_cluster :]
-                    for index in drop:
-                        newly[live[index]] = live[keep[0]]
-                if newly:
-                    doomed.update(newly)
-                    decisions.append({"event": "prune", "traces": sorted(newly), "live": len(live)})
-
-        async def one(kind: str) -> None:
-            nonlocal budget_cut
-            trace = SampledTrace(tree.open(kind))
-            partial[trace.node.id] = []
-            await stream_trace(ctx, request, trace, tree, check)
-            del partial[trace.node.id]
-            status = trace.node.status
-            if status == "finished":
-                finished.append(trace)
-                budget_cut = budget_cut or trace.clipped
-            elif status == "pruned":
-                rep = doomed[trace.node.id]
-                inherited[rep] = inherited.get(rep, 0) + 1 + inherited.pop(trace.node.id, 0)
-                if self.refill and len(tree) < self.max_traces and not budget_cut:
-                    workers.create_task(one("refill"))
-            else:
-                budget_cut = True
-
-        watcher = asyncio.create_task(checkpoint())
+        state = _PruneRun(self, ctx, ctx.request(problem, n=1))
+        watcher = asyncio.create_task(state.checkpoints())
         try:
             async with asyncio.TaskGroup() as workers:
+                state.workers = workers
                 for _ in range(self.n):
-                    workers.create_task(one("sample"))
+                    workers.create_task(state.one("sample"))
         finally:
             watcher.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await watcher
+        if not enough_branches(len(state.dropped), self.n):
+            raise state.dropped[-1]
+        return await state.result()
 
-        candidates = candidates_of(finished)
-        ballots = []
-        for c in candidates:
-            if c.answer is not None:
-                ballots.append((c.answer, 1.0 + inherited.get(c.trace_id, 0)))
-        votes = await cluster_votes(ballots, ctx.grader)
-        pruned = tree.pruned()
-        decisions.append({"event": "summary", "pruned": len(pruned), "pruned_tokens": sum(p.tokens for p in pruned)})
-        return Result(self.name, pick_answer(votes), candidates, votes, tree, ctx.usage(), budget_cut, decisions)
+
+class _PruneRun:
+    """The state of one `Prune.run`: live traces, the duplicates marked for pruning and the votes they pass on."""
+
+    def __init__(self, strategy: Prune, ctx: SearchContext, request: GenerationRequest) -> None:
+        self.s, self.ctx, self.request = strategy, ctx, request
+        self.tree = TraceTree()
+        self.partial: dict[int, list[str]] = {}  # live trace id -> text so far
+        self.doomed: dict[int, int] = {}  # trace id -> the representative it duplicates
+        self.inherited: dict[int, int] = {}  # representative id -> extra votes from pruned duplicates
+        self.successor: dict[int, int] = {}  # a broken trace -> the trace that replaced it
+        self.due = asyncio.Event()
+        self.decisions: list[dict[str, Any]] = []
+        self.finished: list[SampledTrace] = []
+        self.dropped: list[EngineError] = []
+        self.budget_cut = False
+        self.workers: asyncio.TaskGroup | None = None
+
+    def check(self, trace: SampledTrace, delta: Delta) -> str | None:
+        node = trace.node
+        self.partial[node.id].append(delta.text)
+        if node.id in self.doomed:
+            node.detail = f"duplicates trace {self.doomed[node.id]}"
+            return PRUNE_RULE
+        interval = self.s.interval
+        if delta.token_ids and node.tokens // interval != (node.tokens - len(delta.token_ids)) // interval:
+            self.due.set()
+        return None
+
+    async def checkpoints(self) -> None:
+        """At each due checkpoint, cluster the live traces; each cluster keeps its earliest traces."""
+        while True:
+            await self.due.wait()
+            self.due.clear()
+            nodes = self.tree.nodes
+            live = [i for i in self.partial if i not in self.doomed and nodes[i].tokens >= self.s.min_tokens]
+            if len(live) < 2:
+                continue
+            clusters = await greedy_clusters(self.s.judge, ["".join(self.partial[i]) for i in live])
+            newly = {}
+            for cluster in clusters:
+                keep, drop = cluster[: self.s.keep_per_cluster], cluster[self.s.keep_per_cluster :]
+                for index in drop:
+                    newly[live[index]] = live[keep[0]]
+            if newly:
+                self.doomed.update(newly)
+                self.decisions.append({"event": "prune", "traces": sorted(newly), "live": len(live)})
+
+    async def one(self, kind: str, replaces: int | None = None) -> None:
+        trace = SampledTrace(self.tree.open(kind))
+        if replaces is not None:
+            self.successor[replaces] = trace.node.id
+        self.partial[trace.node.id] = []
+        await stream_trace(self.ctx, self.request, trace, self.tree, self.check)
+        del self.partial[trace.node.id]
+        status = trace.node.status
+        if status == "finished":
+            self.finished.append(trace)
+            self.budget_cut = self.budget_cut or trace.clipped
+        elif status == "pruned":
+            rep = self.doomed[trace.node.id]
+            self.inherited[rep] = self.inherited.get(rep, 0) + 1 + self.inherited.pop(trace.node.id, 0)
+            if self.s.refill and len(self.tree) < self.s.max_traces and not self.budget_cut:
+                self.spawn("refill")
+        elif status == "error" and trace.error is not None:
+            self.broken(trace, trace.error, retried=replaces is not None)
+        else:
+            self.budget_cut = True
+
+    def broken(self, trace: SampledTrace, error: EngineError, *, retried: bool) -> None:
+        """A trace's stream broke: start a fresh one in its place once; a broken retry is dropped."""
+        budget = self.ctx.budget
+        again = not retried and not self.budget_cut and not (budget is not None and budget.exhausted)
+        event = {"event": "engine_error", "error": f"{type(error).__name__}: {error}", "broken": [trace.node.id]}
+        self.decisions.append({**event, "action": "retry" if again else "drop"})
+        if again:
+            self.spawn("retry", replaces=trace.node.id)
+        elif retried:
+            self.dropped.append(error)
+        else:
+            self.budget_cut = True  # no budget left to retry: the budget ended this branch
+
+    def spawn(self, kind: str, replaces: int | None = None) -> None:
+        assert self.workers is not None
+        self.workers.create_task(self.one(kind, replaces))
+
+    async def result(self) -> Result:
+        credit: dict[int, int] = {}
+        for represented, extra in self.inherited.items():
+            rep = represented
+            while rep in self.successor:  # duplicates of a broken trace vote with its replacement
+                rep = self.successor[rep]
+            credit[rep] = credit.get(rep, 0) + extra
+        candidates = candidates_of(self.finished)
+        ballots = [(c.answer, 1.0 + credit.get(c.trace_id, 0)) for c in candidates if c.answer is not None]
+        votes = await cluster_votes(ballots, self.ctx.grader)
+        pruned = self.tree.pruned()
+        self.decisions.append(
+            {"event": "summary", "pruned": len(pruned), "pruned_tokens": sum(p.tokens for p in pruned)}
+        )
+        return Result(
+            self.s.name, pick_answer(votes), candidates, votes, self.tree, self.ctx.usage(), self.budget_cut,
+            self.decisions,
+        )  # fmt: skip

@@ -61,11 +61,12 @@ class SelfConsistency(Strategy):
         tree = TraceTree()
         weighted = self.voting == "confidence"
         extra: dict[str, Any] = {"logprobs": self.top_logprobs} if weighted else {}
-        traces, exhausted = await sample(ctx, problem, tree, n=self.n, **extra)
+        decisions: list[dict[str, Any]] = []
+        traces, exhausted = await sample(ctx, problem, tree, n=self.n, decisions=decisions, **extra)
         candidates = candidates_of(traces, confidence=self.confidence if weighted else None, window=self.window)
         ballots = [(c.answer, _weight(c.confidence) if weighted else 1.0) for c in candidates if c.answer is not None]
         votes = await cluster_votes(ballots, ctx.grader)
-        return Result(self.name, pick_answer(votes), candidates, votes, tree, ctx.usage(), budget_exhausted=exhausted)
+        return Result(self.name, pick_answer(votes), candidates, votes, tree, ctx.usage(), exhausted, decisions)
 
 
 def _weight(confidence: float | None) -> float:

@@ -27,8 +27,9 @@ class Single(Strategy):
     async def run(self, problem: str, ctx: SearchContext) -> Result:
         tree = TraceTree()
         overrides: dict[str, Any] = {"temperature": 0.0} if self.greedy else {}
-        traces, exhausted = await sample(ctx, problem, tree, n=1, **overrides)
+        decisions: list[dict[str, Any]] = []
+        traces, exhausted = await sample(ctx, problem, tree, n=1, decisions=decisions, **overrides)
         candidates = candidates_of(traces)
         answer = candidates[0].answer if candidates else None
         votes = {answer: 1.0} if answer is not None else {}
-        return Result(self.name, answer, candidates, votes, tree, ctx.usage(), budget_exhausted=exhausted)
+        return Result(self.name, answer, candidates, votes, tree, ctx.usage(), exhausted, decisions)

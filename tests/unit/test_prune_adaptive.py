@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from branchwise.engine.testing import FunctionEngine, ScriptedEngine, ScriptedResponse
@@ -36,6 +38,25 @@ async def test_prune_aborts_duplicates_and_transfers_their_votes() -> None:
     assert result.answer == "42"
     assert result.votes == {"42": 4.0, "41": 2.0}  # pruned duplicates still vote through their representative
     assert result.usage.completion_tokens < 6 * 200 / 2
+
+
+async def test_prune_keeps_each_clusters_representative_and_aborts_its_duplicates() -> None:
+    texts = [_trace("42", 200, "42")] * 3 + [_trace("41", 200, "41")] * 2
+    engine = FunctionEngine(lambda req: texts[len(engine.calls) - 1], token_delay=0.0005)
+    result = await Prune(n=5, interval=8, min_tokens=8).run(Q, SearchContext(engine=engine, max_tokens=400))
+    nodes = result.trace.nodes
+    kept = [n for n in nodes if n.status == "finished"]
+    assert sorted(n.answer for n in kept) == ["41", "42"]  # one trace per line of reasoning runs to the end
+    for node in result.trace.pruned():
+        found = re.match(r"duplicates trace (\d+); aborted after \d+ tokens", node.detail or "")
+        assert found is not None, node.detail
+        rep = nodes[int(found.group(1))]
+        assert rep.status == "finished"  # the representative was kept...
+        assert rep.id < node.id  # ...it is the cluster's earliest trace, the later duplicate was aborted
+        assert texts[rep.id] == texts[node.id]
+    # each kept trace carries its own vote and those of the duplicates it represents
+    assert result.votes == {"42": 3.0, "41": 2.0}
+    assert {c.trace_id for c in result.candidates} == {n.id for n in kept}
 
 
 async def test_prune_refill_starts_new_traces() -> None:

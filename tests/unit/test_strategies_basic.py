@@ -21,6 +21,7 @@ from branchwise.search import (
     available_strategies,
     get_strategy,
 )
+from branchwise.search.sampling import pick_answer
 from branchwise.verifiers.grading import MathGrader, NumericGrader
 
 Q = "What is 6 x 7?"
@@ -182,3 +183,18 @@ def test_registry_and_validation() -> None:
         SelfConsistency(voting="loudest")  # type: ignore[arg-type]
     with pytest.raises(ConfigError):
         BestOfN(scorer="magic")  # type: ignore[arg-type]
+
+
+def test_pick_answer_gives_a_tie_to_the_answer_seen_first() -> None:
+    assert pick_answer({"41": 2.0, "42": 2.0}) == "41"
+    assert pick_answer({"42": 2.0, "41": 2.0}) == "42"
+    assert pick_answer({"7": 1.0, "8": 3.0, "9": 3.0}) == "8"
+    assert pick_answer({}) is None
+
+
+async def test_a_tied_vote_goes_to_the_first_sampled_answer() -> None:
+    for first, second in (("3", "4"), ("4", "3")):
+        engine = ScriptedEngine([ScriptedResponse([f"The answer is {first}.", f"The answer is {second}."])])
+        result = await SelfConsistency(n=2).run("Q?", SearchContext(engine=engine))
+        assert result.votes == {first: 1.0, second: 1.0}
+        assert result.answer == first
