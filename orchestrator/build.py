@@ -36,7 +36,7 @@ from .spec import PipelineSpec
 from .spec_models import EngineRole, EngineSpec, ReplySpec, RuntimeSpec, StepScorerSpec, VerifierSpec
 from .spec_strategy import Where, assemble_strategy
 
-__all__ = ["ENGINE_ROLES", "Components", "build_components", "build_engine", "build_engines", "run_budget"]
+__all__ = ["ENGINE_ROLES", "Closeable", "Components", "build_components", "build_engine", "build_engines", "run_budget"]
 
 ENGINE_ROLES: tuple[str, ...] = get_args(EngineRole)
 """Roles served by an `Engine`; ``draft`` configures the policy engine and ``embedder`` the embedding judge."""
@@ -47,7 +47,9 @@ run_budget: ContextVar[Budget | None] = ContextVar("branchwise_run_budget", defa
 VerifierScore = Callable[[str, Candidate], Awaitable[float]]
 
 
-class _Closeable(Protocol):
+class Closeable(Protocol):
+    """Something a pipeline closes with itself (a built engine, a scorer with a client)."""
+
     async def aclose(self) -> None: ...
 
 
@@ -62,7 +64,7 @@ class Components:
     verifier: VerifierScore | None = None
     planner: Planner | None = None
     tools: ToolRegistry | None = None
-    closeables: list[_Closeable] = field(default_factory=list)
+    closeables: list[Closeable] = field(default_factory=list)
 
     def by_kind(self) -> dict[str, Any]:
         """The components strategies may declare (`branchwise.search.registry.ComponentKind`), by kind."""

@@ -43,7 +43,7 @@ from ..search.registry import strategy_info
 from ..search.single import Single
 from ..verifiers.extraction import AnswerExtractor
 from ..verifiers.grading import BaseGrader
-from .build import ENGINE_ROLES, Components, build_components, build_engines, close_soon, run_budget
+from .build import ENGINE_ROLES, Closeable, Components, build_components, build_engines, close_soon, run_budget
 from .progress import LiveProgress, PlainProgress, make_progress
 from .recording import RunRecording, describe_strategy, strategy_records
 from .spec import PipelineSpec, load_spec
@@ -435,7 +435,7 @@ class Pipeline:
         if self._closed:
             return
         self._closed = True
-        owned: list[Any] = list(self._components.closeables) if self._components is not None else []
+        owned: list[Closeable] = list(self._components.closeables) if self._components is not None else []
         owned += self._built_engines
         if self.owns_engines:
             owned += [e for e in self.engines.values() if e not in owned]
