@@ -36,7 +36,16 @@ from .spec import PipelineSpec
 from .spec_models import EngineRole, EngineSpec, ReplySpec, RuntimeSpec, StepScorerSpec, VerifierSpec
 from .spec_strategy import Where, assemble_strategy
 
-__all__ = ["ENGINE_ROLES", "Closeable", "Components", "build_components", "build_engine", "build_engines", "run_budget"]
+__all__ = [
+    "ENGINE_ROLES",
+    "Closeable",
+    "Components",
+    "build_components",
+    "build_engine",
+    "build_engines",
+    "close_soon",
+    "run_budget",
+]
 
 ENGINE_ROLES: tuple[str, ...] = get_args(EngineRole)
 """Roles served by an `Engine`; ``draft`` configures the policy engine and ``embedder`` the embedding judge."""
