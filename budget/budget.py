@@ -214,6 +214,17 @@ class Budget:
             self._stopped_at = time.monotonic()
         self._disarm()
 
+    def close(self) -> None:
+        """The part of the run this child metered is over: `stop` its clock and let its parent forget it.
+
+        Its parent's `children` no longer lists it, so a long run that makes a child per item (an evaluation,
+        one per problem) does not keep them all; what it spent stays in its ancestors' usage. Idempotent.
+        """
+        self.stop()
+        parent = self.parent
+        if parent is not None and self in parent.children:
+            parent.children.remove(self)
+
     def __repr__(self) -> str:
         caps = {
             k: v

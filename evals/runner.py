@@ -482,6 +482,14 @@ class _Runner:
     async def solve_one(self, problem: Problem, config: EvalConfig, record: ConfigRecord) -> ResultRow | None:
         """Solve, grade and build the row of one problem; None when the global budget cut it short."""
         child = self.budget.child(f"{record.config_id}/{problem.id}")
+        try:
+            return await self._solve_under(child, problem, config, record)
+        finally:
+            child.close()  # its usage is in the row and in the global budget; the run need not keep it
+
+    async def _solve_under(
+        self, child: Budget, problem: Problem, config: EvalConfig, record: ConfigRecord
+    ) -> ResultRow | None:
         started_at = time.time()
         clock = time.perf_counter()
         error: str | None = None

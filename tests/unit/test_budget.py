@@ -334,6 +334,18 @@ async def test_child_budgets_charge_themselves_and_the_parent() -> None:
     assert engine.active == 0 and only_current_task()
 
 
+async def test_closing_a_child_lets_the_parent_forget_it_but_keeps_its_spending() -> None:
+    run = Budget()
+    kids = [run.child(f"p{i}") for i in range(3)]
+    for kid in kids:
+        await kid.bind(ScriptedEngine(default="a b c")).generate(req())
+    kids[1].close()
+    kids[1].close()  # idempotent
+    assert run.children == [kids[0], kids[2]]
+    assert run.usage.completion_tokens == 9 and run.usage.calls == 3
+    assert kids[1].usage.completion_tokens == 3
+
+
 async def test_rebinding_an_engine_bound_to_an_ancestor_charges_once() -> None:
     engine = ScriptedEngine(default="a b c")
     run = Budget()

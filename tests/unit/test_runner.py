@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from branchwise.budget import Budget
-from branchwise.engine.testing import FunctionEngine
+from branchwise.engine.testing import FunctionEngine, ScriptedEngine
 from branchwise.engine.types import GenerationRequest
 from branchwise.errors import ConfigError, EngineTimeout, EngineUnavailable
 from branchwise.evals.datasets import Benchmark, Problem, load_benchmark
@@ -238,3 +238,14 @@ def test_progress_outputs(bench: Benchmark, store: ResultsStore) -> None:
     third = EvalConfig("third", strategy_solver(Single(), engine, bench))
     asyncio.run(run_eval(bench, [third], store, progress=rich))
     assert "third" in out.getvalue()[len(text) :]
+
+
+def test_a_long_run_does_not_keep_a_budget_per_problem(store: ResultsStore) -> None:
+    bench = load_benchmark("arithmetic", limit=50, seed=2)
+    engine = ScriptedEngine(default="The answer is 1.")
+    budget = Budget(max_calls=1000)
+    config = EvalConfig("single", strategy_solver(Single(), engine, bench))
+    asyncio.run(run_eval(bench, [config], store, concurrency=8, budget=budget))
+    assert store.count(config_id(bench, "single", {})) == 50
+    assert budget.children == []  # each problem's budget was let go once its row was stored
+    assert budget.usage.calls == 50  # while every problem's spending stays in the run's budget
