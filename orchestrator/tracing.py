@@ -34,8 +34,12 @@ so far)::
   ``plan_error``, ``join``, ``replan``, ``agent_end``; data as given.
 - ``error``: type, message.
 
-Readers must reject another ``format`` or a newer ``version`` (`read_trace` does) and tolerate a truncated
-last line (a run killed mid-write).
+Lines are separated by ``\\n`` only (a query may hold U+2028). Text that is not valid Unicode (lone surrogates,
+from command-line bytes that were not UTF-8) is written as ``\\udcXX`` escapes and reads back unchanged.
+
+Readers must reject another ``format`` or a newer ``version`` and tolerate a truncated last line (a run killed
+mid-write). `read_trace` also checks the JSON type of every documented field (null is allowed for each; unknown
+fields and kinds are kept, for newer writers) and refuses NaN and Infinity, so a viewer can trust what it reads.
 """
 
 from __future__ import annotations
