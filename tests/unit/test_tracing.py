@@ -184,3 +184,13 @@ def test_otel_sink_spans_for_plan_nodes() -> None:
     assert spans["branchwise.run"].status.status_code.name == "ERROR"
     failed = [s for s in exporter.get_finished_spans() if s.attributes and s.attributes.get("name") == "python"]
     assert failed[0].status.status_code.name == "ERROR"
+
+
+async def test_queries_with_line_separators_and_invalid_unicode_round_trip(tmp_path: Path) -> None:
+    query = "first\u2028second\u0085third\x1c and a lone surrogate \udcff?"
+    trace = tmp_path / "t.jsonl"
+    await Pipeline(ScriptedEngine(default="The answer is 1."), trace=trace, otel=False).run(query)
+    trace.read_bytes().decode("utf-8")  # still UTF-8 on disk
+    recorded = read_trace(trace)
+    assert recorded.header["query"] == query and recorded.events[0].data["query"] == query
+    assert not recorded.truncated and recorded.run_end is not None
