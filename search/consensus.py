@@ -145,9 +145,11 @@ class Consensus(Strategy):
         for trace, parts in zip(traces, pieces, strict=True):
             if trace.finish_reason is None:
                 trace.text = trace.node.text = "".join(parts)
-                status = "pruned" if state.decided else "budget"
-                rule = "consensus_decided" if state.decided else None
-                tree.close(trace.node, status, rule=rule, detail=f"cancelled after {trace.node.tokens} tokens")
+                detail = f"cancelled after {trace.node.tokens} tokens"
+                if state.decided:
+                    tree.close(trace.node, "pruned", rule="consensus_decided", detail=detail)
+                else:
+                    tree.close(trace.node, "budget", detail=detail)
         return exhausted
 
 
