@@ -7,6 +7,7 @@ them; the last one feeds the join. `StaticPlanner` returns a fixed plan (declare
 
 from __future__ import annotations
 
+import copy
 import json
 from collections.abc import Mapping
 from pathlib import Path
@@ -195,7 +196,7 @@ class StaticPlanner(Planner):
         context: ReplanContext | None = None,
         on_node: NodeCallback | None = None,
     ) -> Plan:
-        plan = Plan(nodes=[PlanNode.from_dict(n.to_dict()) for n in self.plan_.nodes]).validate(tools)
+        plan = Plan(nodes=copy.deepcopy(self.plan_.nodes)).validate(tools)  # each run may change its own copy
         if on_node is not None:
             for node in plan.nodes:
                 on_node(node, ())

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from branchwise.budget import Budget
 from branchwise.engine.testing import FunctionEngine, ScriptedEngine, ScriptedResponse
 from branchwise.engine.types import GenerationRequest
 from branchwise.errors import ConfigError
@@ -67,3 +68,39 @@ def test_bad_parameters() -> None:
     for kwargs in ({"n": 4, "warmup": 5}, {"keep": 0}, {"mode": "sideways"}, {"consensus": 0.3}, {"top_logprobs": 1}):
         with pytest.raises(ConfigError):
             DeepConf(**kwargs)  # type: ignore[arg-type]
+
+
+async def test_warmup_threshold_is_the_keep_quantile_of_warmup_confidences() -> None:
+    # Warm-up traces of graded certainty: the threshold must lie among their confidences, at the keep quantile.
+    lps = [[-0.01], [-0.5], [-1.0], [-2.0], [-3.0]]
+    warm = ScriptedResponse([f"The answer is {i}." for i in range(5)], logprobs=lps)
+    engine = ScriptedEngine([warm])
+    result = await DeepConf(n=5, warmup=5, keep=1.0, window=2, consensus=None).run(Q, SearchContext(engine=engine))
+    confidences = sorted(c.confidence for c in result.candidates if c.confidence is not None)
+    assert len(confidences) == 5
+    assert result.decisions[0]["value"] == confidences[0]  # keep=1.0: every warm-up trace passes
+    engine = ScriptedEngine([warm])
+    result = await DeepConf(n=5, warmup=5, keep=0.5, window=2, consensus=None).run(Q, SearchContext(engine=engine))
+    confidences = sorted(c.confidence for c in result.candidates if c.confidence is not None)
+    assert result.decisions[0]["value"] == confidences[2]  # the median of five
+
+
+async def test_online_stops_starting_traces_when_the_budget_runs_out() -> None:
+    sure = ScriptedResponse(["hmm " * 20 + "The answer is 42."], logprobs=SURE)
+    engine = ScriptedEngine(default=sure)
+    budget = Budget(max_completion_tokens=2 * 22 + 10)  # the warm-up, then room for half a trace
+    strategy = DeepConf(n=8, warmup=2, window=4, consensus=None, concurrency=1)
+    result = await strategy.run(Q, SearchContext(engine=engine, budget=budget))
+    assert result.budget_exhausted and result.answer == "42"
+    (streamed,) = [n for n in result.trace.nodes if n.kind == "sample"]  # none started after it
+    assert streamed.status == "finished" and "clipped by the budget" in (streamed.detail or "")
+    assert len(engine.calls) == 2
+    assert engine.active == 0
+
+
+async def test_offline_keep_everything_is_confidence_weighted_self_consistency() -> None:
+    texts = ["The answer is 41."] * 3 + ["The answer is 42."] * 2
+    engine = ScriptedEngine([ScriptedResponse(texts, logprobs=SURE)])
+    result = await DeepConf(n=5, mode="offline", keep=1.0, window=4).run(Q, SearchContext(engine=engine))
+    assert result.decisions[0]["kept"] == 5 and result.answer == "41"
+    assert result.votes["41"] == pytest.approx(1.5 * result.votes["42"])  # equal confidences: 3 votes to 2

@@ -6,6 +6,7 @@ import re
 
 import pytest
 
+from branchwise.budget import Budget
 from branchwise.engine.testing import FunctionEngine, ScriptedEngine, ScriptedResponse
 from branchwise.engine.types import GenerationRequest
 from branchwise.errors import ConfigError
@@ -93,6 +94,32 @@ async def test_adaptive_escalates_through_stages_and_delegates() -> None:
     assert actions == ["escalate", "escalate", "delegated"]
     assert result.decisions[0]["difficulty"] == 0.5
     assert any(n.kind.startswith("self_consistency:") for n in result.trace.nodes)
+
+
+async def test_adaptive_without_escalation_stops_after_the_last_stage() -> None:
+    split = ScriptedResponse(["The answer is 41.", "The answer is 42.", "The answer is 43."])
+    engine = ScriptedEngine(default=split)
+    result = await Adaptive(probe=3, stages=(6,), stop_agreement=0.9).run(Q, SearchContext(engine=engine))
+    assert [c.n for c in engine.calls] == [3, 3]
+    assert [d["action"] for d in result.decisions] == ["escalate", "stop_last_stage"]
+    assert result.answer == "41"  # a three-way tie of two votes each: the first answer seen
+    assert [d["samples"] for d in result.decisions] == [3, 6]
+
+
+async def test_adaptive_needs_min_votes_before_it_trusts_agreement() -> None:
+    engine = ScriptedEngine(default=ScriptedResponse(["The answer is 42.", "no idea"]))
+    result = await Adaptive(probe=2, stages=(4,), min_votes=2).run(Q, SearchContext(engine=engine))
+    # the probe has one answer (agreement 1.0 from a single vote): not enough; the next stage has two
+    assert [d["action"] for d in result.decisions] == ["escalate", "stop_agreed"]
+    assert result.decisions[-1]["votes"] == 2
+
+
+async def test_adaptive_stops_when_the_budget_runs_out() -> None:
+    engine = ScriptedEngine(default=ScriptedResponse(["The answer is 41.", "The answer is 42."]))
+    budget = Budget(max_calls=1)
+    result = await Adaptive(probe=2, stages=(4, 8)).run(Q, SearchContext(engine=engine, budget=budget))
+    assert result.budget_exhausted and len(engine.calls) == 1
+    assert result.decisions[-1]["action"] == "stop_budget"
 
 
 async def test_redundancy_judges() -> None:
