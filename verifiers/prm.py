@@ -87,7 +87,7 @@ class HTTPPoolingClient:
         base_url: str,
         model: str,
         *,
-        client: Any = None,
+        client: httpx.AsyncClient | None = None,
         timeout: float = 60.0,
         api_key: str | None = None,
     ) -> None:
@@ -102,7 +102,7 @@ class HTTPPoolingClient:
         self.model = model
         self.timeout = timeout
         self._headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        self._client = client
+        self._client: httpx.AsyncClient | None = client
         self._owns_client = client is None
 
     def body(self, messages: Sequence[ChatMessage]) -> dict[str, Any]:
@@ -321,7 +321,13 @@ class VLLMRewardModelScorer(StepScorer):
 
     @classmethod
     def http(
-        cls, base_url: str, model: str, *, client: Any = None, timeout: float = 60.0, **options: Any
+        cls,
+        base_url: str,
+        model: str,
+        *,
+        client: httpx.AsyncClient | None = None,
+        timeout: float = 60.0,
+        **options: Any,
     ) -> VLLMRewardModelScorer:
         """A scorer talking to ``vllm serve <model> --runner pooling`` at ``base_url``."""
         return cls(HTTPPoolingClient(base_url, model, client=client, timeout=timeout), **options)
