@@ -1,23 +1,29 @@
 """``branchwise eval`` and ``branchwise report``: the evaluation harness on the command line.
 
 ```
-branchwise eval PIPELINE.yaml --benchmark gsm8k [--data PATH|URL --sha256 HEX] [--limit N] [--seed S]
+branchwise eval PIPELINE.yaml [MORE.yaml ...] --benchmark gsm8k [--data PATH|URL --sha256 HEX] [--limit N] [--seed S]
                 [--concurrency K] [--sweep thought.n=1,2,4 ...] [--out results.db] [--resume]
                 [--max-tokens T --max-completion-tokens T --max-calls C --wall-clock S] [--progress auto|on|off]
-branchwise report RESULTS.db [OTHER.db] [--out DIR] [--no-plots]
+branchwise report RESULTS.db [OTHER.db] [--out DIR] [--no-plots] [--json [--baseline LABEL]]
 ```
 
 ``eval`` builds one pipeline per configuration (the YAML with each ``--sweep`` combination applied as dotted-path
 overrides; several ``--sweep`` flags make the cartesian product). Unless the YAML sets them, the benchmark's
 prompt (``thought.prompt.user``), grader (``verifiers.grader``) and extraction rules (``verifiers.extractor``)
 are applied. Configurations whose engines are the same share one engine, built once. The YAML's ``budget``
-caps each problem; the ``--max-*`` flags cap the whole evaluation.
+caps each problem; the ``--max-*`` flags cap the whole evaluation. With several pipelines, each one's
+configurations are labelled with its ``name`` (or file name); pipelines on one ``replay`` bank then compare their
+strategies on identical samples (the bank starts over for every configuration).
+
+``report --json`` prints one JSON object instead (`branchwise.evals.report.summary_json`): every configuration's
+figures and, in ``paired``, each other configuration against ``--baseline`` (default: the first stored).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -27,7 +33,7 @@ from ..errors import ConfigError
 from ..evals.datasets import Benchmark, load_benchmark
 from ..evals.metrics import summarize
 from ..evals.pipelines import EvalSettings, PipelineConfig, evaluate_pipelines, pipeline_configs
-from ..evals.report import write_report
+from ..evals.report import summary_json, write_report
 from ..evals.runner import LineProgress, ProgressSink, RichProgress, make_progress
 from ..evals.store import ResultsStore
 from ..orchestrator.spec import load_spec_file
@@ -45,7 +51,7 @@ MAX_CONFIGURATIONS = 256
 def add_commands(subparsers: Any) -> None:
     """Register ``eval`` and ``report`` on the ``branchwise`` command's subparsers."""
     ev = subparsers.add_parser("eval", help="evaluate a pipeline on a benchmark (resumable results store)")
-    ev.add_argument("pipeline", metavar="PIPELINE.yaml", type=Path)
+    ev.add_argument("pipelines", metavar="PIPELINE.yaml", type=Path, nargs="+", help="one or more pipeline specs")
     ev.add_argument("--benchmark", required=True, help="benchmark name (gsm8k, math500, ..., arithmetic, multihop)")
     ev.add_argument("--data", help="benchmark file or http(s) URL (default: $BRANCHWISE_BENCHMARKS/<standard name>)")
     ev.add_argument("--sha256", help="expected sha256 of the data (required for URLs)")
@@ -79,6 +85,8 @@ def add_commands(subparsers: Any) -> None:
     rep.add_argument("other", metavar="OTHER.db", nargs="?", type=Path, help="a second results file to compare with")
     rep.add_argument("--out", help="output folder (default: next to RESULTS, named <results>-report)")
     rep.add_argument("--no-plots", action="store_true", help="tables only")
+    rep.add_argument("--json", action="store_true", help="print the summary and paired comparisons as one JSON object")
+    rep.add_argument("--baseline", metavar="LABEL", help="--json: the configuration the others are compared with")
     rep.set_defaults(func=_report)
 
 
@@ -93,10 +101,14 @@ def _check_sweep_size(sweeps: list[str]) -> None:
 
 def _eval(args: argparse.Namespace) -> int:
     _check_sweep_size(args.sweep)
-    spec = load_spec_file(args.pipeline)
+    specs = [load_spec_file(path) for path in args.pipelines]
     benchmark = load_benchmark(args.benchmark, args.data, args.limit, sha256=args.sha256, seed=args.seed)
-    configs = pipeline_configs(spec, benchmark, args.sweep, traces=args.traces)
-    out = Path(args.out) if args.out else Path("results") / f"{Path(args.pipeline).stem}-{benchmark.name}.db"
+    configs: list[PipelineConfig] = []
+    for path, spec in zip(args.pipelines, specs, strict=True):
+        prefix = (spec.name or path.stem) if len(specs) > 1 else None
+        configs.extend(pipeline_configs(spec, benchmark, args.sweep, traces=args.traces, prefix=prefix))
+    stem = "-".join(path.stem for path in args.pipelines[:3])
+    out = Path(args.out) if args.out else Path("results") / f"{stem}-{benchmark.name}.db"
     code = asyncio.run(_eval_async(args, benchmark, configs, out))
     print(out)
     return code
@@ -124,7 +136,7 @@ async def _eval_async(args: argparse.Namespace, benchmark: Benchmark, configs: l
         progress=_progress(args.progress),
         hash_weights=not args.no_hash,
         seed=args.seed,
-        record={"sweep": list(args.sweep), "pipeline": str(args.pipeline)},
+        record={"sweep": list(args.sweep), "pipelines": [str(p) for p in args.pipelines]},
         argv=["branchwise", *sys.argv[1:]],
     )
     with ResultsStore(out) as store:
@@ -148,6 +160,9 @@ def _report(args: argparse.Namespace) -> int:
     for path in (results, args.other):
         if path is not None:
             existing_file(path, "results file")
+    if args.json:
+        print(json.dumps(summary_json(results, baseline=args.baseline)))
+        return 0
     out = Path(args.out) if args.out else results.with_name(results.stem + "-report")
     md, page = write_report(results, args.other, out_dir=out, plots=not args.no_plots)
     print(md)

@@ -333,6 +333,8 @@ class Comparison:
         p_value: McNemar's exact two-sided p-value.
         significant: p_value < 0.05.
         tokens_a, tokens_b: completion tokens on the shared problems.
+        total_tokens_a, total_tokens_b: prompt plus completion tokens on the shared problems (every prompt a
+            strategy sent counts, re-sent ones included).
     """
 
     shared: int
@@ -346,6 +348,13 @@ class Comparison:
     significant: bool
     tokens_a: int
     tokens_b: int
+    total_tokens_a: int = 0
+    total_tokens_b: int = 0
+
+    @property
+    def token_reduction(self) -> float:
+        """``1 - total_tokens_a / total_tokens_b``: the share of B's tokens that A did without (0 when B spent none)."""
+        return 1 - self.total_tokens_a / self.total_tokens_b if self.total_tokens_b else 0.0
 
     def to_dict(self) -> dict[str, Any]:
         return {**self.__dict__, "ci": list(self.ci)}
@@ -409,4 +418,6 @@ def compare(rows_a: Sequence[ResultRow], rows_b: Sequence[ResultRow]) -> Compari
         significant=p < 0.05,
         tokens_a=sum(a.usage_int("completion_tokens") for a, _ in pairs),
         tokens_b=sum(b.usage_int("completion_tokens") for _, b in pairs),
+        total_tokens_a=sum(a.usage_int("completion_tokens") + a.usage_int("prompt_tokens") for a, _ in pairs),
+        total_tokens_b=sum(b.usage_int("completion_tokens") + b.usage_int("prompt_tokens") for _, b in pairs),
     )

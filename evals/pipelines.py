@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..budget import Budget
+from ..engine.replay import ReplayEngine
 from ..orchestrator.pipeline import Pipeline, RunResult, build_engines
 from ..orchestrator.spec import PipelineSpec
 from .datasets import Benchmark, Problem
@@ -60,9 +61,12 @@ def benchmark_overrides(raw: Mapping[str, Any], benchmark: Benchmark) -> dict[st
 
 
 def pipeline_configs(
-    spec: PipelineSpec, benchmark: Benchmark, sweeps: Sequence[str], *, traces: bool = False
+    spec: PipelineSpec, benchmark: Benchmark, sweeps: Sequence[str], *, traces: bool = False, prefix: str | None = None
 ) -> list[PipelineConfig]:
     """One configuration per sweep combination, every spec validated before anything runs.
+
+    Labels are the sweep values (``thought.n=4``), else the spec's name; with ``prefix`` (several pipelines in
+    one evaluation), ``prefix`` followed by the sweep values.
 
     The pipeline's live progress is turned off (the evaluation has its own), and so are its per-run traces unless
     ``traces`` (an evaluation of 1,000 problems would otherwise write 1,000 trace files).
@@ -73,7 +77,8 @@ def pipeline_configs(
         defaults["outputs.trace"] = None
     out = []
     for combo in parse_sweep(sweeps):
-        label = " ".join(f"{k}={v}" for k, v in combo.items()) or (spec.name or "pipeline")
+        swept = " ".join(f"{k}={v}" for k, v in combo.items())
+        label = " ".join(part for part in (prefix, swept) if part) or (spec.name or "pipeline")
         out.append(PipelineConfig(label, dict(combo), spec.with_overrides({**defaults, **combo})))
     return out
 
@@ -148,11 +153,18 @@ async def _evaluate_group(
         for engine in engines.values():
             await engine.start()
         eval_configs = []
+        replays = [engine for engine in engines.values() if isinstance(engine, ReplayEngine)]
+
+        async def start_over() -> None:
+            for engine in replays:  # every configuration draws the same banked samples, in the same order
+                engine.reset()
+
         for config in group:
             pipeline = Pipeline.from_spec(config.spec, engines=engines)
             pipelines.append(pipeline)
             params = {"spec": config.spec.redacted(), "sweep": config.sweep}
-            eval_configs.append(EvalConfig(config.label, pipeline_solver(pipeline), params))
+            prepare = start_over if replays else None
+            eval_configs.append(EvalConfig(config.label, pipeline_solver(pipeline), params, prepare=prepare))
         repro = reproducibility_record(
             engines=engines,
             seeds={"runtime.seed": resolved.runtime.seed, "benchmark.seed": settings.seed},

@@ -37,7 +37,7 @@ from ..errors import ConfigError
 from .metrics import Comparison, ConfigMetrics, compare, summarize
 from .store import ConfigRecord, ResultRow, ResultsStore, RunRecord
 
-__all__ = ["ConfigResults", "Report", "build_report", "load_results", "pareto_front", "write_report"]
+__all__ = ["ConfigResults", "Report", "build_report", "load_results", "pareto_front", "summary_json", "write_report"]
 
 logger = logging.getLogger(__name__)
 
@@ -472,3 +472,60 @@ def write_report(
     md.write_text(report.markdown, encoding="utf-8")
     page.write_text(report.html, encoding="utf-8")
     return md, page
+
+
+def summary_json(results: str | Path, *, baseline: str | None = None) -> dict[str, Any]:
+    """The results as one JSON-ready object, for scripts: every configuration's figures, and ``paired``, each
+    other configuration compared with ``baseline`` on the problems both answered.
+
+    Each ``paired`` entry: ``strategy`` and ``baseline`` (configuration labels), ``problems`` (shared),
+    ``token_reduction`` (1 - tokens / baseline tokens, prompt + completion), ``accuracy_diff`` with its 95%
+    paired interval ``ci_low`` .. ``ci_high`` (fractions), the discordant counts, McNemar's p-value and the token
+    totals.
+
+    Args:
+        results: the results file.
+        baseline: the label of the configuration the others are compared with (default: the first one stored).
+
+    Raises:
+        ConfigError: the file holds no results, or no configuration has the label ``baseline``.
+    """
+    configs, runs = load_results(results)
+    if not configs:
+        raise ConfigError(f"{results}: no results to summarise")
+    by_label = {c.name: c for c in configs}
+    if baseline is None:
+        base = configs[0]
+    elif baseline in by_label:
+        base = by_label[baseline]
+    else:
+        raise ConfigError(f"--baseline {baseline!r} is not a configuration of {results}; have: {sorted(by_label)}")
+    paired = []
+    for config in configs:
+        if config is base:
+            continue
+        c = compare(config.rows, base.rows)
+        paired.append(
+            {
+                "strategy": config.name,
+                "baseline": base.name,
+                "problems": c.shared,
+                "token_reduction": c.token_reduction,
+                "accuracy": c.accuracy_a,
+                "baseline_accuracy": c.accuracy_b,
+                "accuracy_diff": c.diff,
+                "ci_low": c.ci[0],
+                "ci_high": c.ci[1],
+                "only_strategy_right": c.a_only_right,
+                "only_baseline_right": c.b_only_right,
+                "p_value": c.p_value,
+                "tokens": c.total_tokens_a,
+                "baseline_tokens": c.total_tokens_b,
+            }
+        )
+    return {
+        "results": str(results),
+        "configs": [{"label": c.name, "config_id": c.config.config_id, **c.metrics.to_dict()} for c in configs],
+        "paired": paired,
+        "runs": len(runs),
+    }

@@ -49,6 +49,7 @@ from ..errors import (
     ConfigError,
     EngineUnavailable,
     GraderPoolError,
+    ReplayMiss,
 )
 from ..search.base import SearchContext, Strategy
 from ..verifiers.grading import BaseGrader
@@ -76,7 +77,8 @@ Solve = Callable[[Problem, Budget], Awaitable[Any]]
 """``solve(problem, budget)``: solve one problem with every engine call charged to ``budget``."""
 
 # Failures that mean the run cannot go on (no engine, no grader, bad configuration): they stop everything.
-_FATAL: tuple[type[BaseException], ...] = (EngineUnavailable, GraderPoolError, ConfigError)
+# A bank that cannot serve a request (ReplayMiss) means the configuration does not match the bank: stop too.
+_FATAL: tuple[type[BaseException], ...] = (EngineUnavailable, GraderPoolError, ConfigError, ReplayMiss)
 
 
 @dataclass(frozen=True)
@@ -87,11 +89,14 @@ class EvalConfig:
         label: a short name for reports ("self_consistency n=8", "thought.n=4").
         solve: the coroutine that solves one problem.
         params: everything that defines the configuration (JSON-serialisable); its hash is the config id.
+        prepare: awaited before the configuration's first problem runs (e.g. a replay engine starts its bank
+            over, so every configuration sees the same samples).
     """
 
     label: str
     solve: Solve
     params: Mapping[str, Any] = field(default_factory=dict)
+    prepare: Callable[[], Awaitable[None]] | None = None
 
 
 def config_id(benchmark: Benchmark, label: str, params: Mapping[str, Any]) -> str:
@@ -429,6 +434,11 @@ async def run_eval(
         store.finish_run(run_id, status)  # inline: this also runs while the task is being cancelled
 
 
+def _first_leaf(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    first = group.exceptions[0]
+    return _first_leaf(first) if isinstance(first, BaseExceptionGroup) else first
+
+
 @dataclass
 class _Runner:
     """The state shared by one `run_eval` call."""
@@ -445,6 +455,8 @@ class _Runner:
     async def run_config(self, config: EvalConfig, record: ConfigRecord, summary: ConfigSummary) -> bool:
         """Run one configuration; returns True when the global budget stopped it."""
         store, budget, progress = self.store, self.budget, self.progress
+        if config.prepare is not None:
+            await config.prepare()
         if self.resume:  # failed problems are tried again
             await asyncio.to_thread(store.discard_errors, record.config_id)
         done = await asyncio.to_thread(store.done, record.config_id)
@@ -472,9 +484,13 @@ class _Runner:
                 if progress is not None:
                     progress.advance(row)
 
-        async with asyncio.TaskGroup() as group:
-            for _ in range(min(self.concurrency, len(pending))):
-                group.create_task(worker())
+        try:
+            async with asyncio.TaskGroup() as group:
+                for _ in range(min(self.concurrency, len(pending))):
+                    group.create_task(worker())
+        except ExceptionGroup as failed:
+            # A fatal error (or a bug) in one worker cancelled the others: raise it as itself, not wrapped.
+            raise _first_leaf(failed) from None
         if stop.is_set():
             logger.warning("global budget exhausted (%s): %s stopped early", budget.exhausted_cap, config.label)
         return stop.is_set()

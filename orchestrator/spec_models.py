@@ -16,6 +16,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from ..engine.openai_engine import OpenAIEngine
+from ..engine.replay import ReplayEngine
 from ..engine.vllm_engine import VLLMEngine
 from ..search.registry import MAX_CONCURRENCY, MAX_SAMPLES, MAX_TOKENS, MAX_WIDTH
 from ..verifiers.redundancy import EmbeddingRedundancy
@@ -107,8 +108,10 @@ class EngineSpec(SectionModel):
     gets the reply of the first rule matching its prompt, else the next queued reply, else ``default``.
     """
 
-    backend: Literal["vllm", "openai", "test", "transformers"] = Field(
-        "vllm", description="Engine backend ('transformers': in-process sentence embeddings, embedder role only)."
+    backend: Literal["vllm", "openai", "test", "transformers", "replay"] = Field(
+        "vllm",
+        description="Engine backend ('transformers': in-process sentence embeddings, embedder role only; "
+        "'replay': a trace bank drawn by `branchwise sample`, served as an engine).",
     )
     model: str | None = Field(None, description="Model name (vllm: a registered offline model or a path).")
     options: dict[str, Any] = Field(default_factory=dict, description="Extra backend constructor arguments.")
@@ -166,6 +169,8 @@ class EngineSpec(SectionModel):
             raise ValueError("api_key and base_url only apply to the 'openai' backend")
         if self.backend == "openai" and not self.model:
             raise ValueError("the 'openai' backend needs 'model' (the served model name)")
+        if self.backend == "replay" and "bank" not in self.options:
+            raise ValueError("the 'replay' backend needs 'bank' (a bank folder or chunk file from `branchwise sample`)")
         params = backend_params(self.backend)
         if params:
             for key in self.options:
@@ -186,6 +191,7 @@ _BACKEND_CLASSES: dict[str, type[Any]] = {
     "vllm": VLLMEngine,
     "openai": OpenAIEngine,
     "transformers": EmbeddingRedundancy,
+    "replay": ReplayEngine,
 }
 _NOT_OPTIONS = {"self", "model", "base_url", "api_key", "transport", "threshold"}
 
