@@ -165,7 +165,9 @@ class _Vote:
 
     async def add(self, trace: SampledTrace, *, spent: int) -> bool:
         """Count a finished trace; True once the vote is decided (the caller cancels the rest)."""
-        self.candidates.extend(candidates_of([trace]))
+        # Kept in sample order, not finishing order, so a final tie goes where self-consistency's goes.
+        for candidate in candidates_of([trace]):
+            bisect.insort(self.candidates, candidate, key=lambda c: c.trace_id)
         if trace.node.answer is None:
             return False
         ballots = [(c.answer, 1.0) for c in self.candidates if c.answer is not None]
