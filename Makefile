@@ -18,7 +18,7 @@ LINKS := $(VENV)/.branchwise-links
 MODEL_STAMP := $(VENV)/.branchwise-model-$(MODEL)
 PACKAGE_FILES := $(shell git ls-files -co --exclude-standard -- '*.py' 2>/dev/null | grep -v -e '^tests/' -e '^benchmarks/' -e '^examples/')
 
-.PHONY: setup demo test test-unit lint format bench clean
+.PHONY: setup demo test test-unit fuzz lint format bench clean
 
 setup: $(STAMP) $(LINKS) $(MODEL_STAMP)
 
@@ -57,6 +57,10 @@ test: setup
 
 test-unit: setup
 	$(BIN)/python -m pytest -m "not engine and not server" $(PYTEST_ARGS)
+
+# The fuzz properties with the long hypothesis profile (3,000 examples each); `make test` runs the short one.
+fuzz: setup
+	HYPOTHESIS_PROFILE=long $(BIN)/python -m pytest tests/unit/test_*fuzz*.py $(PYTEST_ARGS)
 
 lint: setup
 	$(BIN)/ruff check .
