@@ -80,4 +80,3 @@ class FakeRegistry:
 
     def names(self) -> list[str]:
         return list(self.tools)
-
