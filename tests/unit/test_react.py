@@ -8,6 +8,7 @@ import pytest
 
 from branchwise.budget import Budget
 from branchwise.engine.testing import ScriptedEngine
+from branchwise.engine.types import Capabilities
 from branchwise.errors import ConfigError
 from branchwise.events import use_sink
 from branchwise.executors.react import react_schema, run_react
@@ -88,3 +89,45 @@ async def test_schema_and_config() -> None:
     assert schema["anyOf"][0]["properties"]["tool"] == {"const": "retrieve"}
     with pytest.raises(ConfigError):
         await run_react("q", tools=TOOLS, engine=ScriptedEngine(), max_steps=0)
+
+
+async def test_text_turns_when_the_engine_cannot_constrain_and_a_forced_last_turn() -> None:
+    class Plain(ScriptedEngine):
+        @property
+        def capabilities(self) -> Capabilities:
+            return Capabilities(structured_output=False)
+
+    engine = Plain(
+        [
+            'Thought: look\nAction: retrieve("Ann Lee")',
+            "I am not sure what to do",  # neither an action nor an answer: an error observation, then go on
+            'Action: retrieve("Bo Ray")',
+            "Final Answer: Ann Lee\nbecause 1950 < 1961",
+        ]
+    )
+    result = await run_react("Who is older?", tools=TOOLS, engine=engine, max_steps=3)  # structured asked for
+    assert result.answer == "Ann Lee"  # only the first line of the final answer
+    assert all(c.structured is None for c in engine.calls)  # the engine cannot constrain: the text format
+    assert [r.output for r in result.nodes[0].values()] == ["born 1950", "born 1961"]
+    assert len(result.errors) == 1 and "neither an Action nor a Final Answer" in result.errors[0]
+    last = engine.calls[-1].messages
+    assert last is not None and "No more tool calls" in last[-1].content
+    engine.assert_complete()
+
+
+async def test_a_failing_tool_is_an_observation_and_an_error_event() -> None:
+    def lookup(query: str) -> str:
+        """Fails."""
+        raise RuntimeError("index offline")
+
+    engine = ScriptedEngine([call("lookup", query="x"), json.dumps({"thought": "give up", "answer": "unknown"})])
+    events: list[tuple[str, dict[str, object]]] = []
+    with use_sink(lambda kind, data: events.append((kind, data))):
+        result = await run_react("q", tools=ToolRegistry([lookup]), engine=engine)
+    step = result.nodes[0][1]
+    assert step.status == "error" and step.error_type == "ToolError" and "index offline" in (step.error or "")
+    observation = engine.calls[1].messages
+    assert observation is not None and "index offline" in observation[-1].content
+    (error,) = [d for k, d in events if k == "node_error"]
+    assert error["node"] == 1 and error["error_type"] == "ToolError"
+    assert result.answer == "unknown" and result.usage is not None and result.usage.calls == 2
