@@ -57,7 +57,7 @@ from ..orchestrator.pipeline import Pipeline, build_engines
 from ..orchestrator.spec import load_spec
 from ..search.base import SearchContext
 from ..verifiers.confidence import token_confidence
-from .datasets import Problem, load_benchmark
+from .datasets import Benchmark, Problem, load_benchmark
 from .pipelines import pipeline_configs
 from .repro import reproducibility_record
 
@@ -388,20 +388,12 @@ async def draw_bank(
         prompt_tokens[id(request)] = usage.prompt_tokens
 
     remove = engine.add_usage_hook(hook)
+    records = await _to_draw(problems, positions, make_request, writer, n=n, benchmark=benchmark)
+    summary.skipped = len(problems) - len(records)
     pending_per_chunk: dict[int, int] = {}
-    records: list[tuple[Problem, int, GenerationRequest, BankedProblem, int]] = []
-    for problem, position in zip(problems, positions, strict=True):
-        request = make_request(problem)
-        record = BankedProblem.of(
-            request, benchmark=benchmark, problem_id=problem.id, prompt_tokens=0, position=position
-        )
-        have = await asyncio.to_thread(writer.stored, record)
-        if have >= n:
-            summary.skipped += 1
-            continue
+    for _, position, _, _, _ in records:
         chunk = writer.chunk_of(position)
         pending_per_chunk[chunk] = pending_per_chunk.get(chunk, 0) + 1
-        records.append((problem, position, request, record, have))
     if summary.skipped:
         say(f"[sample] {summary.skipped} of {len(problems)} problems already have {n} traces")
     gate = asyncio.Semaphore(concurrency)
@@ -450,6 +442,32 @@ async def draw_bank(
     return summary
 
 
+_ToDraw = tuple[Problem, int, GenerationRequest, BankedProblem, int]
+"""A problem still short of traces: the problem, its position, its request, its bank record, traces stored."""
+
+
+async def _to_draw(
+    problems: Sequence[Problem],
+    positions: Sequence[int],
+    make_request: Callable[[Problem], GenerationRequest],
+    writer: BankWriter,
+    *,
+    n: int,
+    benchmark: str,
+) -> list[_ToDraw]:
+    """The problems that have fewer than ``n`` traces in the bank, with what is stored of each."""
+    out = []
+    for problem, position in zip(problems, positions, strict=True):
+        request = make_request(problem)
+        record = BankedProblem.of(
+            request, benchmark=benchmark, problem_id=problem.id, prompt_tokens=0, position=position
+        )
+        have = await asyncio.to_thread(writer.stored, record)
+        if have < n:
+            out.append((problem, position, request, record, have))
+    return out
+
+
 def _render(engine: Engine, request: GenerationRequest) -> str | None:
     """The prompt as the engine renders it (chat template applied), when the engine can say."""
     render = getattr(engine, "render", None)
@@ -461,6 +479,27 @@ def _render(engine: Engine, request: GenerationRequest) -> str | None:
         logger.debug("could not render the prompt for the bank: %s", err)
         return None
     return text if isinstance(text, str) else None
+
+
+def _bank_meta(
+    benchmark: Benchmark, pipeline: Pipeline, example: GenerationRequest, *, n: int, logprobs: int
+) -> dict[str, Any]:
+    """What every chunk of a pipeline's bank records about how it was drawn."""
+    engine = pipeline.engine
+    return {
+        "benchmark": benchmark.name,
+        "data": benchmark.source,
+        "data_sha256": benchmark.sha256,
+        "model": engine.model,
+        "backend": engine.backend,
+        "n": n,
+        "logprobs": logprobs,
+        "max_tokens": example.max_tokens,
+        "settings": sampling_settings(example),
+        "prompt_template": dataclasses.asdict(pipeline.prompt),
+        "strategy": getattr(pipeline.strategy, "name", None),
+        "spec": pipeline.spec.redacted() if pipeline.spec is not None else None,
+    }
 
 
 async def draw_pipeline_bank(
@@ -527,21 +566,7 @@ async def draw_pipeline_bank(
         def make_request(problem: Problem) -> GenerationRequest:
             return ctx.request(problem.question, logprobs=top)
 
-        example = make_request(problems[0])
-        meta = {
-            "benchmark": benchmark.name,
-            "data": benchmark.source,
-            "data_sha256": benchmark.sha256,
-            "model": engine.model,
-            "backend": engine.backend,
-            "n": n,
-            "logprobs": top,
-            "max_tokens": example.max_tokens,
-            "settings": sampling_settings(example),
-            "prompt_template": dataclasses.asdict(pipeline.prompt),
-            "strategy": getattr(pipeline.strategy, "name", None),
-            "spec": config.spec.redacted(),
-        }
+        meta = _bank_meta(benchmark, pipeline, make_request(problems[0]), n=n, logprobs=top)
         repro = reproducibility_record(
             engines=engines,
             seeds={"runtime.seed": resolved.runtime.seed, "benchmark.seed": seed},

@@ -130,6 +130,7 @@ class DeepConf(Strategy):
             exhausted = exhausted or "budget" in phase.halted or any(node.status == "budget" for node in tree.nodes)
             pruned = [node for node in tree.nodes if node.status == "pruned"]
             decisions.append({"event": "pruned", "count": len(pruned), "tokens": sum(node.tokens for node in pruned)})
+            candidates.sort(key=lambda c: c.trace_id)  # sample order, not finishing order: timing-independent ties
         votes = await _vote(candidates, ctx)
         return Result(self.name, pick_answer(votes), candidates, votes, tree, ctx.usage(), exhausted, decisions)
 
