@@ -27,6 +27,7 @@ from ..errors import ConfigError, UnknownNameError
 
 __all__ = [
     "DEFAULT_RULES",
+    "MAX_EXPONENT",
     "AnswerExtractor",
     "Extraction",
     "ExtractionRule",
@@ -75,7 +76,9 @@ _NUMBER_WITH_UNITS_RE = re.compile(
     r"(?:\\?%|[A-Za-z][A-Za-z/ ]*|\\text\{[^{}]*\})?$"
 )
 _LATEX_FRAC_RE = re.compile(r"^\\[dt]?frac\s*\{\s*([^{}]+?)\s*\}\s*\{\s*([^{}]+?)\s*\}$")
-_SIMPLE_NUMBER_RE = re.compile(r"^[-+]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][-+]?\d+)?$")
+_SIMPLE_NUMBER_RE = re.compile(r"^[-+]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE]([-+]?\d{1,12}))?$")
+MAX_EXPONENT = 1000
+"""Numbers in scientific notation with a larger exponent are not read as numbers (``parse_number`` gives None)."""
 _THOUSANDS_RE = re.compile(r"^[-+]?\d{1,3}(?:,\d{3})+(?:\.\d*)?$")
 
 
@@ -93,10 +96,10 @@ class Extraction(NamedTuple):
 def parse_number(text: str) -> Fraction | None:
     """Parse a number written in prose or simple LaTeX into an exact `Fraction`.
 
-    Accepts thousands separators ("1,000"), signs ("-3.5", "−2"), decimals, scientific notation ("1e-3"),
-    fractions ("3/4", ``\\frac{3}{4}``, ``\\dfrac``, ``\\tfrac``), a leading currency sign ("$12", ``\\$12``),
-    surrounding math delimiters (``$...$``, ``\\(...\\)``) and a trailing percent sign, which is *dropped*,
-    not applied ("50%" -> 50); graders that care compare both readings.
+    Accepts thousands separators ("1,000"), signs ("-3.5", "−2"), decimals, scientific notation ("1e-3"; not
+    beyond an exponent of `MAX_EXPONENT`), fractions ("3/4", ``\\frac{3}{4}``, ``\\dfrac``, ``\\tfrac``), a leading
+    currency sign ("$12", ``\\$12``), surrounding math delimiters (``$...$``, ``\\(...\\)``) and a trailing
+    percent sign, which is *dropped*, not applied ("50%" -> 50); graders that care compare both readings.
 
     Args:
         text: the candidate answer.
@@ -133,8 +136,12 @@ def _plain(s: str) -> Fraction | None:
     s = s.strip()
     if _THOUSANDS_RE.match(s):
         s = s.replace(",", "")
-    if not _SIMPLE_NUMBER_RE.match(s):
+    match = _SIMPLE_NUMBER_RE.match(s)
+    if not match:
         return None
+    exponent = match.group(1)
+    if exponent is not None and abs(int(exponent)) > MAX_EXPONENT:
+        return None  # an exact 10**exponent would take unbounded time and memory; no answer looks like this
     try:
         return Fraction(s)
     except (ValueError, ZeroDivisionError):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from fractions import Fraction
 
 import pytest
@@ -12,6 +13,7 @@ from branchwise.errors import ConfigError, UnknownNameError
 from branchwise.verifiers import (
     AnswerExtractor,
     Extraction,
+    NumericGrader,
     extract_all_boxed,
     extract_answer,
     extract_answer_is,
@@ -250,3 +252,13 @@ def test_streaming_prefixes_never_raise_and_converge() -> None:
 def test_extraction_is_total_on_arbitrary_text(text: str) -> None:
     found = AnswerExtractor().extract_with_rule(text)
     assert found is None or (isinstance(found.answer, str) and found.answer)
+
+
+@pytest.mark.parametrize("text", ["1e-399999999999999999999", "7e99999", "2.5E+1001", "1e9999999999999"])
+def test_numbers_with_absurd_exponents_are_refused_at_once(text: str) -> None:
+    # found by fuzzing: Fraction("1e-3999...") computes 10**3999... exactly and never returns
+    started = time.perf_counter()
+    assert parse_number(text) is None and normalize_number(text) is None
+    assert NumericGrader().grade_sync(text, "7").correct is False
+    assert time.perf_counter() - started < 0.5
+    assert parse_number("1e1000") == 10**1000 and parse_number("-2.5e-3") == Fraction(-1, 400)
