@@ -41,9 +41,9 @@ also to the most tokens per sample the remaining cost (less the prompt's) could 
 when no cap was reached (n samples sharing what is left each get ``allowance // n``).
 
 Exhaustion: a cap is *reached* when usage >= cap (calls, tokens, cost; for total tokens and cost, usage plus the
-reservations of the calls in flight) or the deadline has passed. Reaching a
-token, cost or wall-clock cap aborts, at once, every in-flight call under that budget (its descendants
-included) that still has an unfinished sample: the call's engine task is cancelled, which closes the backend's
+reservations of the calls in flight) or the deadline has passed. Reaching a token, cost or wall-clock cap
+aborts, at once, every in-flight call under that budget (its descendants included) that still has an unfinished
+sample: the call's engine task is cancelled, which closes the backend's
 stream and so aborts the request inside the engine, and its consumer gets `BudgetExhausted` at its next read
 (immediately if it is waiting), even if deltas are still buffered. A call whose samples have all delivered their
 final delta is complete and is not aborted. The wall clock is enforced by a ``loop.call_later`` timer, armed
