@@ -28,7 +28,7 @@ from typing import Any, Literal, TypeVar
 
 from .errors import ConfigError, GraderPoolError, WorkerCrashError
 
-__all__ = ["TimeoutProcessPool", "main_hidden_from_spawn"]
+__all__ = ["TimeoutProcessPool", "main_hidden_from_spawn", "settle"]
 
 logger = logging.getLogger(__name__)
 
@@ -129,7 +129,8 @@ class _Worker:
         self.conn.close()
 
 
-def _settle(future: concurrent.futures.Future[Any], *, value: Any = None, error: BaseException | None = None) -> None:
+def settle(future: concurrent.futures.Future[Any], *, value: Any = None, error: BaseException | None = None) -> None:
+    """Complete ``future`` with ``value`` or ``error`` unless it is already done (a cancelled caller, a race)."""
     if future.done():
         return
     with contextlib.suppress(concurrent.futures.InvalidStateError):
@@ -236,7 +237,7 @@ class TimeoutProcessPool:
             self._wake_locked()
         for job in pending:
             if not job.future.cancel():
-                _settle(job.future, error=concurrent.futures.CancelledError("the pool was closed"))
+                settle(job.future, error=concurrent.futures.CancelledError("the pool was closed"))
         thread.join()
         with self._lock:
             self._closing = False
@@ -274,12 +275,12 @@ class TimeoutProcessPool:
                 self._queue.clear()
             failure = GraderPoolError(f"the process pool supervisor failed: {err!r}")
             for job in stranded:
-                _settle(job.future, error=failure)
+                settle(job.future, error=failure)
             raise
         finally:
             for worker in workers:
                 if worker.job is not None:
-                    _settle(worker.job.future, error=concurrent.futures.CancelledError("the pool was closed"))
+                    settle(worker.job.future, error=concurrent.futures.CancelledError("the pool was closed"))
                 worker.stop(kill=worker.job is not None or not worker.ready)
             with self._lock:
                 self._pids = []
@@ -328,7 +329,7 @@ class TimeoutProcessPool:
             try:
                 worker.conn.send((job.fn, job.args))
             except Exception as err:  # fn or args cannot be pickled: that item's error, not the pool's
-                _settle(job.future, error=err)
+                settle(job.future, error=err)
                 with self._lock:
                     job = self._next_job_locked()
                 continue
@@ -366,7 +367,7 @@ class TimeoutProcessPool:
             return True
         job, worker.job, worker.deadline = worker.job, None, math.inf
         if job is not None:
-            _settle(job.future, value=value if kind == "ok" else None, error=value if kind == "err" else None)
+            settle(job.future, value=value if kind == "ok" else None, error=value if kind == "err" else None)
         return True
 
     def _remove(self, worker: _Worker, workers: list[_Worker], *, kill: bool) -> None:
@@ -385,7 +386,7 @@ class TimeoutProcessPool:
             with self._lock:
                 job = self._next_job_locked()
             if job is not None:
-                _settle(job.future, error=GraderPoolError(f"the worker pool failed to start: {reason}"))
+                settle(job.future, error=GraderPoolError(f"the worker pool failed to start: {reason}"))
             return
         self._restarts += 1
         job = worker.job
@@ -393,7 +394,7 @@ class TimeoutProcessPool:
             return
         job.attempts += 1
         if job.attempts >= self._max_attempts:
-            _settle(job.future, error=WorkerCrashError(f"a worker died under this item {job.attempts} times"))
+            settle(job.future, error=WorkerCrashError(f"a worker died under this item {job.attempts} times"))
             return
         logger.warning("a pool worker died under an item (exit code %s); running it again", code)
         with self._lock:
@@ -407,11 +408,11 @@ class TimeoutProcessPool:
                 job = self._next_job_locked()
             if job is not None:
                 reason = f"a worker did not start within {self._startup_timeout}s"
-                _settle(job.future, error=GraderPoolError(f"the worker pool failed to start: {reason}"))
+                settle(job.future, error=GraderPoolError(f"the worker pool failed to start: {reason}"))
             return
         self._restarts += 1
         job = worker.job
         if job is not None:
             logger.warning("a pool item timed out after %.3gs; its worker was killed", job.timeout)
             # Killed and reaped before the timeout is reported: a caller that sees it knows the worker is gone.
-            _settle(job.future, error=TimeoutError(f"timed out after {job.timeout}s"))
+            settle(job.future, error=TimeoutError(f"timed out after {job.timeout}s"))

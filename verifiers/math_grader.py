@@ -10,16 +10,14 @@ from __future__ import annotations
 import asyncio
 import collections
 import concurrent.futures
-import contextlib
 import importlib.util
 import logging
 import os
 import re
 import threading
 from collections.abc import Callable, Iterable
-from typing import Any
 
-from .._processes import TimeoutProcessPool
+from .._processes import TimeoutProcessPool, settle
 from ..errors import ConfigError, GraderPoolError, MissingDependencyError, WorkerCrashError
 from .grader_base import NO_ANSWER, BaseGrader, GoldAnswer, GradeResult, as_golds
 from .numeric import NumericGrader
@@ -27,16 +25,6 @@ from .numeric import NumericGrader
 __all__ = ["MathGrader", "close_default_pool", "default_math_pool", "init_math_worker", "math_verify_equal"]
 
 logger = logging.getLogger(__name__)
-
-
-def _settle(future: concurrent.futures.Future[Any], *, value: Any = None, error: BaseException | None = None) -> None:
-    if future.done():
-        return
-    with contextlib.suppress(concurrent.futures.InvalidStateError):
-        if error is not None:
-            future.set_exception(error)
-        else:
-            future.set_result(value)
 
 
 def init_math_worker() -> None:
@@ -234,7 +222,7 @@ class MathGrader(BaseGrader):
         except BaseException as err:
             with self._lock:
                 self._inflight.pop(key, None)
-            _settle(out, error=err)
+            settle(out, error=err)
             raise
 
         def finish(done: concurrent.futures.Future[bool]) -> None:
@@ -243,13 +231,13 @@ class MathGrader(BaseGrader):
             except GraderPoolError as err:  # the pool cannot grade at all: fail loudly, never "wrong"
                 with self._lock:
                     self._inflight.pop(key, None)
-                _settle(out, error=err)
+                settle(out, error=err)
                 return
             if result.detail in ("math-verify", "timeout"):
                 self._remember(key, result)
             with self._lock:
                 self._inflight.pop(key, None)
-            _settle(out, value=result)
+            settle(out, value=result)
 
         job.add_done_callback(finish)
         return out
