@@ -14,7 +14,7 @@ from dataclasses import asdict
 from typing import Final
 
 from ..engine.base import CallMeter, Engine
-from ..engine.types import Capabilities, Delta, GenerationRequest
+from ..engine.types import CallUsage, Capabilities, Delta, GenerationRequest
 from ..errors import BudgetExhausted, ConfigError
 from ..events import current_sink, emit
 from .call import Call
@@ -558,6 +558,11 @@ class BudgetedEngine(Engine):
 
     async def aclose(self) -> None:
         """Nothing to release: the wrapped engine is not closed (it may be shared)."""
+
+    def _emit(self, request: GenerationRequest, usage: CallUsage) -> None:
+        # The wrapped engine reports the call on the event channel (with the request as clipped and sent); this
+        # wrapper only tells its own usage hooks, so a listener sees each call once.
+        self._call_hooks(request, usage)
 
     async def _stream(self, request: GenerationRequest, meter: CallMeter) -> AsyncGenerator[Delta, None]:
         budget = self.budget

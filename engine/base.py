@@ -243,6 +243,10 @@ class Engine(ABC):
                 "error": usage.error,
             },
         )
+        self._call_hooks(request, usage)
+
+    def _call_hooks(self, request: GenerationRequest, usage: CallUsage) -> None:
+        """Give a finished call's usage to this engine's usage hooks."""
         for hook in list(self._usage_hooks):
             try:
                 hook(request, usage)

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..budget import Budget, BudgetedEngine, UsageSnapshot
+from ..budget import Budget, UsageSnapshot
 from ..engine.base import Engine
 from ..events import LiveRef
 from ..executors.agent import AgentResult
@@ -90,8 +90,6 @@ class RunRecording:
         if kind == "engine_call":
             ref = data.get("engine")
             engine = ref.value if isinstance(ref, LiveRef) else None
-            if isinstance(engine, BudgetedEngine):
-                return  # the engine it wraps reports the same call, with the request as clipped and sent
             data = {"role": self._roles.get(id(engine), "other"), **data}
         self.recorder.emit(kind, data)
 

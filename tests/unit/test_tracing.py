@@ -194,3 +194,16 @@ async def test_queries_with_line_separators_and_invalid_unicode_round_trip(tmp_p
     recorded = read_trace(trace)
     assert recorded.header["query"] == query and recorded.events[0].data["query"] == query
     assert not recorded.truncated and recorded.run_end is not None
+
+
+async def test_a_budgeted_call_is_one_engine_call_event() -> None:
+    engine = ScriptedEngine(default="one two three")
+    budgeted = Budget().bind(engine)
+    got: list[tuple[str, dict[str, object]]] = []
+    hooked: list[int] = []
+    budgeted.add_usage_hook(lambda request, usage: hooked.append(usage.completion_tokens))
+    with use_sink(lambda kind, data: got.append((kind, data))):
+        await budgeted.generate(GenerationRequest(prompt="p", max_tokens=8))
+    calls = [data for kind, data in got if kind == "engine_call"]
+    assert len(calls) == 1 and calls[0]["completion_tokens"] == 3  # the wrapped engine's report only
+    assert hooked == [3]  # the wrapper's own usage hooks still see the call
