@@ -7,6 +7,7 @@ import pytest
 
 from branchwise.budget import Budget
 from branchwise.engine.vllm_engine import VLLMEngine
+from branchwise.events import use_sink
 from branchwise.executors.agent import run_agent
 from branchwise.executors.react import run_react
 from branchwise.executors.retrieval import Document
@@ -31,16 +32,16 @@ def tools() -> ToolRegistry:
 async def test_structured_planner_plans_and_runs_over_a_local_corpus(vllm_engine: VLLMEngine) -> None:
     events: list[str] = []
     budget = Budget(max_calls=12, max_tokens=20_000)
-    result = await run_agent(
-        QUESTION,
-        planner=StructuredPlanner(max_steps=4, max_tokens=320),
-        tools=tools(),
-        engine=vllm_engine,
-        budget=budget,
-        thought_context={"max_tokens": 64},
-        max_replans=0,
-        events=lambda kind, data: events.append(kind),
-    )
+    with use_sink(lambda kind, data: events.append(kind)):
+        result = await run_agent(
+            QUESTION,
+            planner=StructuredPlanner(max_steps=4, max_tokens=320),
+            tools=tools(),
+            engine=vllm_engine,
+            budget=budget,
+            thought_context={"max_tokens": 64},
+            max_replans=0,
+        )
     plan = result.plans[0]
     assert 2 <= len(plan) <= 5 and plan.nodes[-1].kind == "join"
     assert {n.tool for n in plan.work_nodes() if n.kind == "tool"} <= {"retrieve", "calculator"}
