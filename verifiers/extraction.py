@@ -165,7 +165,8 @@ def _format_fraction(value: Fraction) -> str:
     if den != 1:  # not a terminating decimal: keep it exact
         return f"{value.numerator}/{value.denominator}"
     with localcontext() as ctx:
-        ctx.prec = len(str(value.numerator)) + len(str(value.denominator)) + 10
+        # exact: p / (2**a * 5**b) has at most len(p) + max(a, b) significant digits, and max(a, b) < bit_length
+        ctx.prec = len(str(value.numerator)) + value.denominator.bit_length() + 1
         dec = (Decimal(value.numerator) / Decimal(value.denominator)).normalize()
     return format(dec, "f")
 
