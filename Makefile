@@ -75,5 +75,10 @@ format: setup
 bench: setup
 	$(BIN)/python benchmarks/engine_overhead.py --quick
 
+# Mutation testing of the decision code with mutmut, by hand (never in CI): every module of tests/mutation.py, or
+# some with `make mutation MODULES=search/sampling.py,budget/budget.py`; prints killed/checked and the survivors.
+mutation: setup
+	nice -n 19 $(BIN)/python tests/mutation.py $(MODULES)
+
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache runs
