@@ -590,7 +590,10 @@ class BudgetedEngine(Engine):
     async def _close(self, call: Call[Budget]) -> None:
         task = call.task
         if task is not None and not task.done():
-            task.cancel()
+            if call.abort is None:
+                # A call the budget aborted is already stopping (`Call.abort_by`); cancelling it (again) would
+                # interrupt the engine's own clean-up, e.g. an HTTP response being closed or vLLM's abort.
+                task.cancel()
             # Wait for the abort to reach the engine even if we are cancelled meanwhile, then pass that on.
             interrupted = False
             while not task.done():

@@ -141,6 +141,14 @@ class ReplayEngine(Engine):
             abort=True,
         )
 
+    def count_prompt_tokens(self, request: GenerationRequest) -> int:
+        """The banked prompt's length, as the live engine counted it, so budgets reserve what they would live.
+
+        A prompt the bank does not hold gets the base estimate (the call then fails with a `ReplayMiss`).
+        """
+        banked = self.bank.find(prompt_key(request))
+        return banked[0].prompt_tokens if banked else super().count_prompt_tokens(request)
+
     def reset(self) -> None:
         """Hand every problem's traces out again from the start (same order): for the next strategy."""
         self._pools.clear()

@@ -44,7 +44,7 @@ import time
 from dataclasses import asdict, dataclass, field
 
 from ..errors import ConfigError, SandboxViolation, ToolError
-from .tools import Tool
+from .registry import Tool
 
 __all__ = ["SandboxLimits", "SandboxResult", "python_tool", "run_python"]
 

@@ -11,7 +11,8 @@ A beam finishes when its step ended the generation (end of sequence, or the per-
 holds a final answer (a boxed answer, ``####``, "the answer is ..."; a bare last number does not count), when
 it produced an empty step (the model had nothing to add), or at ``max_depth``. The answer is the best finished
 beam's (or a vote weighted by beam scores). `BudgetExhausted`, from a policy or a judge call, ends the search
-with the best answer so far.
+with the best answer so far. A step's stream that breaks with an engine error follows the branch rule of
+`branchwise.search.sampling` (sampled again once; the search fails only when most of a beam's steps are lost).
 
 Knowing why a step stopped: an engine reports ``finish_reason == "stop"`` both for the delimiter and for the end
 of sequence. When a backend says which stop string ended a sample (``stop_reason``), a stop other than the
@@ -31,12 +32,12 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Literal, TypeVar
 
 from ..engine.types import ChatMessage, FinishReason, GenerationRequest
-from ..errors import BudgetExhausted, ConfigError
+from ..errors import BudgetExhausted, ConfigError, EngineError
 from ..verifiers.extraction import AnswerExtractor
 from ..verifiers.step_scorers import AGGREGATES, Aggregate, GenerativeJudgeScorer, StepScorer, aggregate
 from .base import Candidate, Result, SearchContext, Strategy, TraceNode, TraceTree
 from .registry import MAX_DEPTH, MAX_TOKENS, MAX_WIDTH, Component, register_strategy
-from .sampling import clipped_by_budget, cluster_votes, pick_answer
+from .sampling import branch_error, clipped_by_budget, cluster_votes, enough_branches, pick_answer
 
 __all__ = [
     "PRUNE_DUPLICATE",
@@ -247,15 +248,16 @@ class StepSearch:
             overrides["continue_final_message"] = True
         return ctx.request(problem, **overrides)
 
-    async def _expand(
+    async def _draw(
         self, ctx: SearchContext, tree: TraceTree, path: BeamPath, request: GenerationRequest
-    ) -> tuple[list[_Expansion], bool]:
-        """Sample ``request.n`` next steps of ``path``; returns them and whether the budget stopped the call."""
+    ) -> tuple[list[_Expansion], bool, EngineError | None]:
+        """Sample ``request.n`` next steps of ``path``: them, whether the budget stopped the call, and the engine
+        error that broke its stream (the steps it left unfinished are closed "error")."""
         expansions = [_Expansion(path, tree.open("step", parent=path.node)) for _ in range(request.n)]
         pieces: list[list[str]] = [[] for _ in expansions]
         finish: list[FinishReason | None] = [None] * len(expansions)
         stops: list[str | int | None] = [None] * len(expansions)
-        exhausted = False
+        exhausted, error = False, None
         try:
             async with contextlib.aclosing(ctx.llm.stream(request)) as deltas:
                 async for delta in deltas:
@@ -266,6 +268,8 @@ class StepSearch:
                         stops[delta.index] = delta.stop_reason
         except BudgetExhausted:
             exhausted = True
+        except EngineError as err:
+            error = branch_error(err)
         finally:
             for i, exp in enumerate(expansions):
                 exp.text = exp.node.text = "".join(pieces[i])
@@ -276,9 +280,51 @@ class StepSearch:
                     exp.end = "incomplete"
                     exhausted = True
                 if exp.end == "incomplete":
-                    status: Literal["budget", "error"] = "budget" if exhausted else "error"
-                    tree.close(exp.node, status, detail="the step did not finish")
-        return expansions, exhausted
+                    if error is not None:
+                        why = f"stream broke ({type(error).__name__}: {error})"
+                        tree.close(exp.node, "error", detail=why)
+                    else:
+                        status: Literal["budget", "error"] = "budget" if exhausted else "error"
+                        tree.close(exp.node, status, detail="the step did not finish")
+        return expansions, exhausted, error
+
+    async def _expand(
+        self,
+        ctx: SearchContext,
+        tree: TraceTree,
+        path: BeamPath,
+        request: GenerationRequest,
+        decisions: list[dict[str, Any]],
+    ) -> tuple[list[_Expansion], bool]:
+        """Sample ``request.n`` next steps of ``path``; returns them and whether the budget stopped the call.
+
+        A broken stream follows the branch rule of `branchwise.search.sampling`: the steps it left unfinished
+        are sampled again once (unless the budget is spent), those that break again are dropped, and the engine
+        error is re-raised only when more than half of the ``request.n`` steps were dropped.
+        """
+        expansions, exhausted, error = await self._draw(ctx, tree, path, request)
+        if error is None:
+            return expansions, exhausted
+        broken = [e for e in expansions if e.end == "incomplete"]
+        if not broken:
+            return expansions, exhausted
+        budget = ctx.budget
+        retry = not exhausted and not (budget is not None and budget.exhausted)
+        record: dict[str, Any] = {"event": "engine_error", "error": f"{type(error).__name__}: {error}"}
+        record["broken"] = [e.node.id for e in broken]
+        dropped, last = broken, error
+        if retry:
+            again, stopped, second = await self._draw(ctx, tree, path, request.replace(n=len(broken)))
+            exhausted = exhausted or stopped
+            record["retries"] = [e.node.id for e in again]
+            expansions += again
+            dropped = [e for e in again if e.end == "incomplete"] if second is not None else []
+            last = second or error
+        record["dropped"] = [e.node.id for e in dropped]
+        decisions.append(record)
+        if retry and not enough_branches(len(dropped), request.n):
+            raise last
+        return expansions, exhausted or not retry  # without a retry, the budget ended the broken steps
 
     # -- search ---------------------------------------------------------------------------------------------
     async def run(
@@ -303,7 +349,7 @@ class StepSearch:
                 for p in live
             ]
             results = await run_concurrently(
-                [self._expand(ctx, tree, p, r) for p, r in zip(live, requests, strict=True)]
+                [self._expand(ctx, tree, p, r, outcome.decisions) for p, r in zip(live, requests, strict=True)]
             )
             exhausted = any(flag for _, flag in results)
             expansions = [e for batch, _ in results for e in batch]

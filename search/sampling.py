@@ -27,6 +27,7 @@ from .base import Candidate, SearchContext, TraceNode, TraceTree
 __all__ = [
     "DeltaCheck",
     "SampledTrace",
+    "branch_error",
     "candidates_of",
     "close_finished",
     "cluster_votes",
@@ -89,7 +90,7 @@ def enough_branches(dropped: int, asked: int) -> bool:
     return 2 * dropped <= asked
 
 
-def _breaks(err: EngineError) -> EngineError:
+def branch_error(err: EngineError) -> EngineError:
     """``err`` if it is a broken stream a branch may survive; re-raises a rejected request (HTTP 4xx, replay miss)."""
     if isinstance(err, EngineRequestError):
         raise err
@@ -110,7 +111,7 @@ async def _draw(
     except BudgetExhausted:
         exhausted = True
     except EngineError as err:
-        error = _breaks(err)
+        error = branch_error(err)
     for trace, parts in zip(traces, pieces, strict=True):
         trace.text = trace.node.text = "".join(parts)
         trace.node.finish_reason = trace.finish_reason
@@ -287,7 +288,7 @@ async def stream_trace(
     except BudgetExhausted:
         pass
     except EngineError as err:
-        trace.error = _breaks(err)
+        trace.error = branch_error(err)
     trace.text = trace.node.text = "".join(pieces)
     trace.node.finish_reason = trace.finish_reason
     if trace.error is not None and trace.finish_reason not in ("stop", "length"):

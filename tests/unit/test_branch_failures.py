@@ -12,8 +12,9 @@ from branchwise.budget import Budget
 from branchwise.engine import CallMeter, Delta, GenerationRequest
 from branchwise.engine.testing import FunctionEngine, ScriptedResponse
 from branchwise.errors import EngineError, EngineRequestError, EngineStreamBroken, EngineUnavailable
-from branchwise.search import DeepConf, Prune, SearchContext, SelfConsistency, Single
+from branchwise.search import Beam, DeepConf, Prune, SearchContext, SelfConsistency, Single
 from branchwise.search.sampling import enough_branches
+from branchwise.verifiers.step_scorers import ScriptedStepScorer
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -152,3 +153,54 @@ async def test_deepconf_samples_a_broken_trace_again_in_its_streaming_phase() ->
     statuses = [(n.kind, n.status) for n in result.trace.nodes]
     assert ("sample", "error") in statuses and ("retry", "finished") in statuses
     assert len(result.candidates) == 4  # two warm-up traces, two streamed (one of them the retry)
+
+
+def beam_steps(request: GenerationRequest) -> ScriptedResponse:
+    """First steps of a beam search, then a final step that holds the answer."""
+    if not request.continue_final_message:
+        return ScriptedResponse([f"Step {i}: six sevens." for i in range(request.n)])
+    return ScriptedResponse(["The answer is 42."] * request.n)
+
+
+def beam() -> Beam:
+    return Beam(ScriptedStepScorer({}, default=0.5), beam_width=2, expansions=2, max_depth=3)
+
+
+async def test_beam_samples_broken_steps_again_and_the_search_goes_on() -> None:
+    engine = BreakingEngine(beam_steps, breaks={1: 2})  # the first depth's stream breaks after two deltas
+    result = await beam().run(Q, SearchContext(engine=engine))
+    assert result.answer == "42"
+    assert [c.n for c in engine.calls[:2]] == [4, 4]  # all four steps were unfinished: all sampled again
+    (record,) = [d for d in result.decisions if d["event"] == "engine_error"]
+    assert record["broken"] == [0, 1, 2, 3] and record["retries"] == [4, 5, 6, 7] and record["dropped"] == []
+    errors = [n for n in result.trace.nodes if n.status == "error"]
+    assert len(errors) == 4 and all("EngineStreamBroken" in (n.detail or "") for n in errors)
+    assert engine.active == 0
+
+
+async def test_beam_fails_only_when_most_steps_of_a_beam_are_lost() -> None:
+    # The retry breaks after its first two steps finished: two of four dropped, the search goes on with two.
+    def short_then_long(request: GenerationRequest) -> ScriptedResponse:
+        return ScriptedResponse(["42", "42", "Step three goes on.", "Step four goes on."])
+
+    half = BreakingEngine(short_then_long, breaks={1: 0, 2: 2})
+    result = await Beam(ScriptedStepScorer({}, default=0.5), beam_width=2, expansions=2, max_depth=1).run(
+        Q, SearchContext(engine=half)
+    )
+    (record,) = [d for d in result.decisions if d["event"] == "engine_error"]
+    assert len(record["dropped"]) == 2 and result.answer == "42"
+    lost = BreakingEngine(beam_steps, breaks={1: 0, 2: 0})
+    with pytest.raises(EngineStreamBroken):
+        await beam().run(Q, SearchContext(engine=lost))
+    rejected = BreakingEngine(beam_steps, breaks={1: 1}, error=EngineRequestError("bad request", status_code=400))
+    with pytest.raises(EngineRequestError):
+        await beam().run(Q, SearchContext(engine=rejected))
+    assert len(rejected.calls) == 1
+
+
+async def test_beam_without_budget_to_retry_ends_marked_not_failed() -> None:
+    engine = BreakingEngine(beam_steps, breaks={1: 1})
+    result = await beam().run(Q, SearchContext(engine=engine, budget=Budget(max_calls=1)))
+    assert result.budget_exhausted and len(engine.calls) == 1
+    (record,) = [d for d in result.decisions if d["event"] == "engine_error"]
+    assert record["dropped"] == record["broken"] and "retries" not in record

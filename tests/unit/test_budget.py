@@ -260,6 +260,46 @@ async def test_wall_clock_timer_aborts_stalled_and_streaming_calls() -> None:
     assert only_current_task()
 
 
+class SlowCleanup(ScriptedEngine):
+    """A streaming engine whose clean-up on abort takes a while (an HTTP response closing, vLLM's abort)."""
+
+    def __init__(self) -> None:
+        super().__init__(default=WORDS, token_delay=0.005)
+        self.cleaned: list[bool] = []
+
+    async def _stream(self, request: GenerationRequest, meter: CallMeter) -> AsyncGenerator[Delta, None]:
+        try:
+            async with contextlib.aclosing(super()._stream(request, meter)) as deltas:
+                async for d in deltas:
+                    yield d
+        finally:
+            done = False
+            try:
+                await asyncio.sleep(0.05)
+                done = True
+            finally:
+                self.cleaned.append(done)
+
+
+@pytest.mark.parametrize("cap", ["wall_clock_s", "max_completion_tokens"])
+async def test_an_abort_lets_the_engine_finish_its_clean_up(cap: str) -> None:
+    """The budget cancels an aborted call's engine task once: a second cancel would cut the engine's clean-up."""
+    engine = SlowCleanup()
+    budget = Budget(wall_clock_s=0.1) if cap == "wall_clock_s" else Budget(max_completion_tokens=30)
+    bound = budget.bind(engine)
+
+    async def run() -> str:
+        try:
+            await bound.generate(req())
+        except BudgetExhausted as err:
+            return err.cap
+        return "finished"
+
+    assert await gather_list(run(), run(), run()) == [cap] * 3
+    assert engine.cleaned == [True, True, True]
+    assert only_current_task()
+
+
 async def test_wall_clock_timer_only_armed_while_calls_run() -> None:
     events: list[str] = []
     budget = Budget(wall_clock_s=0.05)

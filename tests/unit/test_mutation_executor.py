@@ -395,8 +395,30 @@ async def test_arguments_that_do_not_bind_name_the_field() -> None:
     ex = Executor(tools=registry(), validate=False, failure="continue")
     results = await ex.run([n(1, "echo", "x", "y"), PlanNode(2, tool="echo", kwargs={"nope": 1})])
     assert (results[1].error_type, results[2].error_type) == ("PlanError", "PlanError")
-    assert results[1].error.startswith("node 1, field 'args': ")  # type: ignore[union-attr]
-    assert results[2].error.startswith("node 2, field 'nope': ")  # type: ignore[union-attr]
+    assert results[1].error == "node 1, field 'args': tool 'echo' failed: too many positional arguments"
+    assert results[2].error == "node 2, field 'nope': tool 'echo' failed: argument 'nope': unknown argument"
+
+
+async def test_a_binding_error_without_a_field_names_the_arguments() -> None:
+    class Strict:
+        name = "strict"
+
+        def bind(self, args: Any, kwargs: Any) -> dict[str, Any]:
+            raise ConfigError("cannot bind")
+
+        async def call(self, arguments: Any) -> Any:
+            return None
+
+    class Tools:
+        def __contains__(self, name: object) -> bool:
+            return name == "strict"
+
+        def get(self, name: str) -> Strict:
+            return Strict()
+
+    ex = Executor(tools=Tools(), validate=False, failure="continue")  # type: ignore[arg-type]
+    results = await ex.run([n(1, "strict", "x")])
+    assert (results[1].error, results[1].error_type) == ("node 1, field 'args': cannot bind", "PlanError")
 
 
 async def test_node_tasks_are_named_after_their_node() -> None:

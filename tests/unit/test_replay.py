@@ -14,7 +14,7 @@ import pytest
 
 from branchwise.budget import Budget
 from branchwise.engine import CallUsage, GenerationRequest, create_engine
-from branchwise.engine.base import Engine
+from branchwise.engine.base import Engine, estimate_prompt_tokens
 from branchwise.engine.replay import ReplayEngine
 from branchwise.engine.testing import FunctionEngine, ScriptedResponse
 from branchwise.errors import ConfigError, DatasetError, ReplayMiss
@@ -114,6 +114,16 @@ async def test_serves_banked_traces_with_live_tokens_logprobs_and_prompt_length(
         assert [token_confidence(t) for t in banked.logprobs] == [token_confidence(t) for t in drawn.logprobs]
     assert gen.prompt_tokens == live_gen.prompt_tokens > 0
     assert gen.usage.completion_tokens == live_gen.usage.completion_tokens
+
+
+async def test_prompt_count_before_the_call_is_the_banked_one(bank: Path) -> None:
+    """A budget reserves what the live engine would have counted, not the byte estimate (about 4x as much)."""
+    replay = ReplayEngine(bank, rate=0)
+    req = request(n=2)
+    live = live_engine().count_prompt_tokens(req)
+    assert replay.count_prompt_tokens(req) == live < estimate_prompt_tokens(req)
+    unknown = request(Problem("px", "An unbanked question?", ("1",), "toy"))
+    assert replay.count_prompt_tokens(unknown) == estimate_prompt_tokens(unknown)
 
 
 async def test_create_engine_by_name_and_model_check(bank: Path) -> None:
