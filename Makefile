@@ -40,13 +40,21 @@ $(MODEL_STAMP): $(STAMP) $(LINKS)
 	$(BIN)/branchwise models pull $(MODEL)
 	@touch $@
 
-# The main job: the self-consistency pipeline evaluated by the harness on built-in arithmetic problems, then its
-# report (Markdown + HTML with plots next to the results file). Runs afresh each time.
+# The main job: three pipelines on the first GSM8K test problems with Qwen2.5-Coder-0.5B-Instruct (pulled here):
+# one sample, self-consistency@8, and self-consistency@8 that stops once the vote is decided. `branchwise eval`
+# prints their table (accuracy, tokens, time); `branchwise report` writes Markdown + HTML next to the results.
+# GSM8K is read from $(BRANCHWISE_BENCHMARKS) (default ../shared/benchmarks). Runs afresh each time.
 DEMO_DB := runs/demo.db
+DEMO_MODEL := qwen2.5-coder-0.5b-instruct
+DEMO_PROBLEMS ?= 6
+BRANCHWISE_BENCHMARKS ?= $(abspath ../shared/benchmarks)
 
 demo: setup
+	$(BIN)/branchwise models pull $(DEMO_MODEL)
 	@mkdir -p runs && rm -f $(DEMO_DB) $(DEMO_DB)-wal $(DEMO_DB)-shm
-	$(BIN)/branchwise eval examples/sc-math.yaml --benchmark arithmetic --limit 8 --out $(DEMO_DB)
+	BRANCHWISE_BENCHMARKS=$(BRANCHWISE_BENCHMARKS) $(BIN)/branchwise eval examples/demo-gsm8k-single.yaml \
+		examples/demo-gsm8k-sc.yaml examples/demo-gsm8k-consensus.yaml --benchmark gsm8k --limit $(DEMO_PROBLEMS) \
+		--concurrency $(DEMO_PROBLEMS) --progress off --out $(DEMO_DB)
 	$(BIN)/branchwise report $(DEMO_DB)
 
 # Tests with real servers (marker `server`) run in a pytest process of their own: a `vllm serve` started beside an

@@ -24,6 +24,9 @@ code  meaning
 130   interrupted (Ctrl-C): in-flight work is cancelled, engine requests aborted, traces kept
 ====  ===========================================================================================================
 
+vLLM's own log lines are hidden (``VLLM_LOGGING_LEVEL=ERROR``) unless ``branchwise -v ...`` asks for them or
+``VLLM_LOGGING_LEVEL`` is set.
+
 Arguments that name files are paths (a missing one is reported as missing, never read as YAML text). Command-line
 text that is not valid in the locale's encoding is kept as Python decodes it (``surrogateescape``) and written to
 traces as ``\\udcXX`` escapes that read back to the same string; output that cannot be encoded is escaped.
@@ -32,13 +35,17 @@ traces as ``\\udcXX`` escapes that read back to the same string; output that can
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 
 from ..errors import BranchwiseError, ConfigError
 from . import evaluate, models, run, sample
 
-__all__ = ["EXIT_BAD_INPUT", "EXIT_FAILED", "EXIT_INTERRUPTED", "EXIT_OK", "build_parser", "main"]
+__all__ = ["EXIT_BAD_INPUT", "EXIT_FAILED", "EXIT_INTERRUPTED", "EXIT_OK", "VLLM_LOG_ENV", "build_parser", "main"]
+
+VLLM_LOG_ENV = "VLLM_LOGGING_LEVEL"
+"""vLLM's own log level; ``branchwise`` sets it to ERROR unless ``-v`` is given or it is already set."""
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -49,6 +56,12 @@ EXIT_INTERRUPTED = 130
 def build_parser() -> argparse.ArgumentParser:
     """The ``branchwise`` argument parser with every subcommand."""
     parser = argparse.ArgumentParser(prog="branchwise", description=__doc__.split("\n\n")[0] if __doc__ else None)
+    parser.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        help=f"show the engine's own log lines (vLLM's; hidden by default unless {VLLM_LOG_ENV} is set)",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     run.add_commands(sub)
     models.add_commands(sub)
@@ -67,6 +80,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
     except SystemExit as stop:  # argparse: --help (0) or a usage error (2, already printed)
         return stop.code if isinstance(stop.code, int) else EXIT_BAD_INPUT
+    if not args.verbose:
+        # vLLM reads this when it is first imported (lazily, by the engine), in this process and its workers.
+        os.environ.setdefault(VLLM_LOG_ENV, "ERROR")
     try:
         return int(args.func(args))
     except ConfigError as err:

@@ -25,13 +25,14 @@ import argparse
 import asyncio
 import json
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from ..budget import Budget
 from ..errors import ConfigError
 from ..evals.datasets import Benchmark, load_benchmark
-from ..evals.metrics import summarize
+from ..evals.metrics import ConfigMetrics, summarize
 from ..evals.pipelines import EvalSettings, PipelineConfig, evaluate_pipelines, pipeline_configs
 from ..evals.report import summary_json, write_report
 from ..evals.runner import LineProgress, ProgressSink, RichProgress, make_progress
@@ -40,7 +41,7 @@ from ..orchestrator.spec import load_spec_file
 from ..search.registry import MAX_CONCURRENCY
 from .args import bounded_int, existing_file
 
-__all__ = ["MAX_CONFIGURATIONS", "MAX_PROBLEMS", "add_commands"]
+__all__ = ["MAX_CONFIGURATIONS", "MAX_PROBLEMS", "add_commands", "summary_table"]
 
 MAX_PROBLEMS = 1_000_000
 """Upper bound of ``--limit``."""
@@ -141,18 +142,38 @@ async def _eval_async(args: argparse.Namespace, benchmark: Benchmark, configs: l
     )
     with ResultsStore(out) as store:
         summaries = await evaluate_pipelines(benchmark, configs, store, budget, settings)
-        for summary in summaries:
-            for cs in summary.configs:
-                metrics = summarize(store.rows(cs.config_id), curves=False)
-                lo, hi = metrics.ci
-                sys.stderr.write(
-                    f"[eval] {cs.label}: {metrics.correct}/{metrics.n} right ({metrics.accuracy:.1%}, 95% CI "
-                    f"{lo:.1%}-{hi:.1%}), {metrics.completion_tokens:,} completion tokens, {cs.errors} failed\n"
-                )
+        rows = [
+            (cs.label, summarize(store.rows(cs.config_id), curves=False), cs.errors)
+            for summary in summaries
+            for cs in summary.configs
+        ]
+    sys.stderr.write(summary_table(rows))
     if any(summary.stopped_by_budget for summary in summaries):
         sys.stderr.write(f"[eval] the evaluation budget ran out ({budget.exhausted_cap}); --resume continues\n")
         return 1
     return 0
+
+
+def summary_table(rows: Sequence[tuple[str, ConfigMetrics, int]]) -> str:
+    """The table ``eval`` prints at the end: per configuration (label, metrics, failed problems) its accuracy with
+    the 95% interval, prompt, completion and total tokens, total tokens relative to the first configuration, and
+    the wall time its problems took."""
+    head = ("configuration", "right", "accuracy (95% CI)", "prompt tok", "completion tok", "total tok", "vs first",
+            "wall time", "failed")  # fmt: skip
+    first = rows[0][1].prompt_tokens + rows[0][1].completion_tokens if rows else 0
+    table = []
+    for label, m, failed in rows:
+        total = m.prompt_tokens + m.completion_tokens
+        lo, hi = m.ci
+        table.append((
+            label, f"{m.correct}/{m.n}", f"{m.accuracy:.1%} ({lo:.1%}-{hi:.1%})", f"{m.prompt_tokens:,}",
+            f"{m.completion_tokens:,}", f"{total:,}", f"{total / first:.2f}x" if first else "-",
+            f"{m.wall_time_s:.1f} s", str(failed),
+        ))  # fmt: skip
+    widths = [max(len(r[i]) for r in (head, *table)) for i in range(len(head))]
+    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True)))
+             for r in (head, *table)]  # fmt: skip
+    return "".join(f"[eval] {line.rstrip()}\n" for line in lines)
 
 
 def _report(args: argparse.Namespace) -> int:

@@ -202,6 +202,8 @@ class VLLMEngine(Engine):
             "speculative_config": dict(speculative_config) if speculative_config else None,
             "seed": seed,
             "max_num_seqs": max_num_seqs,
+            # The weight-loading progress bar is one of vLLM's log lines: shown when vLLM logs at INFO or below.
+            "use_tqdm_on_load": os.environ.get("VLLM_LOGGING_LEVEL", "INFO").upper() in ("DEBUG", "INFO"),
         }
         self._options.update(engine_args or {})
         structured = self._options.get("structured_outputs_config") or {}

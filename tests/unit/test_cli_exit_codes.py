@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from branchwise.cli import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, main
+from branchwise.cli import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, VLLM_LOG_ENV, main
 from branchwise.errors import ModelProvisionError
 from branchwise.orchestrator.tracing import TRACE_FORMAT, read_trace
 
@@ -216,3 +216,18 @@ def test_a_query_from_stdin_that_is_not_utf8_runs(spec: Path, tmp_path: Path) ->
     done = subprocess.run(command, input=b"caf\xe9 ?\n", capture_output=True, timeout=120, check=False)
     assert done.returncode == 0, done.stderr.decode(errors="replace")
     assert os.fsencode(read_trace(trace).header["query"]) == b"caf\xe9 ?"
+
+
+@pytest.mark.parametrize(
+    ("argv", "preset", "level"),
+    [([], None, "ERROR"), (["-v"], None, None), (["--verbose"], None, None), ([], "DEBUG", "DEBUG")],
+)
+def test_vllm_log_lines_are_hidden_unless_asked_for(
+    spec: Path, monkeypatch: pytest.MonkeyPatch, argv: list[str], preset: str | None, level: str | None
+) -> None:
+    if preset is None:
+        monkeypatch.delenv(VLLM_LOG_ENV, raising=False)
+    else:
+        monkeypatch.setenv(VLLM_LOG_ENV, preset)
+    assert main([*argv, "validate", str(spec)]) == EXIT_OK
+    assert os.environ.get(VLLM_LOG_ENV) == level

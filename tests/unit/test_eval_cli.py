@@ -57,7 +57,9 @@ def test_eval_sweep_resume_and_report(
     assert run(*base, "--sweep", "thought.n=1,3", "--concurrency", "2") == 0
     captured = capsys.readouterr()
     assert captured.out.strip() == str(out)
-    assert "[eval] thought.n=1: 3/4 right (75.0%" in captured.err and "[eval] thought.n=3: 4/4 right" in captured.err
+    table = [line.split() for line in captured.err.splitlines() if line.startswith("[eval] thought.n=")]
+    assert [row[1:4] for row in table[-2:]] == [["thought.n=1", "3/4", "75.0%"], ["thought.n=3", "4/4", "100.0%"]]
+    assert table[-2][-4] == "1.00x" and float(table[-1][-4].rstrip("x")) > 1  # n=3 spends more than n=1
     with ResultsStore(out, readonly=True) as store:
         configs = store.configs()
         assert [c.label for c in configs] == ["thought.n=1", "thought.n=3"]

@@ -67,3 +67,15 @@ def test_asyncio_run_does_not_wait_for_a_cancelled_load() -> None:
     asyncio.run(main())  # to_thread's default executor would be joined here, for the full 30 s
     assert time.perf_counter() - started < 5
     release.set()
+
+
+@pytest.mark.parametrize(("level", "bar"), [(None, True), ("INFO", True), ("debug", True), ("ERROR", False)])
+def test_the_loading_progress_bar_follows_vllms_log_level(
+    monkeypatch: pytest.MonkeyPatch, level: str | None, bar: bool
+) -> None:
+    if level is None:
+        monkeypatch.delenv("VLLM_LOGGING_LEVEL", raising=False)
+    else:
+        monkeypatch.setenv("VLLM_LOGGING_LEVEL", level)
+    assert VLLMEngine().engine_args["use_tqdm_on_load"] is bar
+    assert VLLMEngine(engine_args={"use_tqdm_on_load": True}).engine_args["use_tqdm_on_load"] is True
