@@ -1,8 +1,8 @@
 """``branchwise eval`` and ``branchwise report``: the evaluation harness on the command line.
 
 ```
-branchwise eval PIPELINE.yaml [MORE.yaml ...] --benchmark gsm8k [--data PATH|URL --sha256 HEX] [--limit N] [--seed S]
-                [--concurrency K] [--sweep thought.n=1,2,4 ...] [--out results.db] [--resume]
+branchwise eval PIPELINE.yaml [MORE.yaml ...] --benchmark gsm8k [--data PATH|URL --sha256 HEX] [--limit N]
+                [--offset K] [--seed S] [--concurrency K] [--sweep thought.n=1,2,4 ...] [--out results.db] [--resume]
                 [--max-tokens T --max-completion-tokens T --max-calls C --wall-clock S] [--progress auto|on|off]
 branchwise report RESULTS.db [OTHER.db] [--out DIR] [--no-plots] [--json [--baseline LABEL]]
 ```
@@ -57,7 +57,10 @@ def add_commands(subparsers: Any) -> None:
     ev.add_argument("--data", help="benchmark file or http(s) URL (default: $BRANCHWISE_BENCHMARKS/<standard name>)")
     ev.add_argument("--sha256", help="expected sha256 of the data (required for URLs)")
     ev.add_argument(
-        "--limit", type=bounded_int(1, MAX_PROBLEMS), help="first N problems (generated sets: how many to generate)"
+        "--limit", type=bounded_int(1, MAX_PROBLEMS), help="N problems from --offset on (generated sets: how many)"
+    )
+    ev.add_argument(
+        "--offset", type=bounded_int(0, MAX_PROBLEMS), default=0, help="position of the first problem (default 0)"
     )
     ev.add_argument("--seed", type=int, default=0, help="seed of generated benchmarks (default 0)")
     ev.add_argument(
@@ -103,7 +106,9 @@ def _check_sweep_size(sweeps: list[str]) -> None:
 def _eval(args: argparse.Namespace) -> int:
     _check_sweep_size(args.sweep)
     specs = [load_spec_file(path) for path in args.pipelines]
-    benchmark = load_benchmark(args.benchmark, args.data, args.limit, sha256=args.sha256, seed=args.seed)
+    benchmark = load_benchmark(
+        args.benchmark, args.data, args.limit, sha256=args.sha256, seed=args.seed, offset=args.offset
+    )
     configs: list[PipelineConfig] = []
     for path, spec in zip(args.pipelines, specs, strict=True):
         prefix = (spec.name or path.stem) if len(specs) > 1 else None

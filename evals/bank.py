@@ -545,11 +545,8 @@ async def draw_pipeline_bank(
     if offset < 0 or (limit is not None and limit < 1):
         raise ConfigError(f"offset must be >= 0 and limit >= 1, got offset={offset}, limit={limit}")
     spec = load_spec(spec_path, overrides=overrides)
-    upto = None if limit is None else offset + limit
-    benchmark = load_benchmark(benchmark_name, data, upto, seed=seed)
-    problems = benchmark.problems[offset:upto]
-    if not problems:
-        raise ConfigError(f"no problems at offset {offset} of {benchmark_name} ({len(benchmark.problems)} problems)")
+    benchmark = load_benchmark(benchmark_name, data, limit, seed=seed, offset=offset)
+    problems = benchmark.problems
     config = pipeline_configs(spec, benchmark, [])[0]
     resolved = config.spec.resolved()
     engines = build_engines(resolved)

@@ -418,6 +418,7 @@ def load_benchmark(
     *,
     sha256: str | None = None,
     seed: int = 0,
+    offset: int = 0,
 ) -> Benchmark:
     """Load a benchmark by name.
 
@@ -425,9 +426,11 @@ def load_benchmark(
         name: one of `available_benchmarks`.
         path: a local JSONL file or an ``http(s)://`` URL; default: the set's standard file name in the folder
             ``$BRANCHWISE_BENCHMARKS``. Ignored by generated sets.
-        limit: keep the first ``limit`` problems (generated sets: generate that many; default 100).
+        limit: keep ``limit`` problems from ``offset`` on (generated sets: generate that many; default 100).
         sha256: expected hash of the file; required for URLs, checked for local files when given.
         seed: seed of generated sets.
+        offset: skip the problems before this position (e.g. a dev split from the end of a test file); problem
+            ids keep their positions in the whole set.
 
     Raises:
         UnknownNameError: unknown benchmark name.
@@ -437,8 +440,13 @@ def load_benchmark(
     spec = benchmark_spec(name)
     if limit is not None and limit < 1:
         raise ConfigError(f"limit must be >= 1, got {limit}")
+    if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
+        raise ConfigError(f"offset must be an integer >= 0, got {offset!r}")
+    upto = None if limit is None else offset + limit
     if spec.generate is not None:
-        problems = spec.generate(limit, seed)[:limit]
+        problems = spec.generate(upto, seed)[offset:upto]
+        if not problems:
+            raise ConfigError(f"no problems at offset {offset} of the generated {name} set")
         return Benchmark(name, tuple(problems), spec.grader, spec.prompt, spec.extractor_rules,
                          f"generated:{name}(seed={seed})")  # fmt: skip
     assert spec.parse_row is not None and spec.filename is not None
@@ -466,8 +474,10 @@ def load_benchmark(
     problems = []
     ids: set[str] = set()
     for index, (line, row) in enumerate(read_jsonl(local, display=source)):
-        if limit is not None and index >= limit:
+        if upto is not None and index >= upto:
             break
+        if index < offset:
+            continue
         try:
             problem = spec.parse_row(row, index)
         except (_RowError, ConfigError) as err:
@@ -477,7 +487,8 @@ def load_benchmark(
         ids.add(problem.id)
         problems.append(problem)
     if not problems:
-        raise DatasetError(source, f"no problems in the {name} file")
+        at = f" at offset {offset}" if offset else ""
+        raise DatasetError(source, f"no problems{at} in the {name} file")
     return Benchmark(name, tuple(problems), spec.grader, spec.prompt, spec.extractor_rules, source, digest)
 
 

@@ -247,3 +247,17 @@ def test_generated_multihop_with_hops_as_levels() -> None:
     assert bench.problems == load_benchmark("multihop", limit=8, seed=2).problems
     assert all(p.level is not None and 2 <= int(p.level) <= 8 for p in bench.problems)
     assert all(p.metadata["entities"] and p.gold[0] for p in bench.problems)
+
+
+def test_offset_takes_a_window_that_keeps_positions() -> None:
+    whole = load_benchmark("gsm8k", SHARED / "gsm8k_test.jsonl")
+    tail = load_benchmark("gsm8k", SHARED / "gsm8k_test.jsonl", limit=3, offset=len(whole) - 5)
+    assert tail.problems == whole.problems[-5:-2]  # same ids, questions and gold as in the whole file
+    assert load_benchmark("gsm8k", SHARED / "gsm8k_test.jsonl", offset=len(whole) - 2).problems == whole.problems[-2:]
+    generated = load_benchmark("arithmetic", limit=4, offset=2, seed=3)
+    assert generated.problems == load_benchmark("arithmetic", limit=6, seed=3).problems[2:]
+    with pytest.raises(DatasetError, match=f"no problems at offset {len(whole)}"):
+        load_benchmark("gsm8k", SHARED / "gsm8k_test.jsonl", offset=len(whole))
+    for bad in (-1, True, 1.5):
+        with pytest.raises(ConfigError, match="offset must be"):
+            load_benchmark("gsm8k", SHARED / "gsm8k_test.jsonl", offset=bad)  # type: ignore[arg-type]

@@ -158,3 +158,13 @@ def test_pipeline_budget_caps_each_problem(files: tuple[Path, Path], tmp_path: P
         rows = store.rows()
         assert len(rows) == 4 and all(r.usage["completion_tokens"] <= 2 for r in rows)
         assert not any(r.correct for r in rows)  # one token per sample: no answer fits
+
+
+def test_eval_offset_runs_a_window_of_the_file(files: tuple[Path, Path], tmp_path: Path) -> None:
+    data, pipeline = files
+    out = tmp_path / "w.db"
+    argv = ["eval", str(pipeline), "--benchmark", "gsm8k", "--data", str(data), "--out", str(out), "--no-hash"]
+    assert run(*argv, "--offset", "2", "--limit", "1") == 0
+    with ResultsStore(out, readonly=True) as store:
+        (config,) = store.configs()
+        assert [r.problem_id for r in store.rows(config.config_id)] == ["gsm8k-2"]
