@@ -16,7 +16,8 @@ request with banked traces of the problem whose canonical prompt and sampling se
   every problem over, for the next strategy to see the same traces.
 - **Streaming**: each trace is replayed delta by delta with the live stream's boundaries, tokens and logprobs in
   lockstep, at a modelled decode ``rate`` (tokens per second per sequence; default the bank's measured rate,
-  after the bank's mean time to first token). ``rate=0`` or None delivers as fast as possible, still yielding
+  after the bank's mean time to first token), optionally ``speedup`` times faster so that an evaluation models
+  hours of decoding in minutes (`time_scale`). ``rate=0`` or None delivers as fast as possible, still yielding
   to the event loop between steps as a live engine does, so a consumer that aborts after a delta has been
   delivered exactly the tokens it saw.
 - **Aborts**: cancelling or closing the stream stops it; the base class meters exactly the tokens delivered so
@@ -82,6 +83,8 @@ class ReplayEngine(Engine):
         rate: decode speed in tokens per second per sequence; "bank" for the bank's measured rate (as fast as
             possible when it recorded none); 0 or None for as fast as possible.
         ttft: seconds before a request's first token when pacing; "bank" for the bank's mean.
+        speedup: when pacing, deliver this many times faster than the modelled rate and ttft (real seconds x
+            ``speedup`` = modelled seconds; an evaluation scales the times it records by it, see `time_scale`).
 
     Raises:
         DatasetError: the bank cannot be read.
@@ -99,6 +102,7 @@ class ReplayEngine(Engine):
         order: Order = "seeded",
         rate: float | Literal["bank"] | None = "bank",
         ttft: float | Literal["bank"] = "bank",
+        speedup: float = 1.0,
     ) -> None:
         if order not in ("seeded", "banked"):
             raise ConfigError(f"replay: order must be 'seeded' or 'banked', got {order!r}")
@@ -123,6 +127,9 @@ class ReplayEngine(Engine):
         if isinstance(ttft, bool) or not isinstance(ttft, (int, float)) or ttft < 0:
             raise ConfigError(f"replay: ttft must be >= 0 seconds or 'bank', got {ttft!r}")
         self.ttft = float(ttft)
+        if isinstance(speedup, bool) or not isinstance(speedup, (int, float)) or not 1 <= speedup <= 1e6:
+            raise ConfigError(f"replay: speedup must be a number from 1 to 1e6, got {speedup!r}")
+        self.speedup = float(speedup)
         self._pools: dict[str, _Pool] = {}
         self._closed = False
         top = self.bank.meta.get("logprobs")
@@ -140,6 +147,12 @@ class ReplayEngine(Engine):
             prefix_caching=False,
             abort=True,
         )
+
+    @property
+    def time_scale(self) -> float:
+        """Modelled seconds per real second of this engine's streams: ``speedup`` when pacing, else 1 (as fast as
+        possible models no time)."""
+        return self.speedup if self.rate is not None else 1.0
 
     def count_prompt_tokens(self, request: GenerationRequest) -> int:
         """The banked prompt's length, as the live engine counted it, so budgets reserve what they would live.
@@ -242,7 +255,7 @@ class ReplayEngine(Engine):
                 current = when
                 # Yield to the loop between steps, as a live engine does: a consumer that stops after the last
                 # step is never handed (nor charged for) the next one.
-                await asyncio.sleep(0 if self.rate is None else max(start + when - loop.time(), 0.0))
+                await asyncio.sleep(0 if self.rate is None else max(start + when / self.speedup - loop.time(), 0.0))
                 if cut_short:
                     raise self._cut(samples, cut_short)
             yield delta

@@ -335,6 +335,8 @@ class Comparison:
         tokens_a, tokens_b: completion tokens on the shared problems.
         total_tokens_a, total_tokens_b: prompt plus completion tokens on the shared problems (every prompt a
             strategy sent counts, re-sent ones included).
+        latency_a, latency_b: summed per-problem latency on the shared problems, in seconds (modelled seconds
+            for a paced replay, see `branchwise.evals.runner.EvalConfig.time_scale`).
     """
 
     shared: int
@@ -350,11 +352,18 @@ class Comparison:
     tokens_b: int
     total_tokens_a: int = 0
     total_tokens_b: int = 0
+    latency_a: float = 0.0
+    latency_b: float = 0.0
 
     @property
     def token_reduction(self) -> float:
         """``1 - total_tokens_a / total_tokens_b``: the share of B's tokens that A did without (0 when B spent none)."""
         return 1 - self.total_tokens_a / self.total_tokens_b if self.total_tokens_b else 0.0
+
+    @property
+    def speedup(self) -> float:
+        """``latency_b / latency_a``: how many times faster A answered the shared problems (nan without timings)."""
+        return self.latency_b / self.latency_a if self.latency_a > 0 else math.nan
 
     def to_dict(self) -> dict[str, Any]:
         return {**self.__dict__, "ci": list(self.ci)}
@@ -418,6 +427,8 @@ def compare(rows_a: Sequence[ResultRow], rows_b: Sequence[ResultRow]) -> Compari
         significant=p < 0.05,
         tokens_a=sum(a.usage_int("completion_tokens") for a, _ in pairs),
         tokens_b=sum(b.usage_int("completion_tokens") for _, b in pairs),
+        latency_a=math.fsum(a.latency_s for a, _ in pairs),
+        latency_b=math.fsum(b.latency_s for _, b in pairs),
         total_tokens_a=sum(a.usage_int("completion_tokens") + a.usage_int("prompt_tokens") for a, _ in pairs),
         total_tokens_b=sum(b.usage_int("completion_tokens") + b.usage_int("prompt_tokens") for _, b in pairs),
     )

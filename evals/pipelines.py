@@ -13,6 +13,7 @@ from typing import Any
 
 from ..budget import Budget
 from ..engine.replay import ReplayEngine
+from ..errors import ConfigError
 from ..orchestrator.pipeline import Pipeline, RunResult, build_engines
 from ..orchestrator.spec import PipelineSpec
 from .datasets import Benchmark, Problem
@@ -155,6 +156,11 @@ async def _evaluate_group(
         eval_configs = []
         replays = [engine for engine in engines.values() if isinstance(engine, ReplayEngine)]
 
+        scales = {engine.time_scale for engine in replays} or {1.0}
+        if len(scales) > 1:
+            raise ConfigError(f"the replay engines of one pipeline must pace at one speedup, got {sorted(scales)}")
+        (time_scale,) = scales
+
         async def start_over() -> None:
             for engine in replays:  # every configuration draws the same banked samples, in the same order
                 engine.reset()
@@ -164,7 +170,8 @@ async def _evaluate_group(
             pipelines.append(pipeline)
             params = {"spec": config.spec.redacted(), "sweep": config.sweep}
             prepare = start_over if replays else None
-            eval_configs.append(EvalConfig(config.label, pipeline_solver(pipeline), params, prepare=prepare))
+            solver = pipeline_solver(pipeline)
+            eval_configs.append(EvalConfig(config.label, solver, params, prepare=prepare, time_scale=time_scale))
         repro = reproducibility_record(
             engines=engines,
             seeds={"runtime.seed": resolved.runtime.seed, "benchmark.seed": settings.seed},

@@ -480,8 +480,9 @@ def summary_json(results: str | Path, *, baseline: str | None = None) -> dict[st
 
     Each ``paired`` entry: ``strategy`` and ``baseline`` (configuration labels), ``problems`` (shared),
     ``token_reduction`` (1 - tokens / baseline tokens, prompt + completion), ``accuracy_diff`` with its 95%
-    paired interval ``ci_low`` .. ``ci_high`` (fractions), the discordant counts, McNemar's p-value and the token
-    totals.
+    paired interval ``ci_low`` .. ``ci_high`` (fractions), the discordant counts, McNemar's p-value, the token
+    totals, the summed per-problem latencies (``latency_s``, ``baseline_latency_s``: modelled seconds for a paced
+    replay) and ``speedup`` (baseline latency / strategy latency).
 
     Args:
         results: the results file.
@@ -521,6 +522,9 @@ def summary_json(results: str | Path, *, baseline: str | None = None) -> dict[st
                 "p_value": c.p_value,
                 "tokens": c.total_tokens_a,
                 "baseline_tokens": c.total_tokens_b,
+                "latency_s": c.latency_a,
+                "baseline_latency_s": c.latency_b,
+                "speedup": c.speedup if math.isfinite(c.speedup) else None,
             }
         )
     return {

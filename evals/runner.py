@@ -91,12 +91,16 @@ class EvalConfig:
         params: everything that defines the configuration (JSON-serialisable); its hash is the config id.
         prepare: awaited before the configuration's first problem runs (e.g. a replay engine starts its bank
             over, so every configuration sees the same samples).
+        time_scale: modelled seconds per real second. A replay engine pacing its bank's decode rate ``speedup``
+            times faster sets it to ``speedup``: every latency and timestamp recorded for the configuration is
+            then stretched by it from the configuration's start, so reports show modelled wall time.
     """
 
     label: str
     solve: Solve
     params: Mapping[str, Any] = field(default_factory=dict)
     prepare: Callable[[], Awaitable[None]] | None = None
+    time_scale: float = 1.0
 
 
 def config_id(benchmark: Benchmark, label: str, params: Mapping[str, Any]) -> str:
@@ -467,13 +471,14 @@ class _Runner:
             progress.start(config.label, len(problems), summary.skipped)
         queue = iter(pending)
         stop = asyncio.Event()
+        origin = time.time()  # the configuration's start: modelled times are stretched from here
 
         async def worker() -> None:
             for problem in queue:
                 if stop.is_set() or budget.exhausted:
                     stop.set()
                     return
-                row = await self.solve_one(problem, config, record)
+                row = await self.solve_one(problem, config, record, origin=origin)
                 if row is None:  # cut short by the global budget: not a result of this configuration
                     summary.discarded += 1
                     stop.set()
@@ -495,16 +500,19 @@ class _Runner:
             logger.warning("global budget exhausted (%s): %s stopped early", budget.exhausted_cap, config.label)
         return stop.is_set()
 
-    async def solve_one(self, problem: Problem, config: EvalConfig, record: ConfigRecord) -> ResultRow | None:
-        """Solve, grade and build the row of one problem; None when the global budget cut it short."""
+    async def solve_one(
+        self, problem: Problem, config: EvalConfig, record: ConfigRecord, *, origin: float
+    ) -> ResultRow | None:
+        """Solve, grade and build the row of one problem; None when the global budget cut it short. ``origin``:
+        the configuration's start (``time.time()``), from which ``config.time_scale`` stretches its times."""
         child = self.budget.child(f"{record.config_id}/{problem.id}")
         try:
-            return await self._solve_under(child, problem, config, record)
+            return await self._solve_under(child, problem, config, record, origin)
         finally:
             child.close()  # its usage is in the row and in the global budget; the run need not keep it
 
     async def _solve_under(
-        self, child: Budget, problem: Problem, config: EvalConfig, record: ConfigRecord
+        self, child: Budget, problem: Problem, config: EvalConfig, record: ConfigRecord, origin: float
     ) -> ResultRow | None:
         started_at = time.time()
         clock = time.perf_counter()
@@ -521,8 +529,9 @@ class _Runner:
         except BranchwiseError as err:
             logger.warning("%s failed on %s: %s", config.label, problem.id, err)
             result, error = None, f"{type(err).__name__}: {err}"
-        latency = time.perf_counter() - clock
-        finished_at = time.time()
+        scale = config.time_scale
+        latency = (time.perf_counter() - clock) * scale
+        started_at, finished_at = (origin + (t - origin) * scale for t in (started_at, time.time()))
         outcome = _Outcome(None, [], {}, child.usage.to_dict(), cut) if result is None else _outcome(result, child)
         cap = self.budget.exhausted_cap
         if cap is not None and (cap != "max_calls" or outcome.budget_exhausted):

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from branchwise.cli import main
+from branchwise.evals.metrics import summarize
 from branchwise.evals.report import summary_json
 from branchwise.evals.store import ResultsStore
 
@@ -71,6 +72,9 @@ def test_strategies_on_one_bank_are_paired_on_identical_samples(
     assert (paired["baseline_tokens"], paired["tokens"]) == (sc_tokens, stop_tokens)
     assert paired["token_reduction"] == pytest.approx(1 - stop_tokens / sc_tokens)
     assert 0 < paired["token_reduction"] < 1  # the vote of 4 = "4" against "5" is decided before the 6th sample
+    assert paired["latency_s"] == pytest.approx(sum(r.latency_s for r in stop_rows))
+    assert paired["baseline_latency_s"] == pytest.approx(sum(r.latency_s for r in sc_rows))
+    assert paired["speedup"] == pytest.approx(paired["baseline_latency_s"] / paired["latency_s"])
     assert summary_json(db, baseline="sc") == report
 
 
@@ -99,3 +103,26 @@ def test_a_replay_engine_needs_a_bank(tmp_path: Path, capsys: pytest.CaptureFixt
     spec.write_text("engine: {backend: replay}\nthought: {strategy: single}\n")
     assert main(["validate", str(spec)]) == 2
     assert "needs 'bank'" in capsys.readouterr().err
+
+
+def test_paced_replay_records_modelled_time(tmp_path: Path, bank: Path) -> None:
+    """A replay paced at the bank's rate, 20 times faster than real time, records the modelled latencies: the time
+    to first token plus one decode step per further token, stretched back by the speedup."""
+    rate, ttft, speedup = 40.0, 0.5, 20
+    spec = tmp_path / "paced.yaml"
+    spec.write_text(
+        f'engine: {{backend: replay, bank: "{bank}", rate: {rate}, ttft: {ttft}, speedup: {speedup}, seed: 3}}\n'
+        "thought: {strategy: self_consistency, n: 1, max_tokens: 32, temperature: 0.6}\n"
+    )
+    db = tmp_path / "paced.db"
+    argv = ["eval", str(spec), "--benchmark", "arithmetic", "--limit", "3", "--concurrency", "1", "--out", str(db)]
+    assert main([*argv, "--progress", "off", "--no-hash"]) == 0
+    with ResultsStore(db, readonly=True) as store:
+        (config,) = store.configs()
+        rows = store.rows(config.config_id)
+    for row in rows:
+        modelled = ttft + (row.usage_int("completion_tokens") - 1) / rate
+        assert modelled <= row.latency_s < modelled + 1.0  # + our own overhead, stretched 20 times
+        assert row.finished_at - row.started_at == pytest.approx(row.latency_s, abs=0.05)
+    metrics = summarize(rows)
+    assert metrics.wall_time_s >= sum(r.latency_s for r in rows) * 0.99  # one problem at a time

@@ -232,3 +232,13 @@ def test_paired_interval_rejects_bad_tables() -> None:
         paired_difference_interval(0, 0, 0, 0)
     with pytest.raises(ConfigError, match=">= 0"):
         paired_difference_interval(1, -1, 0, 0)
+
+
+def test_comparison_times_and_speedup_on_the_shared_problems() -> None:
+    a = [row("p1", True, latency_s=1.0), row("p2", True, latency_s=2.0), row("p9", True, latency_s=50.0)]
+    b = [row("p1", True, latency_s=4.0), row("p2", False, latency_s=5.0)]
+    c = compare(a, b)
+    assert (c.latency_a, c.latency_b) == (3.0, 9.0)  # p9 is not shared
+    assert c.speedup == 3.0
+    untimed = compare([row("p1", True, latency_s=0.0)], [row("p1", True, latency_s=1.0)])
+    assert math.isnan(untimed.speedup)

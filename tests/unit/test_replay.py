@@ -255,6 +255,20 @@ async def test_stream_is_paced_at_the_modelled_rate(bank: Path) -> None:
     assert ReplayEngine(bank).rate == pytest.approx(ReplayEngine(bank).bank.stats().decode_rate)
 
 
+async def test_speedup_paces_faster_and_sets_the_time_scale(bank: Path) -> None:
+    tokens = len((await ReplayEngine(bank, order="banked", rate=0).generate(request())).completions[0].token_ids)
+    modelled = 0.4 + (tokens - 1) / 20.0
+    engine = ReplayEngine(bank, order="banked", rate=20.0, ttft=0.4, speedup=40)
+    started = time.perf_counter()
+    await engine.generate(request())
+    real = time.perf_counter() - started
+    assert modelled / 40 - 1e-3 <= real < modelled / 2  # 40 times faster (a loaded machine may add some)
+    assert engine.time_scale == 40.0 and ReplayEngine(bank, rate=0, speedup=40).time_scale == 1.0
+    for bad in (0.5, 0, True, "fast", 1e7):
+        with pytest.raises(ConfigError, match="speedup must be"):
+            ReplayEngine(bank, speedup=bad)  # type: ignore[arg-type]
+
+
 async def test_abort_counts_exactly_the_delivered_tokens(bank: Path) -> None:
     engine = ReplayEngine(bank, order="banked", rate=0)
     seen: list[CallUsage] = []
