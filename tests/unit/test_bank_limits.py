@@ -1,0 +1,54 @@
+"""benchmarks/bank_limits.py: the vote, the cannot-lose stopping point and the figures it derives from a bank."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "bank_limits.py"
+
+
+@pytest.fixture(scope="module")
+def limits() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("bank_limits", SCRIPT)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["bank_limits"] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_majority_ties_go_to_the_first_seen_and_no_answer_never_wins(limits: ModuleType) -> None:
+    assert limits.majority([1, 0, 0, 1]) == 1
+    assert limits.majority([-1, -1, 2]) == 2
+    assert limits.majority([-1, -1]) == -1
+
+
+def test_exact_stop_is_the_first_point_where_the_leader_cannot_lose(limits: ModuleType) -> None:
+    assert limits.exact_stop([0, 0, 0, 0, 1]) == 3  # 3 > 0 + 2 left
+    assert limits.exact_stop([0, 1, 0, 1, 0]) == 5  # never decided early
+    assert limits.exact_stop([0, -1, 0, 0]) == 3  # no answer counts for nobody: 2 > 0 + 1
+    assert limits.exact_stop([0, 0, 0]) == 2  # 2 > 0 + 1
+
+
+def test_analyse_counts_tokens_and_accuracy_per_rule(limits: ModuleType) -> None:
+    unanimous = limits.BankedRun("p1", 10, (0, 0, 0, 0), (True,), (5, 5, 5, 5))
+    split = limits.BankedRun("p2", 10, (0, 1, 0, 1), (False, True), (7, 7, 7, 7))
+    figures = limits.analyse([unanimous, split], orders=50, target=0.6)
+    sc = figures["sc"]
+    assert sc[4]["tokens"] == pytest.approx((10 + 20) + (10 + 28))  # one request per problem: the prompt once
+    assert sc[1]["tokens"] == pytest.approx((10 + 5) + (10 + 7))
+    # unanimous: always right; split: a tie, won by whichever answer comes first (right half the time)
+    assert 0.6 < sc[4]["accuracy"] < 0.9 and 0.6 < sc[1]["accuracy"] < 0.9
+    exact = figures["exact_stop"]
+    # the unanimous problem stops after 3 traces (3 > 0 + 1); the split one draws all 4 in any order
+    assert exact["traces_per_problem"] == pytest.approx((3 + 4) / 2)
+    assert exact["tokens"] == pytest.approx((3 * 10 + 15) + (4 * 10 + 28))
+    assert exact["tokens_prompt_once"] == pytest.approx((10 + 15) + (10 + 28))
+    assert figures["agreement_mean"] == pytest.approx((1.0 + 0.5) / 2)
+    assert figures["n"] == 4 and figures["k_at_target"] is None  # SC@1 costs 32 of 68 tokens: more than 40%
+    assert limits.analyse([unanimous, split], orders=5, target=0.5)["k_at_target"] == 1
