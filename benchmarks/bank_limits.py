@@ -13,6 +13,13 @@ runs). Over ``--orders`` seeded random orders of each problem's traces it report
   reduction is therefore the most that answer-preserving stopping can save on this bank. The row "prompt once"
   counts the prompt a single time, as if one request's samples could be drawn one after another: a floor no
   engine reaches (samples of one request decode in lockstep), shown for the completion tokens alone.
+- **confidence-weighted SC@k**: the same first k traces, each vote weighted by its trace confidence (DeepConf's
+  lowest group confidence over ``--window`` tokens, from the banked top-k logprobs): whether a better vote than
+  the plain majority lets fewer traces match SC@N.
+- **paired against SC@N**: each random order, taken across all problems, is one run of the rule; for each run the
+  accuracy difference to SC@N (in banked order) and its 95% paired interval (the harness's Newcombe interval).
+  Reported: the mean difference, the median interval, and the share of runs whose interval lies above
+  ``-margin`` (the evidence issue's criterion: -2 points on the 0.5B).
 - **agreement**: the share of a problem's traces that give its SC@N answer (in banked order), averaged over
   problems.
 
@@ -20,7 +27,7 @@ A token reduction target (``--target``, default 0.6) is then put against the dat
 costs at most (1 - target) of SC@N's tokens, and that k's expected accuracy next to SC@N's.
 
     python benchmarks/bank_limits.py BANK --benchmark gsm8k [--data PATH] [--orders 200] [--target 0.6]
-        [--limit P]
+        [--margin 0.02] [--window 32] [--limit P]
 
 ``--quick``: the first 10 problems, 20 orders. Prints a table, then one JSON line.
 """
@@ -38,8 +45,10 @@ from dataclasses import dataclass
 from rich.console import Console
 from rich.table import Table
 
-from branchwise.engine.tracebank import TraceBank
+from branchwise.engine.tracebank import BankedSample, TraceBank
 from branchwise.evals.datasets import load_benchmark
+from branchwise.evals.metrics import paired_difference_interval
+from branchwise.verifiers.confidence import LOGPROB_FLOOR, ConfidenceTracker
 from branchwise.verifiers.grader_base import BaseGrader
 
 
@@ -52,6 +61,18 @@ class BankedRun:
     clusters: tuple[int, ...]  # per trace: the index of its answer's cluster (-1: no answer)
     correct: tuple[bool, ...]  # per cluster: whether that answer is right
     tokens: tuple[int, ...]  # per trace
+    confidence: tuple[float, ...] = ()  # per trace: its DeepConf confidence (empty: drawn without logprobs)
+
+
+def sample_confidence(sample: BankedSample, window: int) -> float | None:
+    """A banked trace's lowest group confidence (DeepConf), from its top-k means; None without logprobs."""
+    if not sample.logprobs:
+        return None
+    tracker = ConfidenceTracker(window=window)
+    for logprob, top_mean, count in zip(sample.logprobs, sample.top_mean, sample.top_counts, strict=True):
+        # the token confidence of `token_confidence`: minus the top-k mean when there are >= 2 alternatives
+        tracker.push(-top_mean if count >= 2 else max(logprob, LOGPROB_FLOOR), logprob)
+    return tracker.lowest_group_confidence
 
 
 def cluster(answers: Sequence[str | None], grader: BaseGrader) -> tuple[list[int], list[str]]:
@@ -72,15 +93,18 @@ def cluster(answers: Sequence[str | None], grader: BaseGrader) -> tuple[list[int
     return labels, representatives
 
 
-def majority(labels: Sequence[int]) -> int:
-    """The cluster with the most votes among ``labels`` (-1 when none answered); ties go to the first seen."""
-    counts: dict[int, int] = {}
-    for label in labels:
+def majority(labels: Sequence[int], weights: Sequence[float] | None = None) -> int:
+    """The cluster with the most votes among ``labels`` (-1 when none answered); ties go to the first seen.
+
+    With ``weights``, each label's vote counts its weight (a trace confidence) instead of 1.
+    """
+    counts: dict[int, float] = {}
+    for i, label in enumerate(labels):
         if label >= 0:
-            counts[label] = counts.get(label, 0) + 1
-    best, most = -1, 0
+            counts[label] = counts.get(label, 0) + (1 if weights is None else weights[i])
+    best, most = -1, 0.0
     for label, count in counts.items():  # in first-seen order
-        if count > most:
+        if best < 0 or count > most:
             best, most = label, count
     return best
 
@@ -98,7 +122,9 @@ def exact_stop(labels: Sequence[int]) -> int:
     return n
 
 
-def load_runs(bank_path: str, benchmark_name: str, data: str | None, limit: int | None) -> list[BankedRun]:
+def load_runs(
+    bank_path: str, benchmark_name: str, data: str | None, limit: int | None, window: int = 32
+) -> list[BankedRun]:
     bank = TraceBank(bank_path)
     try:
         problems = sorted(bank.problems(), key=lambda p: (p.position is None, p.position, p.problem_id))
@@ -115,30 +141,55 @@ def load_runs(bank_path: str, benchmark_name: str, data: str | None, limit: int 
             labels, reps = cluster(answers, grader)
             right = tuple(grader.grade_sync(rep, gold[problem.problem_id]).correct for rep in reps)
             tokens = tuple(len(s.token_ids) for s in samples)
-            runs.append(BankedRun(problem.problem_id, problem.prompt_tokens, tuple(labels), right, tokens))
+            confidences = [sample_confidence(s, window) for s in samples]
+            confidence = () if None in confidences else tuple(c for c in confidences if c is not None)
+            runs.append(BankedRun(problem.problem_id, problem.prompt_tokens, tuple(labels), right, tokens, confidence))
         grader.close()
         return runs
     finally:
         bank.close()
 
 
-def analyse(runs: Sequence[BankedRun], orders: int, target: float, seed: int = 0) -> dict[str, object]:
+def _paired(tables: Sequence[Sequence[int]], margin: float) -> dict[str, float]:
+    """Summary of one rule's runs against SC@N: each table is (both, rule only, SC@N only, neither) right."""
+    intervals = sorted(paired_difference_interval(*table) for table in tables)
+    problems = sum(tables[0])
+    return {
+        "accuracy_diff": statistics.fmean((t[1] - t[2]) / problems for t in tables),
+        "ci_low_median": statistics.median(lo for lo, _ in intervals),
+        "ci_high_median": statistics.median(hi for _, hi in intervals),
+        "share_above_margin": sum(lo > -margin for lo, _ in intervals) / len(intervals),
+    }
+
+
+def analyse(
+    runs: Sequence[BankedRun], orders: int, target: float, seed: int = 0, margin: float = 0.02
+) -> dict[str, object]:
     n = min(len(r.tokens) for r in runs)
     ks = sorted({*(2**i for i in range(n.bit_length()) if 2**i <= n), n})
+    weighted = all(r.confidence for r in runs)
+    rules = [("sc", k) for k in ks] + ([("weighted", k) for k in ks] if weighted else [])
     rng = random.Random(seed)
-    sc_right = dict.fromkeys(ks, 0.0)
+    right = dict.fromkeys(rules, 0.0)
     sc_tokens = dict.fromkeys(ks, 0.0)
+    # per rule and order: the paired table (both, rule only, SC@N only, neither) against SC@N in banked order
+    tables = {rule: [[0, 0, 0, 0] for _ in range(orders)] for rule in rules}
     exact_tokens = exact_shared = exact_traces = 0.0
     agreement = []
     for run in runs:
         full = majority(run.clusters[:n])
+        full_right = full >= 0 and run.correct[full]
         agreement.append(sum(1 for c in run.clusters[:n] if c == full and c >= 0) / n)
-        for _ in range(orders):
+        for o in range(orders):
             order = rng.sample(range(n), n)
             labels = [run.clusters[i] for i in order]
+            weights = [run.confidence[i] for i in order] if weighted else None
+            for kind, k in rules:
+                pick = majority(labels[:k], weights[:k] if kind == "weighted" and weights else None)
+                ok = pick >= 0 and run.correct[pick]
+                right[kind, k] += ok / orders
+                tables[kind, k][o][(not ok) * 2 + (not full_right)] += 1
             for k in ks:
-                pick = majority(labels[:k])
-                sc_right[k] += (pick >= 0 and run.correct[pick]) / orders
                 sc_tokens[k] += (run.prompt_tokens + sum(run.tokens[i] for i in order[:k])) / orders
             stop = exact_stop(labels)
             exact_traces += stop / orders
@@ -149,11 +200,20 @@ def analyse(runs: Sequence[BankedRun], orders: int, target: float, seed: int = 0
     base = sc_tokens[n]
     affordable = [k for k in ks if sc_tokens[k] <= (1 - target) * base]
     k_at_target = max(affordable) if affordable else None
+
+    def summary(kind: str) -> dict[int, dict[str, float]]:
+        return {
+            k: {"accuracy": right[kind, k] / problems, "tokens": sc_tokens[k]} | _paired(tables[kind, k], margin)
+            for k in ks
+        }
+
     return {
         "problems": problems,
         "n": n,
         "orders": orders,
-        "sc": {k: {"accuracy": sc_right[k] / problems, "tokens": sc_tokens[k]} for k in ks},
+        "margin": margin,
+        "sc": summary("sc"),
+        "weighted": summary("weighted") if weighted else None,
         "exact_stop": {
             "traces_per_problem": exact_traces / problems,
             "tokens": exact_tokens,
@@ -164,7 +224,7 @@ def analyse(runs: Sequence[BankedRun], orders: int, target: float, seed: int = 0
         "agreement_mean": statistics.fmean(agreement),
         "target": target,
         "k_at_target": k_at_target,
-        "accuracy_at_target": None if k_at_target is None else sc_right[k_at_target] / problems,
+        "accuracy_at_target": None if k_at_target is None else right["sc", k_at_target] / problems,
     }
 
 
@@ -175,42 +235,48 @@ def main() -> None:
     parser.add_argument("--data", help="benchmark file (default: $BRANCHWISE_BENCHMARKS/<standard name>)")
     parser.add_argument("--orders", type=int, default=200, help="random orders of each problem's traces")
     parser.add_argument("--target", type=float, default=0.6, help="token reduction to test against (fraction)")
+    parser.add_argument("--margin", type=float, default=0.02, help="accuracy loss the paired interval may reach")
+    parser.add_argument("--window", type=int, default=32, help="group-confidence window of the weighted vote")
     parser.add_argument("--limit", type=int, help="the first P banked problems only")
     parser.add_argument("--quick", action="store_true", help="10 problems, 20 orders")
     args = parser.parse_args()
     limit, orders = (10, 20) if args.quick else (args.limit, args.orders)
     started = time.perf_counter()
-    runs = load_runs(args.bank, args.benchmark, args.data, limit)
-    figures = analyse(runs, orders, args.target)
+    runs = load_runs(args.bank, args.benchmark, args.data, limit, args.window)
+    figures = analyse(runs, orders, args.target, margin=args.margin)
     figures["seconds"] = round(time.perf_counter() - started, 2)
 
+    n = figures["n"]
     sc = figures["sc"]
     assert isinstance(sc, dict)
-    n = figures["n"]
     base = sc[n]["tokens"]
     table = Table(title=f"{args.bank}: {figures['problems']} problems x {n} traces, {orders} orders")
-    for column in ("rule", "accuracy", "tokens", "tokens vs SC@N"):
+    for column in ("rule", "accuracy", "tokens", "tokens vs SC@N", "diff vs SC@N (median interval)", "runs above"):
         table.add_column(column, justify="left" if column == "rule" else "right")
-    for k, row in sc.items():
-        table.add_row(f"SC@{k}", f"{row['accuracy']:.1%}", f"{row['tokens']:,.0f}", f"{row['tokens'] / base:.2f}")
+    for kind, label in (("sc", "SC@{}"), ("weighted", "SC@{} weighted")):
+        rows = figures[kind] or {}
+        assert isinstance(rows, dict)
+        for k, row in rows.items():
+            table.add_row(
+                label.format(k),
+                f"{row['accuracy']:.1%}",
+                f"{row['tokens']:,.0f}",
+                f"{row['tokens'] / base:.2f}",
+                f"{row['accuracy_diff']:+.1%} [{row['ci_low_median']:+.1%}, {row['ci_high_median']:+.1%}]",
+                f"{row['share_above_margin']:.0%}",
+            )
     exact = figures["exact_stop"]
     assert isinstance(exact, dict)
-    table.add_row(
-        f"exact stop, 1 per request ({exact['traces_per_problem']:.1f} traces)",
-        f"{sc[n]['accuracy']:.1%}",
-        f"{exact['tokens']:,.0f}",
-        f"{exact['tokens'] / base:.2f}",
-    )
-    table.add_row(
-        "exact stop, prompt once (floor)",
-        f"{sc[n]['accuracy']:.1%}",
-        f"{exact['tokens_prompt_once']:,.0f}",
-        f"{exact['tokens_prompt_once'] / base:.2f}",
-    )
-    Console().print(table)
+    for label, tokens in (
+        (f"exact stop, 1 per request ({exact['traces_per_problem']:.1f} traces)", exact["tokens"]),
+        ("exact stop, prompt once (floor)", exact["tokens_prompt_once"]),
+    ):
+        table.add_row(label, f"{sc[n]['accuracy']:.1%}", f"{tokens:,.0f}", f"{tokens / base:.2f}", "+0.0% (same)", "")
+    Console(width=160).print(table)
     print(
         f"mean agreement with the SC@{n} answer: {figures['agreement_mean']:.1%}; "
-        f"most traces within {1 - args.target:.0%} of SC@{n}'s tokens: k = {figures['k_at_target']}"
+        f"most traces within {1 - args.target:.0%} of SC@{n}'s tokens: k = {figures['k_at_target']}; "
+        f"'runs above': share of runs whose paired 95% interval lies above -{args.margin:.0%}"
     )
     print(json.dumps(figures))
 

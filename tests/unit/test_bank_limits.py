@@ -52,3 +52,31 @@ def test_analyse_counts_tokens_and_accuracy_per_rule(limits: ModuleType) -> None
     assert figures["agreement_mean"] == pytest.approx((1.0 + 0.5) / 2)
     assert figures["n"] == 4 and figures["k_at_target"] is None  # SC@1 costs 32 of 68 tokens: more than 40%
     assert limits.analyse([unanimous, split], orders=5, target=0.5)["k_at_target"] == 1
+
+
+def test_a_weighted_vote_counts_each_trace_by_its_confidence(limits: ModuleType) -> None:
+    assert limits.majority([0, 1, 1], [5.0, 2.0, 2.0]) == 0  # one confident vote beats two doubtful ones
+    assert limits.majority([0, 1, 1], [3.0, 2.0, 2.0]) == 1
+    assert limits.majority([0, 1], [0.0, 0.0]) == 0  # zero weight still answers; ties go to the first seen
+    assert limits.majority([-1, 1], [9.0, 1.0]) == 1
+
+
+def test_paired_figures_compare_each_run_of_a_rule_with_sc_at_n(limits: ModuleType) -> None:
+    # two traces with the right answer: every rule is right on every problem, so no run differs from SC@N
+    right = limits.BankedRun("p1", 10, (0, 0), (True,), (5, 5), (1.0, 1.0))
+    figures = limits.analyse([right] * 20, orders=10, target=0.6, margin=0.02)
+    for kind in ("sc", "weighted"):
+        row = figures[kind][2]
+        assert row["accuracy_diff"] == 0.0 and row["ci_low_median"] < 0.0 < row["ci_high_median"]
+    # a rule that loses every problem SC@N wins: a difference of -1 whose interval never lies above -2 points
+    confident_wrong = limits.BankedRun("p2", 10, (1, 0, 0), (True, False), (5, 5, 5), (9.0, 1.0, 1.0))
+    figures = limits.analyse([confident_wrong] * 20, orders=10, target=0.6)
+    # the plain majority of all three is cluster 0 (right); the weighted vote picks cluster 1 (9 > 1 + 1)
+    assert figures["sc"][3]["accuracy_diff"] == 0.0
+    assert figures["weighted"][3]["accuracy"] == 0.0
+    assert figures["weighted"][3]["accuracy_diff"] == -1.0 and figures["weighted"][3]["share_above_margin"] == 0.0
+
+
+def test_without_logprobs_there_is_no_weighted_vote(limits: ModuleType) -> None:
+    plain = limits.BankedRun("p1", 10, (0, 0), (True,), (5, 5))
+    assert limits.analyse([plain], orders=3, target=0.6)["weighted"] is None
