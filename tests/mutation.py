@@ -88,6 +88,7 @@ FUNCTIONS: dict[str, list[str]] = {
 }
 
 PYTEST_ARGS = ["-m", "not engine and not server", "-p", "no:cacheprovider"]
+TIMEOUT_MULTIPLIER = 5.0  # mutmut's limit on a mutant's run: (its tests' duration + 1 s) times this
 
 # mutmut's exit codes -> status (mutmut.stats.status_by_exit_code); a timeout counts as killed.
 KILLED, TIMEOUT = {1, 3}, {36, -24, 24, 152, 255}
@@ -134,6 +135,10 @@ def stage(module: str, tests: list[str]) -> Path:
             f"pytest_add_cli_args = {_toml_list(PYTEST_ARGS)}",
             f"pytest_add_cli_args_test_selection = {_toml_list(['tests/unit/' + t for t in tests])}",
             "use_git_change_detection = false",  # other files of the tree change under a long run
+            # A mutant that makes a call wait forever (a lost wake-up) otherwise costs 15 times its tests' time
+            # (about a minute for the budget); 5 times still leaves room for a loaded machine. Timeouts count as
+            # killed, and changing this only re-tests the mutants that timed out.
+            f"timeout_multiplier = {TIMEOUT_MULTIPLIER}",
             "",
         ]
     )
@@ -173,9 +178,12 @@ def run(module: str, *, recheck: bool) -> None:
     command = [str(MUTMUT), "run", "--max-children", "1"]
     print(f"== {module} ({folder.relative_to(ROOT)})", flush=True)
     # With names, mutmut tests every mutant they match again, whatever it knows: a module limited to some
-    # functions has them all tested afresh on every run.
+    # functions has them all tested afresh on every run, so a recheck of such a module with every mutant already
+    # checked skips that full run and re-tests only the survivors.
     names = [p for p in _patterns(module) if module in FUNCTIONS]
-    subprocess.run([*command, *names], cwd=folder, env=env, check=True)
+    _, checked, _, unchecked = summary(results(folder, module))
+    if not (recheck and names and checked and not unchecked):
+        subprocess.run([*command, *names], cwd=folder, env=env, check=True)
     _, _, survivors, _ = summary(results(folder, module))
     if recheck and survivors:
         print(f"== {module}: re-testing {len(survivors)} survivors", flush=True)
