@@ -1,10 +1,14 @@
 """Engine-layer overhead: branchwise engines versus the raw clients they wrap, same workload, same process.
 
-Part 1 (embedded): one vLLM AsyncLLM serves both sides. "raw" drives it directly (``AsyncLLM.generate`` with
+Part 1 (embedded): one vLLM AsyncLLM serves every side. "raw" drives it directly (``AsyncLLM.generate`` with
 DELTA outputs); "branchwise" drives it through `VLLMEngine.stream` (request validation, prompt rendering, delta
-mapping, usage metering). Part 2 (HTTP): a local ``vllm serve`` on 127.0.0.1; "raw" is a plain httpx streaming
-client for ``/v1/completions``; "branchwise" is `OpenAIEngine.stream`. Rounds alternate raw and branchwise so
-machine noise hits both; the ratio of their throughputs is the figure (target: >= 0.97).
+mapping, usage metering); "budgeted" through the `BudgetedEngine` every strategy really calls (`Budget.bind`:
+admission, prompt reservation, per-delta charging and cap checks, a pulling task and buffer per call), one
+uncapped budget per round. Part 2 (HTTP): a local ``vllm serve`` on 127.0.0.1; "raw" is a plain httpx streaming
+client for ``/v1/completions``; "branchwise" is `OpenAIEngine.stream`, "budgeted" the same under a budget. Every
+side gets one untimed warm-up run, then rounds run the sides in alternating order (raw, branchwise, budgeted;
+then reversed) so machine noise hits all; the ratios of their throughputs to raw are the figures (target:
+>= 0.97), and the client process's CPU per token, which does not depend on how the cores are shared.
 
 Workload: P prompts x n samples x T tokens with ignore_eos, all prompts concurrently.
 
@@ -29,10 +33,12 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import httpx
+from _paired import alternating
 from rich.console import Console
 from rich.table import Table
 
-from branchwise.engine import GenerationRequest
+from branchwise.budget import Budget
+from branchwise.engine import Engine, GenerationRequest
 from branchwise.engine.models import pull
 from branchwise.engine.vllm_engine import VLLMEngine
 
@@ -70,7 +76,9 @@ async def raw_vllm(engine: VLLMEngine, texts: list[str], n: int, tokens: int) ->
     return sum(await asyncio.gather(*(one(t) for t in texts)))
 
 
-async def ours_vllm(engine: VLLMEngine, texts: list[str], n: int, tokens: int) -> int:
+async def through(engine: Engine, texts: list[str], n: int, tokens: int) -> int:
+    """The workload through a branchwise engine (`VLLMEngine`, `OpenAIEngine`, or either under a budget)."""
+
     async def one(text: str) -> int:
         request = GenerationRequest(prompt=text, n=n, max_tokens=tokens, ignore_eos=True, temperature=0.8)
         count = 0
@@ -135,41 +143,26 @@ async def raw_http(client: httpx.AsyncClient, base: str, texts: list[str], n: in
     return sum(await asyncio.gather(*(one(t) for t in texts)))
 
 
-async def ours_http(engine: Any, texts: list[str], n: int, tokens: int) -> int:
-    async def one(text: str) -> int:
-        request = GenerationRequest(prompt=text, n=n, max_tokens=tokens, ignore_eos=True, temperature=0.8)
-        count = 0
-        async for delta in engine.stream(request):
-            count += len(delta.token_ids)
-        return count
-
-    return sum(await asyncio.gather(*(one(t) for t in texts)))
-
-
-async def alternate(
-    label: str, raw: Callable[[], Awaitable[int]], ours: Callable[[], Awaitable[int]], rounds: int
-) -> dict[str, Any]:
-    await raw()  # warm-up both paths (first-request compilation, connection setup)
-    await ours()
-    tps: dict[str, list[float]] = {"raw": [], "ours": []}
-    cpu_us: dict[str, list[float]] = {"raw": [], "ours": []}
+async def alternate(label: str, sides: dict[str, Callable[[], Awaitable[int]]], rounds: int) -> dict[str, Any]:
+    """Throughput and client CPU per token of each side (the first is raw), and each one's ratio to raw."""
+    for run in sides.values():  # the same untimed warm-up for every side (first-request compilation, connections)
+        await run()
+    tps: dict[str, list[float]] = {name: [] for name in sides}
+    cpu_us: dict[str, list[float]] = {name: [] for name in sides}
     for i in range(rounds):
-        order = [("raw", raw), ("ours", ours)] if i % 2 == 0 else [("ours", ours), ("raw", raw)]
-        for name, fn in order:
-            tokens, seconds, cpu = await timed(fn)
+        for name in alternating(list(sides), i):
+            tokens, seconds, cpu = await timed(sides[name])
             tps[name].append(tokens / seconds)
             cpu_us[name].append(cpu / tokens * 1e6)
-    raw_med, ours_med = statistics.median(tps["raw"]), statistics.median(tps["ours"])
+    medians = {name: statistics.median(values) for name, values in tps.items()}
+    raw = medians["raw"]
     return {
         "path": label,
-        "raw_tok_s": round(raw_med, 1),
-        "branchwise_tok_s": round(ours_med, 1),
-        "ratio": round(ours_med / raw_med, 4),
-        "raw_rounds": [round(x, 1) for x in tps["raw"]],
-        "branchwise_rounds": [round(x, 1) for x in tps["ours"]],
+        **{f"{name}_tok_s": round(value, 1) for name, value in medians.items()},
+        **{f"{name}_ratio": round(value / raw, 4) for name, value in medians.items() if name != "raw"},
+        **{f"{name}_rounds": [round(x, 1) for x in values] for name, values in tps.items()},
         # Client-process CPU per generated token: the overhead itself, much less noisy than throughput here.
-        "raw_client_cpu_us_per_token": round(statistics.median(cpu_us["raw"]), 1),
-        "branchwise_client_cpu_us_per_token": round(statistics.median(cpu_us["ours"]), 1),
+        **{f"{name}_client_cpu_us_per_token": round(statistics.median(v), 1) for name, v in cpu_us.items()},
     }
 
 
@@ -194,9 +187,12 @@ async def main() -> None:
         try:
             results.append(
                 await alternate(
-                    "embedded: VLLMEngine.stream vs AsyncLLM.generate",
-                    lambda: raw_vllm(engine, texts, args.n, args.tokens),
-                    lambda: ours_vllm(engine, texts, args.n, args.tokens),
+                    "embedded: VLLMEngine.stream (and under a budget) vs AsyncLLM.generate",
+                    {
+                        "raw": lambda: raw_vllm(engine, texts, args.n, args.tokens),
+                        "branchwise": lambda: through(engine, texts, args.n, args.tokens),
+                        "budgeted": lambda: through(Budget().bind(engine), texts, args.n, args.tokens),
+                    },
                     args.rounds,
                 )
             )
@@ -216,9 +212,12 @@ async def main() -> None:
             async with httpx.AsyncClient(timeout=600, limits=limits) as client, OpenAIEngine(MODEL, base) as oai:
                 results.append(
                     await alternate(
-                        "HTTP: OpenAIEngine.stream vs raw httpx SSE",
-                        lambda: raw_http(client, base, texts, args.n, args.tokens),
-                        lambda: ours_http(oai, texts, args.n, args.tokens),
+                        "HTTP: OpenAIEngine.stream (and under a budget) vs raw httpx SSE",
+                        {
+                            "raw": lambda: raw_http(client, base, texts, args.n, args.tokens),
+                            "branchwise": lambda: through(oai, texts, args.n, args.tokens),
+                            "budgeted": lambda: through(Budget().bind(oai), texts, args.n, args.tokens),
+                        },
                         args.rounds,
                     )
                 )
@@ -232,12 +231,14 @@ async def main() -> None:
     table = Table(
         title=f"engine overhead: {args.prompts} prompts x n={args.n} x {args.tokens} tokens, {args.rounds} rounds"
     )
-    for column in ("path", "raw tok/s", "branchwise tok/s", "ratio", "client CPU us/token raw / branchwise"):
+    for column in ("path", "raw tok/s", "branchwise tok/s", "budgeted tok/s", "ratio branchwise / budgeted",
+                   "client CPU us/token raw / branchwise / budgeted"):  # fmt: skip
         table.add_column(column)
     for r in results:
-        cpu = f"{r['raw_client_cpu_us_per_token']} / {r['branchwise_client_cpu_us_per_token']}"
-        table.add_row(r["path"], str(r["raw_tok_s"]), str(r["branchwise_tok_s"]), f"{r['ratio']:.3f}", cpu)
-    Console().print(table)
+        cpu = " / ".join(str(r[f"{name}_client_cpu_us_per_token"]) for name in ("raw", "branchwise", "budgeted"))
+        table.add_row(r["path"], str(r["raw_tok_s"]), str(r["branchwise_tok_s"]), str(r["budgeted_tok_s"]),
+                      f"{r['branchwise_ratio']:.3f} / {r['budgeted_ratio']:.3f}", cpu)  # fmt: skip
+    Console(width=200).print(table)
     workload = {"prompts": args.prompts, "n": args.n, "tokens": args.tokens, "rounds": args.rounds}
     print(json.dumps({"benchmark": "engine_overhead", "model": MODEL, "workload": workload, "results": results}))
 
