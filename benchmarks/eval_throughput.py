@@ -1,21 +1,23 @@
 """Evaluation harness throughput: problems per minute on the real engine, harness overhead, grader throughput.
 
-Parts (each compared with a baseline measured in the same run):
+Parts (each compared with a baseline measured in the same run; both sides get the same untimed warm-up pass,
+then timed rounds run them in alternating order, A B, B A, ..., and the medians are compared):
 
 1. ``problems/min`` of `run_eval` on the embedded engine (default model) with self-consistency, at concurrency 1
-   (baseline) and at --concurrency K: the ratio is what running problems concurrently on one engine buys.
+   (baseline) and at --concurrency K: the ratio is what running problems concurrently on one engine buys. The
+   warm-up pass (at K) also puts every prompt in the prefix cache, so neither side finds the cache colder.
 2. harness overhead: `run_eval` on a scripted engine that answers instantly (grading, clustering, one SQLite
-   transaction per row): rows per second, against the same loop with no store (baseline).
+   transaction per row): rows per second, against the same solves with no grading or store (baseline).
 3. grader throughput on MATH-500 gold answers rewritten (math-verify needed): answers/s through `MathGrader` and
    its process pool (hard per-item timeouts, never blocks the event loop) versus math-verify called in-process
-   (baseline, no timeout protection).
+   (baseline, no timeout protection); each path is timed on its second pass.
 
 ``--full`` instead runs the recorded comparison: GSM8K (first --limit problems, default 100) with the 0.5B model
 (qwen2.5-coder-0.5b-instruct) for single, self_consistency@8, deepconf@8 and adaptive, into
 ``benchmarks/results/gsm8k-qwen0.5b.db`` and its report (takes hours on 2 CPU cores; resumable: run it again
 to continue after an interruption).
 
-    python benchmarks/eval_throughput.py [--quick] [--concurrency 4] [--problems 8]
+    python benchmarks/eval_throughput.py [--quick] [--concurrency 4] [--problems 8] [--rounds 2]
     python benchmarks/eval_throughput.py --full [--limit 100]
 
 Prints a table, then one JSON line with the figures.
@@ -27,20 +29,23 @@ import argparse
 import asyncio
 import json
 import os
+import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
+from _paired import alternating
 from rich.console import Console
 from rich.table import Table
 
+from branchwise.budget import Budget
 from branchwise.engine.testing import FunctionEngine
 from branchwise.evals.datasets import BENCHMARKS_ENV, Benchmark, load_benchmark
 from branchwise.evals.metrics import summarize
 from branchwise.evals.repro import reproducibility_record
-from branchwise.evals.runner import EvalConfig, LineProgress, run_eval, strategy_solver
+from branchwise.evals.runner import EvalConfig, LineProgress, config_id, run_eval, strategy_solver
 from branchwise.evals.store import ResultsStore
 from branchwise.search import Adaptive, DeepConf, SelfConsistency, Single
 
@@ -49,37 +54,54 @@ SHARED = ROOT.parent / "shared" / "benchmarks"
 RESULTS = ROOT / "benchmarks" / "results"
 
 
-async def engine_throughput(problems: int, concurrency: int, max_tokens: int, model: str) -> dict[str, Any]:
+async def engine_throughput(
+    problems: int, concurrency: int, max_tokens: int, model: str, rounds: int
+) -> dict[str, Any]:
     from branchwise.engine.vllm_engine import VLLMEngine
 
     bench = load_benchmark("arithmetic", limit=problems, seed=11)
-    out: dict[str, Any] = {"model": model, "problems": problems, "max_tokens": max_tokens}
+    out: dict[str, Any] = {"model": model, "problems": problems, "max_tokens": max_tokens, "rounds": rounds}
     async with VLLMEngine(model, max_model_len=2048, seed=0) as engine:
         started = time.perf_counter()
         await engine.start()
         out["engine_start_s"] = time.perf_counter() - started
+        solve = strategy_solver(SelfConsistency(n=4), engine, bench, max_tokens=max_tokens)
         with tempfile.TemporaryDirectory() as tmp, ResultsStore(Path(tmp) / "r.db") as store:
-            for k in (1, concurrency):
-                config = EvalConfig(f"sc4-c{k}", strategy_solver(SelfConsistency(n=4), engine, bench,
-                                                                 max_tokens=max_tokens), {"k": k})  # fmt: skip
+
+            async def timed_eval(k: int, tag: str) -> dict[str, Any]:
+                config = EvalConfig(f"sc4-c{k}-{tag}", solve, {"k": k, "run": tag})
                 began = time.perf_counter()
                 await run_eval(bench, [config], store, concurrency=k)
                 wall = time.perf_counter() - began
-                rows = store.rows(store.configs()[-1].config_id)
+                rows = store.rows(config_id(bench, config.label, config.params))
                 tokens = sum(r.usage_int("completion_tokens") for r in rows)
-                out[f"c{k}"] = {
-                    "problems_per_min": 60 * problems / wall,
+                return {
                     "wall_s": wall,
+                    "problems_per_min": 60 * problems / wall,
                     "completion_tokens": tokens,
                     "tokens_per_s": tokens / wall,
                     "accuracy": sum(r.correct for r in rows) / len(rows),
                 }
+
+            # One untimed pass warms both sides alike (first-batch set-up, every prompt in the prefix cache); then
+            # the two sides alternate (1, K, then K, 1, ...).
+            await timed_eval(concurrency, "warm-up")
+            runs: dict[int, list[dict[str, Any]]] = {1: [], concurrency: []}
+            for i in range(rounds):
+                for k in alternating([1, concurrency], i):
+                    runs[k].append(await timed_eval(k, f"round{i}"))
+    for k, values in runs.items():
+        out[f"c{k}"] = {
+            "problems_per_min": statistics.median(v["problems_per_min"] for v in values),
+            "tokens_per_s": statistics.median(v["tokens_per_s"] for v in values),
+            "rounds": values,
+        }
     out["concurrency"] = concurrency
     out["speedup"] = out[f"c{concurrency}"]["problems_per_min"] / out["c1"]["problems_per_min"]
     return out
 
 
-async def harness_overhead(problems: int) -> dict[str, Any]:
+async def harness_overhead(problems: int, rounds: int) -> dict[str, Any]:
     bench = load_benchmark("arithmetic", limit=problems, seed=3)
     gold = {p.question: p.gold[0] for p in bench.problems}
 
@@ -87,27 +109,38 @@ async def harness_overhead(problems: int) -> dict[str, Any]:
         q = next(g for text, g in gold.items() if text in request.messages[-1].content)
         return [f"The answer is {q}.", f"The answer is {int(q) + 1}.", f"So {q}."]
 
-    engine = FunctionEngine(reply)
-    solve = strategy_solver(SelfConsistency(n=3), engine, bench)
-    # baseline: the same solves, no grading or store
-    from branchwise.budget import Budget
-
-    began = time.perf_counter()
+    solve = strategy_solver(SelfConsistency(n=3), FunctionEngine(reply), bench)
     gate = asyncio.Semaphore(8)
 
     async def bare(problem: Any) -> None:
         async with gate:
             await solve(problem, Budget())
 
-    await asyncio.gather(*(bare(p) for p in bench.problems))
-    bare_s = time.perf_counter() - began
     with tempfile.TemporaryDirectory() as tmp, ResultsStore(Path(tmp) / "r.db") as store:
-        began = time.perf_counter()
-        await run_eval(bench, [EvalConfig("sc3", solve)], store, concurrency=8)
-        full_s = time.perf_counter() - began
-        assert store.count() == problems
+
+        async def solves_only(tag: str) -> float:
+            """The baseline: the same solves, no grading or store."""
+            began = time.perf_counter()
+            await asyncio.gather(*(bare(p) for p in bench.problems))
+            return time.perf_counter() - began
+
+        async def harness(tag: str) -> float:
+            began = time.perf_counter()
+            await run_eval(bench, [EvalConfig(f"sc3-{tag}", solve, {"run": tag})], store, concurrency=8)
+            return time.perf_counter() - began
+
+        sides = {"solves_only": solves_only, "harness": harness}
+        for side in sides.values():  # the same untimed warm-up pass for both
+            await side("warm-up")
+        seconds: dict[str, list[float]] = {name: [] for name in sides}
+        for i in range(rounds):
+            for name in alternating(list(sides), i):
+                seconds[name].append(await sides[name](f"round{i}"))
+        assert store.count() == problems * (rounds + 1)
+    bare_s, full_s = statistics.median(seconds["solves_only"]), statistics.median(seconds["harness"])
     return {
         "problems": problems,
+        "rounds": rounds,
         "solve_only_per_s": problems / bare_s,
         "harness_rows_per_s": problems / full_s,
         "overhead_ms_per_row": 1000 * (full_s - bare_s) / problems,
@@ -204,31 +237,32 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=4)
     parser.add_argument("--limit", type=int, default=100, help="--full: GSM8K problems")
     parser.add_argument("--max-tokens", type=int, default=None)
+    parser.add_argument("--rounds", type=int, default=2, help="timed rounds of each side (after one warm-up)")
     parser.add_argument("--skip-engine", action="store_true", help="only the harness and grader parts")
     args = parser.parse_args()
-    console = Console()
+    console = Console(width=160)
     if args.full:
-        figures = asyncio.run(
+        comparison = asyncio.run(
             full_comparison(args.limit, args.concurrency, args.model or "qwen2.5-coder-0.5b-instruct",
                             args.max_tokens or 384)
         )  # fmt: skip
         table = Table(title=f"GSM8K first {args.limit}: {args.model or 'qwen2.5-coder-0.5b-instruct'}")
         for column in ("configuration", "accuracy", "95% CI", "tokens/problem", "problems/min"):
             table.add_column(column)
-        for label, m in figures["configs"].items():
+        for label, m in comparison["configs"].items():
             table.add_row(label, f"{m['accuracy']:.1%}", f"[{m['ci'][0]:.1%}, {m['ci'][1]:.1%}]",
                           f"{m['mean_completion_tokens']:.0f}", f"{m['problems_per_min']:.2f}")  # fmt: skip
         console.print(table)
-        print(json.dumps(figures))
+        print(json.dumps(comparison))
         return
     problems = args.problems or (6 if args.quick else 20)
     figures: dict[str, Any] = {"date": time.strftime("%Y-%m-%d")}
-    figures["harness"] = asyncio.run(harness_overhead(200 if args.quick else 1000))
+    figures["harness"] = asyncio.run(harness_overhead(200 if args.quick else 1000, max(args.rounds, 3)))
     figures["grader"] = grader_throughput(60 if args.quick else 200)
     if not args.skip_engine:
         figures["engine"] = asyncio.run(
             engine_throughput(problems, args.concurrency, args.max_tokens or (96 if args.quick else 192),
-                              args.model or "smollm2-135m-instruct")
+                              args.model or "smollm2-135m-instruct", args.rounds)
         )  # fmt: skip
     table = Table(title="evaluation harness throughput")
     for column in ("part", "measure", "value", "baseline", "ratio"):
