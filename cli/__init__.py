@@ -21,8 +21,13 @@ code  meaning
       that is not a `ConfigError`); the message names the error type
 2     bad input, refused before any work: a spec, plan, trace or benchmark file, a command-line argument or
       option (argparse's own errors too), an unknown name, a missing optional dependency (`ConfigError`)
-130   interrupted (Ctrl-C): in-flight work is cancelled, engine requests aborted, traces kept
+130   interrupted (Ctrl-C, or SIGTERM): in-flight work is cancelled, engine requests aborted, engine processes
+      shut down, traces and finished results kept
 ====  ===========================================================================================================
+
+SIGTERM (``kill``, a job scheduler, a container stop) is handled as Ctrl-C, also in a process started in the
+background by a shell, which ignores SIGINT: without it an embedded vLLM engine's processes would outlive the
+command and go on generating.
 
 vLLM's own log lines are hidden (``VLLM_LOGGING_LEVEL=ERROR``) unless ``branchwise -v ...`` asks for them or
 ``VLLM_LOGGING_LEVEL`` is set.
@@ -35,9 +40,12 @@ traces as ``\\udcXX`` escapes that read back to the same string; output that can
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
+import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from types import FrameType
 
 from ..errors import BranchwiseError, ConfigError
 from . import evaluate, models, run, sample
@@ -70,6 +78,29 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _terminate(signum: int, frame: FrameType | None) -> None:
+    """SIGTERM as Ctrl-C: through SIGINT's Python handler (asyncio.run's cancels the main task), else raised."""
+    handler = signal.getsignal(signal.SIGINT)
+    if callable(handler):
+        handler(signal.SIGINT, frame)
+    else:  # SIGINT ignored (a background job) or left to the OS
+        raise KeyboardInterrupt
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    """Handle SIGTERM as Ctrl-C while a command runs (main thread only; a no-op elsewhere)."""
+    try:
+        previous = signal.signal(signal.SIGTERM, _terminate)
+    except ValueError:  # not the main thread: signals are not ours to handle
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI; returns the process exit code (see the table above)."""
     for stream in (sys.stdout, sys.stderr):
@@ -84,7 +115,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         # vLLM reads this when it is first imported (lazily, by the engine), in this process and its workers.
         os.environ.setdefault(VLLM_LOG_ENV, "ERROR")
     try:
-        return int(args.func(args))
+        with _sigterm_as_interrupt():
+            return int(args.func(args))
     except ConfigError as err:
         print(f"branchwise: error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT

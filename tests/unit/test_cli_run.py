@@ -101,9 +101,19 @@ _CLI_WITH_CTRL_C = (
     "import signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
     "from branchwise.cli import main; sys.exit(main(sys.argv[1:]))"
 )
+# A background job as a shell starts it: SIGINT ignored, so only SIGTERM can stop it.
+_CLI_IN_BACKGROUND = (
+    "import signal, sys; signal.signal(signal.SIGINT, signal.SIG_IGN); "
+    "from branchwise.cli import main; sys.exit(main(sys.argv[1:]))"
+)
 
 
-def test_ctrl_c_stops_cleanly_and_keeps_the_trace(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("cli", "stop"),
+    [(_CLI_WITH_CTRL_C, signal.SIGINT), (_CLI_WITH_CTRL_C, signal.SIGTERM), (_CLI_IN_BACKGROUND, signal.SIGTERM)],
+    ids=["ctrl-c", "sigterm", "sigterm-in-background"],
+)
+def test_ctrl_c_stops_cleanly_and_keeps_the_trace(tmp_path: Path, cli: str, stop: signal.Signals) -> None:
     slow = tmp_path / "slow.yaml"
     words = " ".join(f"w{i}" for i in range(3000))
     slow.write_text(
@@ -114,7 +124,7 @@ def test_ctrl_c_stops_cleanly_and_keeps_the_trace(tmp_path: Path) -> None:
     trace = tmp_path / "t.jsonl"
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen(
-        [sys.executable, "-c", _CLI_WITH_CTRL_C, "run", str(slow), "q?", "--trace", str(trace)],
+        [sys.executable, "-c", cli, "run", str(slow), "q?", "--trace", str(trace)],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -127,7 +137,7 @@ def test_ctrl_c_stops_cleanly_and_keeps_the_trace(tmp_path: Path) -> None:
             assert proc.poll() is None, proc.communicate()
             assert time.monotonic() < deadline, "the run never started"
             time.sleep(0.02)
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(stop)
         _, err = proc.communicate(timeout=30)
     finally:
         if proc.poll() is None:
