@@ -27,7 +27,7 @@ A token reduction target (``--target``, default 0.6) is then put against the dat
 costs at most (1 - target) of SC@N's tokens, and that k's expected accuracy next to SC@N's.
 
     python benchmarks/bank_limits.py BANK --benchmark gsm8k [--data PATH] [--orders 200] [--target 0.6]
-        [--margin 0.02] [--window 32] [--limit P]
+        [--margin 0.02] [--window 32] [--ks 4,5,6,8] [--limit P]
 
 ``--quick``: the first 10 problems, 20 orders. Prints a table, then one JSON line.
 """
@@ -163,10 +163,18 @@ def _paired(tables: Sequence[Sequence[int]], margin: float) -> dict[str, float]:
 
 
 def analyse(
-    runs: Sequence[BankedRun], orders: int, target: float, seed: int = 0, margin: float = 0.02
+    runs: Sequence[BankedRun],
+    orders: int,
+    target: float,
+    seed: int = 0,
+    margin: float = 0.02,
+    ks: Sequence[int] | None = None,
 ) -> dict[str, object]:
+    """The figures of the module docstring; ``ks``: the vote sizes (default 1, 2, 4, ..., N; N is always added)."""
     n = min(len(r.tokens) for r in runs)
-    ks = sorted({*(2**i for i in range(n.bit_length()) if 2**i <= n), n})
+    if ks is not None and not all(1 <= k <= n for k in ks):
+        raise ValueError(f"every k must be between 1 and {n}, the traces of each problem: got {list(ks)}")
+    ks = sorted({*(ks if ks is not None else (2**i for i in range(n.bit_length()) if 2**i <= n)), n})
     weighted = all(r.confidence for r in runs)
     rules = [("sc", k) for k in ks] + ([("weighted", k) for k in ks] if weighted else [])
     rng = random.Random(seed)
@@ -237,13 +245,15 @@ def main() -> None:
     parser.add_argument("--target", type=float, default=0.6, help="token reduction to test against (fraction)")
     parser.add_argument("--margin", type=float, default=0.02, help="accuracy loss the paired interval may reach")
     parser.add_argument("--window", type=int, default=32, help="group-confidence window of the weighted vote")
+    parser.add_argument("--ks", help="vote sizes to report, e.g. 4,5,6,8 (default 1,2,4,...,N)")
     parser.add_argument("--limit", type=int, help="the first P banked problems only")
     parser.add_argument("--quick", action="store_true", help="10 problems, 20 orders")
     args = parser.parse_args()
     limit, orders = (10, 20) if args.quick else (args.limit, args.orders)
     started = time.perf_counter()
     runs = load_runs(args.bank, args.benchmark, args.data, limit, args.window)
-    figures = analyse(runs, orders, args.target, margin=args.margin)
+    ks = [int(k) for k in args.ks.split(",")] if args.ks else None
+    figures = analyse(runs, orders, args.target, margin=args.margin, ks=ks)
     figures["seconds"] = round(time.perf_counter() - started, 2)
 
     n = figures["n"]

@@ -80,3 +80,10 @@ def test_paired_figures_compare_each_run_of_a_rule_with_sc_at_n(limits: ModuleTy
 def test_without_logprobs_there_is_no_weighted_vote(limits: ModuleType) -> None:
     plain = limits.BankedRun("p1", 10, (0, 0), (True,), (5, 5))
     assert limits.analyse([plain], orders=3, target=0.6)["weighted"] is None
+
+
+def test_chosen_vote_sizes_always_include_n_and_stay_within_the_bank(limits: ModuleType) -> None:
+    run = limits.BankedRun("p1", 10, (0, 0, 1), (True, False), (5, 5, 5))
+    assert sorted(limits.analyse([run], orders=2, target=0.6, ks=[2])["sc"]) == [2, 3]
+    with pytest.raises(ValueError, match="between 1 and 3"):
+        limits.analyse([run], orders=2, target=0.6, ks=[4])
