@@ -288,14 +288,10 @@ def test_configurations_after_a_budget_stop_are_listed_but_not_run(tmp_path: Pat
 
         return solve
 
-    summary, _ = _run(
-        tmp_path,
-        [EvalConfig("a", solver("a")), EvalConfig("b", solver("b"))],
-        concurrency=1,
-        budget=Budget(max_calls=2),
-    )
+    configs = [EvalConfig(label, solver(label)) for label in ("a", "b", "c")]
+    summary, _ = _run(tmp_path, configs, concurrency=1, budget=Budget(max_calls=2))
     assert summary.stopped_by_budget and calls == ["a", "a"]
-    assert [(c.label, c.total, c.stored) for c in summary.configs] == [("a", 3, 2), ("b", 3, 0)]
+    assert [(c.label, c.total, c.stored) for c in summary.configs] == [("a", 3, 2), ("b", 3, 0), ("c", 3, 0)]
 
 
 def test_the_grader_given_overrides_the_benchmarks(tmp_path: Path) -> None:
