@@ -429,3 +429,18 @@ async def test_node_tasks_are_named_after_their_node() -> None:
     names = {t.get_name() for t in asyncio.all_tasks()}
     assert "branchwise-node-7" in names
     await ex.cancel()
+
+
+async def test_after_a_fail_fast_failure_no_node_is_counted_as_running() -> None:
+    release = asyncio.Event()
+    ex = Executor(tools=registry(release))
+    blocked = ex.add(n(1, "wait", "x"))
+    await asyncio.sleep(0)
+    assert ex.running == 1
+    failed = ex.add(n(2, "fail"))
+    for _ in range(5):  # the failure cancels node 1; nobody waits on the executor
+        await asyncio.sleep(0)
+    assert (failed.status, blocked.status) == ("error", "cancelled")
+    assert ex.running == 0
+    with pytest.raises(NodeFailedError):
+        await ex.wait()
