@@ -125,3 +125,10 @@ def test_bad_rules_are_refused_with_their_message() -> None:
     with pytest.raises(ConfigError) as caught:
         AnswerExtractor([42])  # type: ignore[list-item]
     assert str(caught.value) == "an extraction rule must be a rule name or a callable, got 42"
+
+
+def test_a_latex_fraction_parses_only_when_nothing_but_a_sign_precedes_it() -> None:
+    assert parse_number("\\frac{1}{2}") == Fraction(1, 2)
+    assert parse_number("-\\frac{1}{2}") == Fraction(-1, 2)
+    assert parse_number("x\\frac{1}{2}") is None
+    assert parse_number("7\\frac{1}{2}") is None
