@@ -511,3 +511,20 @@ def test_remaining_seconds_and_cost_are_the_tightest_along_the_chain() -> None:
     kid = Budget(wall_clock_s=100.0, max_cost=1e12).child("k", wall_clock_s=1.0, max_cost=5.0)
     left = kid.remaining()
     assert (left.seconds, left.cost) == (1.0, 5.0)
+
+
+def test_rebinding_a_budgeted_engine_to_a_child_keeps_its_cost_model_and_backend() -> None:
+    model = CostModel.preset(next(iter(CostModel.PRESETS)))
+    inner = ScriptedEngine(default="a", model="no-preset-model")
+    root = Budget()
+    outer = root.bind(inner, cost_model=model)
+    assert outer.backend == inner.backend and outer.model == "no-preset-model"
+    again = BudgetedEngine(outer, root.child("k"))
+    assert again.engine is inner and again.cost_model is model
+    assert BudgetedEngine(again, again.budget.child("j")).cost_model is model
+
+
+def test_a_cost_cap_without_a_cost_model_lists_the_presets() -> None:
+    with pytest.raises(ConfigError) as caught:
+        Budget(max_cost=1.0).bind(ScriptedEngine(default="a", model="no-preset-model"))
+    assert str(caught.value).endswith(f"(presets: {', '.join(CostModel.PRESETS)})")
