@@ -179,11 +179,15 @@ def run(module: str, *, recheck: bool) -> None:
     command = [str(MUTMUT), "run", "--max-children", "1"]
     print(f"== {module} ({folder.relative_to(ROOT)})", flush=True)
     # With names, mutmut tests every mutant they match again, whatever it knows: a module limited to some
-    # functions has them all tested afresh on every run, so a recheck of such a module with every mutant already
-    # checked skips that full run and re-tests only the survivors.
+    # functions has them all tested afresh on every run, so a recheck of such a module that was run before skips
+    # that full run and re-tests only the survivors and the mutants not checked yet (e.g. timeouts reset by a
+    # change of timeout_multiplier).
     names = [p for p in _patterns(module) if module in FUNCTIONS]
     _, checked, _, unchecked = summary(results(folder, module))
-    if not (recheck and names and checked and not unchecked):
+    if recheck and names and checked:
+        if unchecked:
+            subprocess.run([*command, *unchecked], cwd=folder, env=env, check=True)
+    else:
         subprocess.run([*command, *names], cwd=folder, env=env, check=True)
     _, _, survivors, _ = summary(results(folder, module))
     if recheck and survivors:
