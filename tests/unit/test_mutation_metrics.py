@@ -174,3 +174,13 @@ def test_paired_intervals_regression(
 ) -> None:
     assert paired_difference_interval(*table) == pytest.approx(default, abs=1e-12)
     assert paired_difference_interval(*table, z=1.0) == pytest.approx(z_one, abs=1e-12)
+
+
+def test_the_paired_interval_takes_no_correlation_when_a_margin_is_empty() -> None:
+    # A is right on all 10 problems, B on 5: A's outcomes do not vary, so their correlation is taken as 0
+    # (Newcombe 1998) and the interval combines the two Wilson intervals' half-widths as if independent.
+    lo_a, hi_a = wilson_interval(10, 10)
+    lo_b, hi_b = wilson_interval(5, 10)
+    lower, upper = paired_difference_interval(5, 5, 0, 0)
+    assert lower == pytest.approx(0.5 - math.hypot(1.0 - lo_a, hi_b - 0.5))
+    assert upper == pytest.approx(0.5 + math.hypot(0.5 - lo_b, hi_a - 1.0))
