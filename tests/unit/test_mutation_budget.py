@@ -528,3 +528,27 @@ def test_a_cost_cap_without_a_cost_model_lists_the_presets() -> None:
     with pytest.raises(ConfigError) as caught:
         Budget(max_cost=1.0).bind(ScriptedEngine(default="a", model="no-preset-model"))
     assert str(caught.value).endswith(f"(presets: {', '.join(CostModel.PRESETS)})")
+
+
+def test_binding_to_something_that_is_not_a_budget_says_what_it_got() -> None:
+    with pytest.raises(ConfigError, match=r"^budget must be a Budget, got str$"):
+        BudgetedEngine(ScriptedEngine(default="a"), "run")  # type: ignore[arg-type]
+
+
+async def test_the_engine_task_of_a_call_is_named_after_its_budget() -> None:
+    engine = Budget().child("k").bind(ScriptedEngine(default=WORDS, token_delay=0.001))
+    names: set[str] = set()
+    async with contextlib.aclosing(engine.stream(req(max_tokens=5))) as deltas:
+        async for _ in deltas:
+            names.update(t.get_name() for t in asyncio.all_tasks())
+    assert "budgeted-call[run/k]" in names
+
+
+async def test_a_budgeted_engine_of_another_budget_reports_the_prompt_as_soon_as_it_is_known() -> None:
+    inner = Budget(name="inner").bind(ScriptedEngine(default=WORDS, token_delay=0.001))
+    outer = Budget(name="outer")
+    seen = []
+    async with contextlib.aclosing(outer.bind(inner).stream(req("one two three", max_tokens=5))) as deltas:
+        async for _ in deltas:
+            seen.append(outer.usage.prompt_tokens)
+    assert seen and set(seen) == {3}
