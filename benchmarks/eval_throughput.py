@@ -10,7 +10,7 @@ then timed rounds run them in alternating order, A B, B A, ..., and the medians 
    transaction per row): rows per second, against the same solves with no grading or store (baseline).
 3. grader throughput on MATH-500 gold answers rewritten (math-verify needed): answers/s through `MathGrader` and
    its process pool (hard per-item timeouts, never blocks the event loop) versus math-verify called in-process
-   (baseline, no timeout protection); each path is timed on its second pass.
+   (baseline, no timeout protection), at least 3 rounds.
 
 ``--full`` instead runs the recorded comparison: GSM8K (first --limit problems, default 100) with the 0.5B model
 (qwen2.5-coder-0.5b-instruct) for single, self_consistency@8, deepconf@8 and adaptive, into
@@ -33,6 +33,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -147,7 +148,7 @@ async def harness_overhead(problems: int, rounds: int) -> dict[str, Any]:
     }
 
 
-def grader_throughput(limit: int) -> dict[str, Any]:
+def grader_throughput(limit: int, rounds: int) -> dict[str, Any]:
     from branchwise.verifiers.grading import (
         MathGrader,
         NumericGrader,
@@ -167,26 +168,36 @@ def grader_throughput(limit: int) -> dict[str, Any]:
     numeric = NumericGrader()
     pairs = [(p, g) for p, g in pairs if numeric.match(p, (g,)) is None and p.replace(" ", "") != g.replace(" ", "")]
     pairs = pairs[:limit]
-    # Both paths are timed on a second pass: the first fills sympy's caches (about 3x slower here).
     init_math_worker()
-    inproc = [math_verify_equal(p, (g,)) for p, g in pairs]
-    began = time.perf_counter()
-    inproc = [math_verify_equal(p, (g,)) for p, g in pairs]
-    inproc_s = time.perf_counter() - began
-    out: dict[str, Any] = {"answers": len(pairs), "inprocess_per_s": len(pairs) / inproc_s}
-    for workers in (1, 2):
-        pool = TimeoutProcessPool(workers, initializer=init_math_worker)
-        try:
+    pools = {workers: TimeoutProcessPool(workers, initializer=init_math_worker) for workers in (1, 2)}
+    try:
+
+        def through(pool: TimeoutProcessPool) -> Callable[[], list[bool]]:
             grader = MathGrader(pool=pool, cache_size=0, timeout=10.0)
-            grader.grade_many(pairs)  # start the workers and warm their caches before the clock
-            began = time.perf_counter()
-            verdicts = grader.grade_many(pairs)
-            pool_s = time.perf_counter() - began
-        finally:
+            return lambda: [v.correct for v in grader.grade_many(pairs)]
+
+        sides: dict[str, Callable[[], list[bool]]] = {
+            "inprocess": lambda: [math_verify_equal(p, (g,)) for p, g in pairs],
+            **{f"pool{w}": through(pool) for w, pool in pools.items()},
+        }
+        # The same untimed warm-up pass for every path: it fills sympy's caches (about 3x slower than later
+        # passes here) and starts the workers. Then rounds in alternating order.
+        verdicts = {name: run() for name, run in sides.items()}
+        seconds: dict[str, list[float]] = {name: [] for name in sides}
+        for i in range(rounds):
+            for name in alternating(list(sides), i):
+                began = time.perf_counter()
+                sides[name]()
+                seconds[name].append(time.perf_counter() - began)
+    finally:
+        for pool in pools.values():
             pool.close()
-        agree = sum(v.correct == bool(i) for v, i in zip(verdicts, inproc, strict=True)) / len(pairs)
-        out[f"pool{workers}_per_s"] = len(pairs) / pool_s
-        out[f"pool{workers}_agreement"] = agree
+    out: dict[str, Any] = {"answers": len(pairs), "rounds": rounds}
+    for name, values in seconds.items():
+        out[f"{name}_per_s"] = len(pairs) / statistics.median(values)
+        if name != "inprocess":
+            agree = zip(verdicts[name], verdicts["inprocess"], strict=True)
+            out[f"{name}_agreement"] = sum(a == bool(b) for a, b in agree) / len(pairs)
     out["pool1_vs_inprocess"] = out["pool1_per_s"] / out["inprocess_per_s"]
     return out
 
@@ -258,7 +269,7 @@ def main() -> None:
     problems = args.problems or (6 if args.quick else 20)
     figures: dict[str, Any] = {"date": time.strftime("%Y-%m-%d")}
     figures["harness"] = asyncio.run(harness_overhead(200 if args.quick else 1000, max(args.rounds, 3)))
-    figures["grader"] = grader_throughput(60 if args.quick else 200)
+    figures["grader"] = grader_throughput(60 if args.quick else 200, max(args.rounds, 3))
     if not args.skip_engine:
         figures["engine"] = asyncio.run(
             engine_throughput(problems, args.concurrency, args.max_tokens or (96 if args.quick else 192),
