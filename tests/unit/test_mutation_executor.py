@@ -444,3 +444,9 @@ async def test_after_a_fail_fast_failure_no_node_is_counted_as_running() -> None
     assert ex.running == 0
     with pytest.raises(NodeFailedError):
         await ex.wait()
+
+
+async def test_peak_running_is_zero_when_no_node_ran() -> None:
+    ex = Executor(tools=registry())
+    await ex.run([PlanNode(1, kind="join")])
+    assert ex.peak_running == 0
