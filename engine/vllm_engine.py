@@ -80,6 +80,12 @@ class EngineState:
         return self.unfinished_requests == 0 and not self.core_has_work
 
 
+CPU_STEP_TIMEOUT_S = 3600
+"""On CPU, ``VLLM_EXECUTE_MODEL_TIMEOUT_SECONDS`` unless set: how long one engine step may take before vLLM declares
+its engine dead. vLLM's 300 s default is for GPUs; on a CPU shared with other work one step of a wide batch of a
+1.5B model was seen to take longer, which killed a trace-bank drawing and failed every problem after it."""
+
+
 def _on_cpu() -> bool:
     from vllm.platforms import current_platform
 
@@ -305,6 +311,7 @@ class VLLMEngine(Engine):
             os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(
                 self._kv_cache_gib or os.environ.get("VLLM_CPU_KVCACHE_SPACE") or 2
             )
+            os.environ.setdefault("VLLM_EXECUTE_MODEL_TIMEOUT_SECONDS", str(CPU_STEP_TIMEOUT_S))
         elif self._kv_cache_gib is not None:
             self._options.setdefault("kv_cache_memory_bytes", int(self._kv_cache_gib * 2**30))
         eager = self._enforce_eager if self._enforce_eager is not None else (True if on_cpu else None)

@@ -79,3 +79,22 @@ def test_the_loading_progress_bar_follows_vllms_log_level(
         monkeypatch.setenv("VLLM_LOGGING_LEVEL", level)
     assert VLLMEngine().engine_args["use_tqdm_on_load"] is bar
     assert VLLMEngine(engine_args={"use_tqdm_on_load": True}).engine_args["use_tqdm_on_load"] is True
+
+
+@pytest.mark.parametrize("preset", [None, "120"])
+def test_on_cpu_an_engine_step_may_take_an_hour_unless_the_user_says_otherwise(
+    monkeypatch: pytest.MonkeyPatch, preset: str | None
+) -> None:
+    from branchwise.engine import vllm_engine
+
+    monkeypatch.setattr(vllm_engine, "_on_cpu", lambda: True)
+    monkeypatch.setattr(vllm_engine, "resolve_model", lambda name: f"/models/{name}")
+    monkeypatch.setattr(vllm_engine, "_cpu_has_fast_bf16", lambda: True)
+    monkeypatch.setenv("VLLM_EXECUTE_MODEL_TIMEOUT_SECONDS", "")  # so that the value before the test comes back
+    monkeypatch.delenv("VLLM_EXECUTE_MODEL_TIMEOUT_SECONDS")
+    if preset is not None:
+        monkeypatch.setenv("VLLM_EXECUTE_MODEL_TIMEOUT_SECONDS", preset)
+    monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "2")  # restored after the test: the engine writes it
+    assert VLLMEngine()._prepare_options() is True
+    expected = preset or str(vllm_engine.CPU_STEP_TIMEOUT_S)
+    assert vllm_engine.os.environ["VLLM_EXECUTE_MODEL_TIMEOUT_SECONDS"] == expected
