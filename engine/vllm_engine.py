@@ -461,15 +461,20 @@ class VLLMEngine(Engine):
             raise
         except Exception as err:
             from vllm.exceptions import VLLMClientError
+            from vllm.v1.engine.exceptions import EngineDeadError
 
             # Client errors are vLLM's validation of this request (e.g. a prompt longer than the context).
             if isinstance(err, (VLLMClientError, ValueError)):
                 raise EngineRequestError(f"vLLM rejected the request: {err}") from err
+            # A dead engine core fails every later request too: callers must stop, not fail problem by problem.
+            if isinstance(err, EngineDeadError) or llm.errored:
+                raise EngineUnavailable(f"the vLLM engine core died: {type(err).__name__}: {err}") from err
             raise EngineError(f"vLLM failed: {type(err).__name__}: {err}") from err
         finally:
-            if not finished and self._llm is not None:
+            if not finished and self._llm is not None and not self._llm.errored:
                 # vLLM aborts on cancellation itself, but not when the generator is closed from a different
-                # path (e.g. an exception in our own mapping code); aborting twice is harmless.
+                # path (e.g. an exception in our own mapping code); aborting twice is harmless. A dead core
+                # cannot abort anything (and would raise again, hiding the original error).
                 await self._llm.abort(request_id)
 
     async def _stream(self, request: GenerationRequest, meter: CallMeter) -> AsyncGenerator[Delta, None]:

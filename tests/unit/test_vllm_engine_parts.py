@@ -1,5 +1,5 @@
 """VLLMEngine's parts that need no running engine: options as they reach vLLM's engine arguments, and the daemon
-thread the engine loads in."""
+thread the engine loads in, and how a failed request maps to our errors."""
 
 from __future__ import annotations
 
@@ -7,6 +7,8 @@ import asyncio
 import contextlib
 import threading
 import time
+from collections.abc import AsyncIterator
+from typing import Any
 
 import pytest
 
@@ -98,3 +100,37 @@ def test_on_cpu_an_engine_step_may_take_an_hour_unless_the_user_says_otherwise(
     assert VLLMEngine()._prepare_options() is True
     expected = preset or str(vllm_engine.CPU_STEP_TIMEOUT_S)
     assert vllm_engine.os.environ["VLLM_EXECUTE_MODEL_TIMEOUT_SECONDS"] == expected
+
+
+class _FailingAsyncLLM:
+    """Stands in for vLLM's AsyncLLM: every request fails with `error`; `errored` says whether the core is dead."""
+
+    def __init__(self, error: Exception, *, errored: bool) -> None:
+        self.error, self.errored, self.aborted = error, errored, []
+
+    async def generate(self, *args: Any, **kwargs: Any) -> AsyncIterator[Any]:
+        raise self.error
+        yield  # pragma: no cover - makes this an async generator like vLLM's
+
+    async def abort(self, request_id: str) -> None:
+        self.aborted.append(request_id)
+
+
+@pytest.mark.parametrize("dead", [True, False])
+async def test_a_dead_engine_core_makes_the_engine_unavailable_so_callers_stop(dead: bool) -> None:
+    from vllm.v1.engine.exceptions import EngineDeadError
+
+    from branchwise.engine.types import GenerationRequest
+    from branchwise.errors import EngineError, EngineUnavailable
+
+    engine = VLLMEngine()
+    error: Exception = EngineDeadError() if dead else RuntimeError("one request broke")
+    fake = _FailingAsyncLLM(error, errored=dead)
+    engine._llm = fake  # type: ignore[assignment]
+    with pytest.raises(EngineError) as info:
+        await engine.generate(GenerationRequest(prompt="2+2=", max_tokens=4))
+    # Unavailable stops `sample` and `eval` at once; a one-off failure only fails its problem.
+    assert isinstance(info.value, EngineUnavailable) is dead
+    assert "died" in str(info.value) if dead else "one request broke" in str(info.value)
+    assert len(fake.aborted) == (0 if dead else 1)  # a dead core cannot abort (it would raise again)
+    engine._llm = None
