@@ -93,3 +93,12 @@ def test_the_oracle_charges_only_prompt_tokens_no_earlier_prompt_shares(agents: 
     assert oracle.uncached(["<system>", "q1"]) == 2
     assert oracle.uncached(["<system>", "q1", "obs"]) == 1  # a ReAct turn re-sends the last prompt and more
     assert oracle.uncached(["<system>", "q2"]) == 1
+
+
+def test_eval_throughput_full_counts_prompt_and_completion_tokens_per_problem() -> None:
+    script = load("eval_throughput")
+    figures = {"n": 4, "prompt_tokens": 400, "completion_tokens": 1200, "accuracy": 0.5, "ci": [0.15, 0.85],
+               "problems_per_min": 2.0}  # fmt: skip
+    cells = script.full_row(figures)
+    assert cells[2:5] == ["100", "300", "400"]  # prompt, completion, total per problem
+    assert figures["mean_total_tokens"] == 400
