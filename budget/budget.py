@@ -576,6 +576,7 @@ class BudgetedEngine(Engine):
                 if call.buffer:
                     delta = call.buffer.popleft()
                     meter.prompt_tokens = call.meter.prompt_tokens
+                    meter.prompt_logprobs = call.meter.prompt_logprobs
                     yield delta
                     continue
                 if call.done:
@@ -586,6 +587,7 @@ class BudgetedEngine(Engine):
         finally:
             await self._close(call)
             meter.prompt_tokens = call.meter.prompt_tokens
+            meter.prompt_logprobs = call.meter.prompt_logprobs
 
     async def _close(self, call: Call[Budget]) -> None:
         task = call.task

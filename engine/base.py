@@ -52,13 +52,15 @@ UsageHook = Callable[[GenerationRequest, CallUsage], None]
 
 
 class CallMeter:
-    """Per-call counters a backend fills in while it runs (only the prompt token count is its job)."""
+    """Per-call counters a backend fills in while it runs (the prompt token count is its job, and the prompt's
+    logprobs when the request asks for them and the backend returns them)."""
 
-    __slots__ = ("completion_tokens", "first_token_at", "prompt_tokens", "started_at")
+    __slots__ = ("completion_tokens", "first_token_at", "prompt_logprobs", "prompt_tokens", "started_at")
 
     def __init__(self) -> None:
         self.started_at = time.perf_counter()
         self.prompt_tokens = 0
+        self.prompt_logprobs: tuple[TokenLogprob | None, ...] | None = None
         self.completion_tokens = 0
         self.first_token_at: float | None = None
 
@@ -143,7 +145,12 @@ class Engine(ABC):
         usage = meter.usage(request)
         self._emit(request, usage)
         return Generation(
-            request=request, completions=completions, prompt_tokens=meter.prompt_tokens, usage=usage, model=self.model
+            request=request,
+            completions=completions,
+            prompt_tokens=meter.prompt_tokens,
+            usage=usage,
+            model=self.model,
+            prompt_logprobs=meter.prompt_logprobs,
         )
 
     async def stream(self, request: GenerationRequest) -> AsyncGenerator[Delta, None]:

@@ -114,9 +114,13 @@ class _SimulatedEngine(Engine):
 
     backend = "test"
 
-    def __init__(self, *, model: str = "scripted", token_delay: float = 0.0) -> None:
+    def __init__(
+        self, *, model: str = "scripted", token_delay: float = 0.0, prompt_logprob: Callable[[str], float] | None = None
+    ) -> None:
         super().__init__(model=model)
         self.token_delay = token_delay
+        self.prompt_logprob = prompt_logprob or (lambda token: -0.1)
+        """The logprob of a prompt token given its text (for requests asking for prompt logprobs)."""
         self.calls: list[GenerationRequest] = []
         self.active = 0
         """Streams currently running (a real engine's running + waiting requests)."""
@@ -126,7 +130,7 @@ class _SimulatedEngine(Engine):
 
     @property
     def capabilities(self) -> Capabilities:
-        return Capabilities(structured_output=True, prefix_caching=True)
+        return Capabilities(structured_output=True, prefix_caching=True, prompt_logprobs=True)
 
     def count_prompt_tokens(self, request: GenerationRequest) -> int:
         """Exact: the prompt's pseudo-tokens, as the simulated call reports them."""
@@ -140,7 +144,11 @@ class _SimulatedEngine(Engine):
             raise ConfigError(f"{type(self).__name__} is closed")
         self.calls.append(request)
         response = await self._reply(request)
-        meter.prompt_tokens = len(tokenize(render_prompt(request)))
+        prompt = tokenize(render_prompt(request))
+        meter.prompt_tokens = len(prompt)
+        if request.prompt_logprobs is not None and prompt:
+            rest = (TokenLogprob(_token_id(t), t, self.prompt_logprob(t)) for t in prompt[1:])
+            meter.prompt_logprobs = (None, *rest)
         if response.error is not None:
             raise response.error
         delay = self.token_delay if response.token_delay is None else response.token_delay
@@ -201,6 +209,8 @@ class ScriptedEngine(_SimulatedEngine):
             an exception to raise, or a function of the request returning one of those.
         default: the reply once the queue is empty; without it an exhausted queue raises `AssertionError`.
         token_delay: seconds between streamed tokens.
+        prompt_logprob: the logprob of a prompt token given its text, for requests asking for prompt logprobs
+            (default -0.1 for every token).
     """
 
     def __init__(
@@ -210,8 +220,9 @@ class ScriptedEngine(_SimulatedEngine):
         default: Reply | ReplyFn | None = None,
         model: str = "scripted",
         token_delay: float = 0.0,
+        prompt_logprob: Callable[[str], float] | None = None,
     ) -> None:
-        super().__init__(model=model, token_delay=token_delay)
+        super().__init__(model=model, token_delay=token_delay, prompt_logprob=prompt_logprob)
         self._queue: deque[Reply | ReplyFn] = deque(replies)
         self._default = default
 
@@ -239,10 +250,18 @@ class ScriptedEngine(_SimulatedEngine):
 
 
 class FunctionEngine(_SimulatedEngine):
-    """Answers every request with ``fn(request)`` (sync or async), like a programmable model."""
+    """Answers every request with ``fn(request)`` (sync or async), like a programmable model (other arguments as
+    for `ScriptedEngine`)."""
 
-    def __init__(self, fn: ReplyFn, *, model: str = "function", token_delay: float = 0.0) -> None:
-        super().__init__(model=model, token_delay=token_delay)
+    def __init__(
+        self,
+        fn: ReplyFn,
+        *,
+        model: str = "function",
+        token_delay: float = 0.0,
+        prompt_logprob: Callable[[str], float] | None = None,
+    ) -> None:
+        super().__init__(model=model, token_delay=token_delay, prompt_logprob=prompt_logprob)
         self._fn = fn
 
     async def _reply(self, request: GenerationRequest) -> ScriptedResponse:

@@ -144,6 +144,8 @@ class GenerationRequest:
         seed: per-request sampling seed. Backends that cannot honour it say so in `Capabilities`.
         logprobs: None for no logprobs; 0 for the sampled token's logprob only; k > 0 adds the top-k
             alternatives at every position.
+        prompt_logprobs: the same for the prompt's own tokens (returned by `Engine.generate` as
+            `Generation.prompt_logprobs`; only backends whose `Capabilities.prompt_logprobs` is set return them).
         structured: constrain the output (JSON schema, regex or choice list).
         ignore_eos: keep generating past the end-of-sequence token (benchmarks, fixed-length workloads).
         presence_penalty, frequency_penalty, repetition_penalty: the usual penalties.
@@ -162,6 +164,7 @@ class GenerationRequest:
     stop: tuple[str, ...] = ()
     seed: int | None = None
     logprobs: int | None = None
+    prompt_logprobs: int | None = None
     structured: StructuredOutput | None = None
     ignore_eos: bool = False
     presence_penalty: float = 0.0
@@ -228,10 +231,12 @@ class GenerationRequest:
             _check_number("seed", self.seed, integer=True)
             if self.seed < 0:
                 raise RequestValidationError("seed", f"must be >= 0, got {self.seed}")
-        if self.logprobs is not None:
-            _check_number("logprobs", self.logprobs, integer=True)
-            if not 0 <= self.logprobs <= 20:
-                raise RequestValidationError("logprobs", f"must be in [0, 20] or None, got {self.logprobs}")
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            if value is not None:
+                _check_number(name, value, integer=True)
+                if not 0 <= value <= 20:
+                    raise RequestValidationError(name, f"must be in [0, 20] or None, got {value}")
         if self.structured is not None and not isinstance(self.structured, StructuredOutput):
             raise RequestValidationError("structured", "must be a StructuredOutput")
         for name in ("presence_penalty", "frequency_penalty"):
@@ -350,6 +355,8 @@ class Generation:
         prompt_tokens: tokens in the rendered prompt.
         usage: cost of the call.
         model: the model that produced it.
+        prompt_logprobs: with ``request.prompt_logprobs`` on a backend that returns them, one entry per prompt
+            token (None for the first, which has no context); otherwise None.
     """
 
     request: GenerationRequest
@@ -357,6 +364,7 @@ class Generation:
     prompt_tokens: int
     usage: CallUsage
     model: str = ""
+    prompt_logprobs: tuple[TokenLogprob | None, ...] | None = None
 
     @property
     def text(self) -> str:
@@ -382,6 +390,7 @@ class Capabilities:
         prefix_caching: shared prompt prefixes reuse the KV cache.
         abort: cancelling a stream stops generation inside the backend.
         max_model_len: context length in tokens, if known.
+        prompt_logprobs: `GenerationRequest.prompt_logprobs` is honoured (`Generation.prompt_logprobs`).
     """
 
     streaming: bool = True
@@ -393,4 +402,5 @@ class Capabilities:
     prefix_caching: bool = False
     abort: bool = True
     max_model_len: int | None = None
+    prompt_logprobs: bool = False
     extra: Mapping[str, Any] = field(default_factory=dict)

@@ -357,6 +357,7 @@ class VLLMEngine(Engine):
             prefix_caching=bool(self._options.get("enable_prefix_caching")),
             abort=True,
             max_model_len=int(cfg.max_model_len),
+            prompt_logprobs=True,
             extra={"platform": "cpu" if on_cpu else "gpu", "model_path": self.model_path},
         )
 
@@ -386,7 +387,11 @@ class VLLMEngine(Engine):
     def capabilities(self) -> Capabilities:
         if self._capabilities is None:
             # Before start: what the backend supports in general; details such as context length come later.
-            return Capabilities(structured_output=True, prefix_caching=bool(self._options["enable_prefix_caching"]))
+            return Capabilities(
+                structured_output=True,
+                prefix_caching=bool(self._options["enable_prefix_caching"]),
+                prompt_logprobs=True,
+            )
         return self._capabilities
 
     # -- requests ---------------------------------------------------------------------------------------------
@@ -428,6 +433,7 @@ class VLLMEngine(Engine):
             stop=list(request.stop) or None,
             seed=request.seed,
             logprobs=request.logprobs,
+            prompt_logprobs=request.prompt_logprobs,
             ignore_eos=request.ignore_eos,
             presence_penalty=request.presence_penalty,
             frequency_penalty=request.frequency_penalty,
@@ -484,6 +490,8 @@ class VLLMEngine(Engine):
             async for out in outputs:
                 if not meter.prompt_tokens and out.prompt_token_ids is not None:
                     meter.prompt_tokens = len(out.prompt_token_ids)
+                if request.prompt_logprobs is not None and meter.prompt_logprobs is None:
+                    meter.prompt_logprobs = _prompt_logprobs(out, request.prompt_logprobs)
                 for c in out.outputs:
                     ids = tuple(c.token_ids)
                     yield Delta(
@@ -505,6 +513,8 @@ class VLLMEngine(Engine):
         if final is None:
             raise EngineError("vLLM returned no output")
         meter.prompt_tokens = len(final.prompt_token_ids or ())
+        if request.prompt_logprobs is not None:
+            meter.prompt_logprobs = _prompt_logprobs(final, request.prompt_logprobs)
         completions = []
         for c in sorted(final.outputs, key=lambda c: c.index):
             ids = tuple(c.token_ids)
@@ -624,6 +634,14 @@ def _map_logprobs(ids: tuple[int, ...], raw: Any, top_k: int) -> tuple[TokenLogp
             )
         )
     return tuple(result)
+
+
+def _prompt_logprobs(out: Any, top_k: int) -> tuple[TokenLogprob | None, ...] | None:
+    """A RequestOutput's prompt logprobs: None for the first token (it has no context), then one per token."""
+    raw, ids = getattr(out, "prompt_logprobs", None), tuple(out.prompt_token_ids or ())
+    if not raw or not ids:
+        return None
+    return (None, *_map_logprobs(ids[1:], raw[1:], top_k))
 
 
 def _rank(lp: Any) -> int:

@@ -37,6 +37,8 @@ from branchwise.errors import ConfigError, RequestValidationError
         ({"prompt": "a", "seed": -1}, "seed"),
         ({"prompt": "a", "logprobs": 21}, "logprobs"),
         ({"prompt": "a", "logprobs": -1}, "logprobs"),
+        ({"prompt": "a", "prompt_logprobs": 21}, "prompt_logprobs"),
+        ({"prompt": "a", "prompt_logprobs": 1.5}, "prompt_logprobs"),
         ({"prompt": "a", "structured": {"regex": "a+"}}, "structured"),
         ({"prompt": "a", "presence_penalty": 3}, "presence_penalty"),
         ({"prompt": "a", "repetition_penalty": 0}, "repetition_penalty"),

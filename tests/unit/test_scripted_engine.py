@@ -181,3 +181,23 @@ def test_the_default_prompt_estimate_bounds_a_byte_level_tokenizer(text: str) ->
     assert estimate_prompt_tokens(raw) >= len(text.encode()) + 1  # + BOS
     assert estimate_prompt_tokens(chat) >= len(text.encode()) + sum(CHAT_TEMPLATE_ALLOWANCE)  # room for a template
     assert ScriptedEngine().count_prompt_tokens(chat) <= estimate_prompt_tokens(chat)
+
+
+async def test_prompt_logprobs_come_back_from_generate_through_a_budget() -> None:
+    from branchwise.budget import Budget
+
+    engine = ScriptedEngine(default="4", prompt_logprob=lambda token: -2.0 if "2" in token else -0.5)
+    assert engine.capabilities.prompt_logprobs
+    plain = await engine.generate(_req())
+    assert plain.prompt_logprobs is None  # only when asked
+    for source in (engine, Budget().bind(engine)):
+        generation = await source.generate(_req(prompt_logprobs=0))
+        assert generation.prompt_logprobs is not None
+        first, *rest = generation.prompt_logprobs
+        assert first is None  # the first token has no context
+        assert [(t.token, t.logprob) for t in rest if t is not None] == [
+            (" is", -0.5),
+            (" 2", -2.0),
+            (" +", -0.5),
+            (" 2?", -2.0),
+        ]
