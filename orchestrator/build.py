@@ -71,13 +71,19 @@ class Components:
     step_scorer: StepScorer | None = None
     redundancy_judge: RedundancyJudge | None = None
     verifier: VerifierScore | None = None
+    speculator: Engine | None = None
     planner: Planner | None = None
     tools: ToolRegistry | None = None
     closeables: list[Closeable] = field(default_factory=list)
 
     def by_kind(self) -> dict[str, Any]:
         """The components strategies may declare (`branchwise.search.registry.ComponentKind`), by kind."""
-        return {"step_scorer": self.step_scorer, "redundancy_judge": self.redundancy_judge, "verifier": self.verifier}
+        return {
+            "step_scorer": self.step_scorer,
+            "redundancy_judge": self.redundancy_judge,
+            "verifier": self.verifier,
+            "speculator": self.speculator,
+        }
 
     def strategy(self, spec: PipelineSpec) -> Strategy:
         """The spec's strategy, its object parameters filled with these components.
@@ -86,7 +92,7 @@ class Components:
             SpecError: the thought section is invalid (checked when the spec was loaded, so not expected here).
         """
         where = Where(spec.lines, spec.source)
-        return assemble_strategy(spec.thought, ("thought",), spec.verifiers, where, self.by_kind())
+        return assemble_strategy(spec.thought, ("thought",), spec.verifiers, where, self.by_kind(), roles=spec.engines)
 
 
 # -- engines -----------------------------------------------------------------------------------------------------
@@ -185,7 +191,8 @@ def _scripted_reply(reply: str | list[str] | ReplySpec) -> ScriptedReply:
 
 # -- components ---------------------------------------------------------------------------------------------------
 def build_components(spec: PipelineSpec, engines: Mapping[str, Engine], base: Path | None) -> Components:
-    """The extractor, grader, step scorer, redundancy judge, verifier, planner and tools of a resolved spec.
+    """The extractor, grader, step scorer, redundancy judge, verifier, speculator, planner and tools of a resolved
+    spec.
 
     Args:
         spec: the resolved spec.
@@ -197,6 +204,7 @@ def build_components(spec: PipelineSpec, engines: Mapping[str, Engine], base: Pa
     if v.extractor is not None:
         out.extractor = AnswerExtractor(v.extractor)
     out.grader = get_grader(v.grader.kind, **v.grader.options)
+    out.speculator = engines.get("speculator")
     if v.step_scorer is not None:
         out.step_scorer = _step_scorer(v.step_scorer, engines)
         out.closeables.append(out.step_scorer)

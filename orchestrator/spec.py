@@ -242,7 +242,7 @@ def validate_spec(data: Any, lines: Lines, *, source: str) -> PipelineSpec:
     spec._lines = dict(lines)
     spec._source = source
     where = Where(spec._lines, source)
-    check_thought(spec.thought, spec.verifiers, spec.budget, where)
+    check_thought(spec.thought, spec.verifiers, spec.budget, where, roles=spec.engines)
     check_roles(spec.engines, spec.verifiers, where)
     check_planner(spec.planner, spec._lines, where)
     check_tools(spec.tools, spec.planner, where)

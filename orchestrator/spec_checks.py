@@ -7,7 +7,7 @@ them, the planner's options, and the tools.
 from __future__ import annotations
 
 import inspect
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 
 from ..errors import ConfigError
 from ..executors.tools import default_tools
@@ -29,10 +29,12 @@ from .spec_strategy import Where, assemble_strategy, check_fan_out
 __all__ = ["check_planner", "check_roles", "check_thought", "check_tools"]
 
 
-def check_thought(thought: ThoughtSpec, verifiers: VerifiersSpec, budget: BudgetSpec, where: Where) -> None:
-    """The strategy exists, its parameters fit their declarations and its constructor, and its fan-out fits the
-    budget."""
-    strategy = assemble_strategy(thought, ("thought",), verifiers, where)
+def check_thought(
+    thought: ThoughtSpec, verifiers: VerifiersSpec, budget: BudgetSpec, where: Where, roles: Collection[str] = ()
+) -> None:
+    """The strategy exists, its parameters fit their declarations and its constructor (with the components it
+    needs declared), and its fan-out fits the budget."""
+    strategy = assemble_strategy(thought, ("thought",), verifiers, where, roles=roles)
     check_fan_out(strategy, budget, ("thought",), where)
 
 

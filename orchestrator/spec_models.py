@@ -50,15 +50,17 @@ __all__ = [
 MAX_REPLANS = 16
 """Upper bound of ``planner.max_replans``."""
 
-ROLES: tuple[str, ...] = ("policy", "judge", "draft", "embedder")
+ROLES: tuple[str, ...] = ("policy", "judge", "draft", "speculator", "embedder")
 """Engine roles: ``policy`` plans, samples every reasoning trace and joins; ``judge`` scores steps and verifies
 solutions (generative judge / GenRM) when declared (otherwise the policy judges itself); ``draft`` is the
-speculative-decoding proposer of the (vllm) policy engine: a small draft model with the policy's tokenizer, or
-``method: ngram`` (prompt lookup, no model); ``embedder`` is the sentence-embedding model of the ``embedding``
-redundancy judge (backend ``transformers``; no model means the packaged all-MiniLM-L6-v2)."""
+speculative-decoding proposer of the (vllm) policy engine, token by token inside vLLM: a small draft model with the
+policy's tokenizer, or ``method: ngram`` (prompt lookup, no model); ``speculator`` is an engine of its own that
+drafts whole reasoning steps for the policy to judge (``strategy: spec_reason``); ``embedder`` is the
+sentence-embedding model of the ``embedding`` redundancy judge (backend ``transformers``; no model means the
+packaged all-MiniLM-L6-v2)."""
 
-Role = Literal["policy", "judge", "draft", "embedder"]
-EngineRole = Literal["policy", "judge"]
+Role = Literal["policy", "judge", "draft", "speculator", "embedder"]
+EngineRole = Literal["policy", "judge", "speculator"]
 """Roles served by an engine (that a step scorer or verifier can name)."""
 DRAFT_FIELDS = ("method", "num_speculative_tokens", "prompt_lookup_max", "prompt_lookup_min")
 

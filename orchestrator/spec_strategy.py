@@ -8,7 +8,7 @@ run the same code, so a spec that validates builds.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,6 +26,7 @@ COMPONENT_SECTIONS: dict[str, str] = {
     "step_scorer": "verifiers.step_scorer",
     "redundancy_judge": "verifiers.redundancy",
     "verifier": "verifiers.verifier",
+    "speculator": "engines.speculator",
 }
 """The spec section each kind of component is built from."""
 
@@ -49,6 +50,8 @@ def assemble_strategy(
     verifiers: VerifiersSpec,
     where: Where,
     components: Mapping[str, Any] | None = None,
+    *,
+    roles: Collection[str] = (),
 ) -> Strategy:
     """The strategy a thought section describes.
 
@@ -59,12 +62,14 @@ def assemble_strategy(
         where: for error locations.
         components: the built components by kind (`COMPONENT_SECTIONS`); None while only checking the spec, when
             a parameter asking for a component keeps the constructor's default.
+        roles: the engine roles the spec declares (a component built from an engine needs its role).
 
     Raises:
         SpecError: an unknown strategy or parameter, a wrong type, a count above its bound, a component asked
-            for without its section, or a value the constructor rejects (each with its YAML path and line).
+            for without its section (or required without it), or a value the constructor rejects (each with its
+            YAML path and line).
     """
-    return _Assembler(verifiers, where, components).strategy(thought, loc)
+    return _Assembler(verifiers, where, components, frozenset(roles)).strategy(thought, loc)
 
 
 def check_fan_out(
@@ -113,6 +118,7 @@ class _Assembler:
     verifiers: VerifiersSpec
     where: Where
     components: Mapping[str, Any] | None
+    roles: frozenset[str]
 
     def strategy(self, thought: ThoughtSpec, loc: tuple[str, ...]) -> Strategy:
         try:
@@ -139,6 +145,7 @@ class _Assembler:
                 except ConfigError as err:
                     raise self.where.error(str(err), sub) from None
         kwargs.update(self.supplied(info, kwargs))
+        self.check_required(info, kwargs, loc)
         try:
             return info.cls(**kwargs)
         except (ConfigError, TypeError, ValueError) as err:
@@ -158,6 +165,23 @@ class _Assembler:
                     out[key] = built
         return out
 
+    def present(self, section: str) -> bool:
+        """Whether the spec has the section a component is built from."""
+        group, name = section.split(".")
+        if group == "engines":
+            return name in self.roles
+        return getattr(self.verifiers, name) is not None
+
+    def check_required(self, info: StrategyInfo, given: Mapping[str, Any], loc: tuple[str, ...]) -> None:
+        """A strategy that cannot run without a component (`Component.required`) needs its section."""
+        for key, param in info.params.items():
+            source = param.source
+            if isinstance(source, Component) and source.required and key not in given:
+                section = COMPONENT_SECTIONS[source.kind]
+                if not self.present(section):
+                    what = source.kind.replace("_", " ")
+                    raise self.where.error(f"{info.name} needs a {what}: declare {section!r}", loc)
+
     def component(self, info: StrategyInfo, source: Component, value: Any, sub: tuple[str, ...]) -> Any:
         section = COMPONENT_SECTIONS[source.kind]
         key = sub[-1]
@@ -169,7 +193,7 @@ class _Assembler:
             raise self.where.error(did_you_mean(f"{info.name} {key}", str(value), allowed), sub)
         if value != source.selector:
             return value
-        if getattr(self.verifiers, section.split(".")[1]) is None:
+        if not self.present(section):
             raise self.where.error(f"{key} {value!r} needs a {section!r} section", sub)
         return _DEFAULT if self.components is None else self.components[source.kind]
 

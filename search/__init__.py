@@ -27,6 +27,7 @@ from .registry import (
 )
 from .self_consistency import SelfConsistency
 from .single import Single
+from .spec_reason import SpecReason
 
 __all__ = [
     "DVTS",
@@ -46,6 +47,7 @@ __all__ = [
     "SearchContext",
     "SelfConsistency",
     "Single",
+    "SpecReason",
     "Strategy",
     "StrategyInfo",
     "TraceNode",

@@ -231,12 +231,18 @@ class SearchContext:
     def __post_init__(self) -> None:
         if self.budget is None:
             self.budget = Budget()
-        self._bound = self.budget.bind(self.engine)
+        self._bound: Engine = self.budget.bind(self.engine)
 
     @property
     def llm(self) -> Engine:
         """The engine as strategies must use it: every call clipped and charged by the budget."""
         return self._bound
+
+    def use_llm(self, engine: Engine) -> None:
+        """Draw this context's traces from ``engine`` instead, which must charge this context's budget itself
+        (e.g. `branchwise.search.spec_reason.SpeculativeEngine`, built over budgeted engines). ``engine`` (the
+        policy, which judges and verifiers use) is unchanged. Used on a copy of a context."""
+        self._bound = engine
 
     def request(self, question: str, **overrides: Any) -> GenerationRequest:
         """A sampling request for ``question`` with this context's defaults, overridable per call."""

@@ -50,6 +50,7 @@ __all__ = [
     "StepEnd",
     "StepSearch",
     "choose_answer",
+    "has_final_answer",
     "run_concurrently",
     "step_end",
 ]
@@ -169,7 +170,8 @@ async def run_concurrently(coros: Sequence[Coroutine[Any, Any, T]]) -> list[T]:
     return [t.result() for t in tasks]
 
 
-def _has_final_answer(extractor: AnswerExtractor, text: str) -> bool:
+def has_final_answer(extractor: AnswerExtractor, text: str) -> bool:
+    """Whether ``text`` states a final answer (boxed, ``####``, "the answer is ..."; a bare number does not)."""
     found = extractor.extract_with_rule(text)
     # Any number would match "last_number", so it does not mean the solution is done.
     return found is not None and found.rule != "last_number"
@@ -411,7 +413,7 @@ class StepSearch:
                 ended_by = "eos"
             elif exp.end == "length":
                 ended_by = "length"
-            elif _has_final_answer(ctx.extractor, path.text(self.delimiter)):
+            elif has_final_answer(ctx.extractor, path.text(self.delimiter)):
                 ended_by = "answer"
             elif last:
                 ended_by = "max_depth"

@@ -65,10 +65,11 @@ MAX_CONCURRENCY = 256
 MAX_TOP_LOGPROBS = 20
 """Upper bound of alternatives per token (what vLLM and OpenAI-compatible servers return at most)."""
 
-ComponentKind = Literal["step_scorer", "redundancy_judge", "verifier"]
-"""Objects a pipeline builds from its ``verifiers`` section and hands to strategies that declare a parameter for
-them: ``step_scorer`` (``verifiers.step_scorer``), ``redundancy_judge`` (``verifiers.redundancy``) and
-``verifier`` (``verifiers.verifier``, an async ``score(problem, candidate) -> float``)."""
+ComponentKind = Literal["step_scorer", "redundancy_judge", "verifier", "speculator"]
+"""Objects a pipeline builds from other sections and hands to strategies that declare a parameter for them:
+``step_scorer`` (``verifiers.step_scorer``), ``redundancy_judge`` (``verifiers.redundancy``), ``verifier``
+(``verifiers.verifier``, an async ``score(problem, candidate) -> float``) and ``speculator`` (the engine of the
+``speculator`` role, ``engines.speculator``: the draft model of step-level speculation)."""
 
 
 @dataclass(frozen=True)
@@ -81,11 +82,13 @@ class Component:
             has that section (otherwise the constructor's default applies). A string: the YAML value that asks
             for the object (``scorer: verifier``); the section must then exist.
         values: other YAML values the parameter accepts, passed to the constructor as they are.
+        required: the strategy cannot run without the object: a spec without its section is refused.
     """
 
     kind: ComponentKind
     selector: str | None = None
     values: tuple[str, ...] = ()
+    required: bool = False
 
 
 @dataclass(frozen=True)
