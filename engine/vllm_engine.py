@@ -21,10 +21,13 @@ import asyncio
 import contextlib
 import gc
 import logging
+import math
 import os
+import re
 import threading
 import uuid
-from collections.abc import AsyncGenerator, Callable, Mapping
+import weakref
+from collections.abc import AsyncGenerator, Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -46,7 +49,7 @@ from .types import Capabilities, Completion, Delta, FinishReason, GenerationRequ
 if TYPE_CHECKING:
     from vllm.v1.engine.async_llm import AsyncLLM
 
-__all__ = ["EngineState", "VLLMEngine"]
+__all__ = ["EngineState", "VLLMEngine", "split_cpu_cores"]
 
 logger = logging.getLogger(__name__)
 
@@ -65,6 +68,8 @@ class EngineState:
         kv_cache_usage: fraction of the KV cache in use in the last scheduler stats.
         prefix_cache_hits: prompt tokens served from the prefix cache so far.
         prefix_cache_queries: prompt tokens looked up in the prefix cache so far.
+        spec_draft_tokens: tokens the speculative proposer (draft model or n-gram) proposed so far.
+        spec_accepted_tokens: of those, the tokens the policy accepted.
     """
 
     unfinished_requests: int
@@ -74,10 +79,17 @@ class EngineState:
     kv_cache_usage: float
     prefix_cache_hits: int
     prefix_cache_queries: int
+    spec_draft_tokens: int = 0
+    spec_accepted_tokens: int = 0
 
     @property
     def idle(self) -> bool:
         return self.unfinished_requests == 0 and not self.core_has_work
+
+    @property
+    def spec_acceptance(self) -> float:
+        """Share of proposed tokens accepted by speculative decoding so far (NaN before any proposal)."""
+        return self.spec_accepted_tokens / self.spec_draft_tokens if self.spec_draft_tokens else math.nan
 
 
 CPU_STEP_TIMEOUT_S = 3600
@@ -90,6 +102,57 @@ def _on_cpu() -> bool:
     from vllm.platforms import current_platform
 
     return bool(current_platform.is_cpu())
+
+
+def split_cpu_cores(count: int) -> list[str] | None:
+    """Disjoint CPU core lists (vLLM's syntax) for ``count`` embedded engines sharing this process on a CPU.
+
+    vLLM binds an engine's worker threads to every core but the last (kept for its scheduler), so two engines
+    left to that both compute on the same cores while another idles. Here the usable cores are cut into
+    ``count`` contiguous ranges, the first engine (the policy) taking the highest and the largest; on 2 cores,
+    the policy gets core 1 and the second engine core 0. None when not on CPU, for one engine, or with fewer
+    cores than engines (then nothing better than vLLM's own binding exists).
+    """
+    if count < 2 or not _on_cpu():
+        return None
+    cores = sorted(os.sched_getaffinity(0))
+    if len(cores) < count:
+        return None
+    lists, end = [], len(cores)
+    for i in range(count):
+        size = -(-end // (count - i))  # ceil: the earlier engines get the larger shares
+        lists.append(_cpu_list(cores[end - size : end]))
+        end -= size
+    return lists
+
+
+def _cpu_list(cores: list[int]) -> str:
+    return f"{cores[0]}-{cores[-1]}" if len(cores) > 1 and cores[-1] - cores[0] == len(cores) - 1 else (
+        ",".join(map(str, cores))
+    )  # fmt: skip
+
+
+@contextlib.contextmanager
+def _environment(values: Mapping[str, str]) -> Iterator[None]:
+    """Set environment variables for the duration of the block (then restore them)."""
+    saved = {key: os.environ.get(key) for key in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for key, old in saved.items():
+            if old is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = old
+
+
+_CPU_ENGINES: weakref.WeakSet[VLLMEngine] = weakref.WeakSet()
+"""Embedded engines started on CPU with vLLM's automatic core binding (to warn when two would share cores)."""
+
+_LOAD_LOCK = threading.Lock()
+"""Held while an engine sets vLLM's process-wide environment (KV cache size, core binding) and spawns its core,
+which reads it: engines loading at the same time must not see each other's settings."""
 
 
 def _cpu_has_fast_bf16() -> bool:
@@ -161,6 +224,10 @@ class VLLMEngine(Engine):
             ``model`` is resolved like ``model``: registered name, local folder, ``.gguf`` file or hub id).
         seed: engine-level sampling seed.
         max_num_seqs: cap on sequences batched together.
+        cpu_cores: on CPU, the cores this engine's worker threads are bound to, in vLLM's list syntax ("1",
+            "0-3,6"); None leaves vLLM's automatic binding (or ``VLLM_CPU_OMP_THREADS_BIND`` when set). Two engines
+            in one process need disjoint cores (`split_cpu_cores`; pipelines assign them), or both compute on the
+            same cores.
         compact_json: lay out JSON constrained by a schema on one line, with no free whitespace between tokens
             (vLLM's ``disable_any_whitespace``, with the llguidance backend; see `_COMPACT_JSON`). It costs fewer
             tokens and stops a small model from looping on blank lines until the token cap, but it pushes a model
@@ -186,6 +253,7 @@ class VLLMEngine(Engine):
         speculative_config: Mapping[str, Any] | None = None,
         seed: int = 0,
         max_num_seqs: int | None = None,
+        cpu_cores: str | None = None,
         compact_json: bool = False,
         engine_args: Mapping[str, Any] | None = None,
     ) -> None:
@@ -198,6 +266,9 @@ class VLLMEngine(Engine):
             raise ConfigError(f"gpu_memory_utilization must be in (0, 1], got {gpu_memory_utilization}")
         if max_model_len is not None and max_model_len < 16:
             raise ConfigError(f"max_model_len must be >= 16, got {max_model_len}")
+        if cpu_cores is not None and not re.fullmatch(r"\d+(-\d+)?(,\d+(-\d+)?)*", cpu_cores):
+            raise ConfigError(f"cpu_cores must be a list of cores such as '1' or '0-3,6', got {cpu_cores!r}")
+        self.cpu_cores = cpu_cores
         self._options: dict[str, Any] = {
             "enable_prefix_caching": enable_prefix_caching,
             "max_model_len": max_model_len,
@@ -228,6 +299,8 @@ class VLLMEngine(Engine):
         self._last_stats: Any = None
         self._prefix_hits = 0
         self._prefix_queries = 0
+        self._spec_draft_tokens = 0
+        self._spec_accepted_tokens = 0
         self._core_idle = asyncio.Event()  # set while vLLM's last scheduler stats showed no running/waiting request
         self.model_path: str | None = None
 
@@ -271,24 +344,26 @@ class VLLMEngine(Engine):
             from vllm.v1.engine.async_llm import AsyncLLM
         except ImportError as err:
             raise MissingDependencyError("VLLMEngine", "vllm", vllm_install_hint()) from err
-        on_cpu = self._prepare_options()
-        try:
-            options = self.engine_args
-            if isinstance(options.get("structured_outputs_config"), Mapping):
-                from vllm.config import StructuredOutputsConfig
+        with _LOAD_LOCK:
+            on_cpu = self._prepare_options()
+            try:
+                options = self.engine_args
+                if isinstance(options.get("structured_outputs_config"), Mapping):
+                    from vllm.config import StructuredOutputsConfig
 
-                options["structured_outputs_config"] = StructuredOutputsConfig(**options["structured_outputs_config"])
-            args = AsyncEngineArgs(**options)
-        except (TypeError, ValueError) as err:  # unknown fields; pydantic's ValidationError is a ValueError
-            raise ConfigError(f"invalid vLLM engine argument: {err}") from err
-        logger.info("starting vLLM for %s (%s)", self.model, self.model_path)
-        try:
-            with main_hidden_from_spawn():
-                self._loading = AsyncLLM.from_engine_args(args, stat_loggers=[self._stats_tap()])
-        except (ConfigError, ModelProvisionError):
-            raise
-        except Exception as err:
-            raise EngineUnavailable(f"vLLM failed to start for model {self.model!r}: {err}") from err
+                    config = StructuredOutputsConfig(**options["structured_outputs_config"])
+                    options["structured_outputs_config"] = config
+                args = AsyncEngineArgs(**options)
+            except (TypeError, ValueError) as err:  # unknown fields; pydantic's ValidationError is a ValueError
+                raise ConfigError(f"invalid vLLM engine argument: {err}") from err
+            logger.info("starting vLLM for %s (%s)", self.model, self.model_path)
+            try:
+                with main_hidden_from_spawn(), _environment(self._cpu_environment(on_cpu)):
+                    self._loading = AsyncLLM.from_engine_args(args, stat_loggers=[self._stats_tap()])
+            except (ConfigError, ModelProvisionError):
+                raise
+            except Exception as err:
+                raise EngineUnavailable(f"vLLM failed to start for model {self.model!r}: {err}") from err
         self._describe_loaded(self._loading, on_cpu=on_cpu)
         with self._publish_lock:
             if not self._closed:
@@ -321,6 +396,24 @@ class VLLMEngine(Engine):
         self._options["model"] = self.model_path
         self._options.setdefault("served_model_name", self.model)
         return on_cpu
+
+    def _cpu_environment(self, on_cpu: bool) -> dict[str, str]:
+        """The environment this engine's core process must start with: its core binding, on CPU."""
+        if not on_cpu:
+            return {}
+        if self.cpu_cores is not None:
+            return {"VLLM_CPU_OMP_THREADS_BIND": self.cpu_cores}
+        if "VLLM_CPU_OMP_THREADS_BIND" not in os.environ:
+            others = [e for e in _CPU_ENGINES if e is not self and e.started and e.cpu_cores is None]
+            if others:
+                logger.warning(
+                    "a second embedded vLLM engine (%s) starts on CPU beside %s without cpu_cores: vLLM binds both "
+                    "to the same cores; give them disjoint ones (cpu_cores=, see split_cpu_cores)",
+                    self.model,
+                    others[0].model,
+                )
+        _CPU_ENGINES.add(self)
+        return {}
 
     def _stats_tap(self) -> type:
         """A vLLM stat logger class that hands vLLM's scheduler stats to this engine after every engine step."""
@@ -552,6 +645,8 @@ class VLLMEngine(Engine):
             kv_cache_usage=float(getattr(stats, "kv_cache_usage", 0.0)),
             prefix_cache_hits=self._prefix_hits,
             prefix_cache_queries=self._prefix_queries,
+            spec_draft_tokens=self._spec_draft_tokens,
+            spec_accepted_tokens=self._spec_accepted_tokens,
         )
 
     def _on_stats(self, stats: Any) -> None:
@@ -561,6 +656,10 @@ class VLLMEngine(Engine):
         if prefix is not None:  # per-step counts; keep running totals
             self._prefix_hits += int(prefix.hits)
             self._prefix_queries += int(prefix.queries)
+        spec = getattr(stats, "spec_decoding_stats", None)
+        if spec is not None:  # per step too
+            self._spec_draft_tokens += int(spec.num_draft_tokens)
+            self._spec_accepted_tokens += int(spec.num_accepted_tokens)
         if stats.num_running_reqs == 0 and stats.num_waiting_reqs == 0:
             self._core_idle.set()
         else:

@@ -22,11 +22,13 @@ from ..engine.base import Engine
 from ..engine.testing import FunctionEngine, ScriptedResponse, render_prompt
 from ..engine.testing import Reply as ScriptedReply
 from ..engine.types import GenerationRequest
+from ..engine.vllm_engine import split_cpu_cores
 from ..errors import ConfigError, EngineRequestError, SpecError
 from ..executors.tools import ToolRegistry, default_tools
 from ..planners import get_planner
 from ..planners.base import Planner
 from ..search.base import Candidate, Strategy
+from ..search.registry import strategy_info
 from ..verifiers.extraction import AnswerExtractor
 from ..verifiers.genrm import GenerativeVerifier
 from ..verifiers.grading import BaseGrader, get_grader
@@ -45,6 +47,7 @@ __all__ = [
     "build_engines",
     "close_soon",
     "run_budget",
+    "speculation_pays",
 ]
 
 ENGINE_ROLES: tuple[str, ...] = get_args(EngineRole)
@@ -99,24 +102,56 @@ class Components:
 def build_engines(spec: PipelineSpec, *, skip: Collection[str] = ()) -> dict[str, Engine]:
     """The engines of a resolved spec's engine roles, except those in ``skip`` (given ready by the caller).
 
-    A ``draft`` role becomes the policy engine's ``speculative_config``. If one engine fails to build, those
-    already built are closed.
+    A ``draft`` role becomes the policy engine's ``speculative_config``. Several embedded vLLM engines on a CPU
+    get disjoint cores (`split_cpu_cores`, the policy the largest share) unless a spec sets ``cpu_cores``. If one
+    engine fails to build, those already built are closed.
     """
     engines: dict[str, Engine] = {}
     draft = spec.engines.get("draft")
+    if draft is not None and not speculation_pays(_fan_out(spec), draft.max_batch):
+        draft = None
+    cores = _cpu_cores(spec, skip)
     try:
         for role, engine_spec in spec.engines.items():
             if role not in ENGINE_ROLES or role in skip:
                 continue
+            options = dict(engine_spec.options)
+            if role in cores:
+                options["cpu_cores"] = cores[role]
             if role == "policy" and draft is not None:
-                options = {**engine_spec.options, "speculative_config": draft.speculative_config()}
-                engines[role] = build_engine(engine_spec.model_copy(update={"options": options}), runtime=spec.runtime)
-            else:
-                engines[role] = build_engine(engine_spec, runtime=spec.runtime)
+                options["speculative_config"] = draft.speculative_config()
+            engines[role] = build_engine(engine_spec.model_copy(update={"options": options}), runtime=spec.runtime)
     except BaseException:
         close_soon(engines.values())
         raise
     return engines
+
+
+def speculation_pays(batch: int, max_batch: int | None) -> bool:
+    """The rule for token-level speculation (the ``draft`` role): on only while at most ``max_batch`` sequences
+    decode together (None: always). A proposal costs a verification pass of the policy over every sequence of the
+    batch, so speculation that speeds one sequence up can slow a wide batch down (measured in
+    ``benchmarks/speculation.py``). vLLM fixes speculation when an engine starts, so the batch is the pipeline's
+    thought fan-out (self-consistency's n, a beam's width x expansions), known when the engines are built."""
+    return max_batch is None or batch <= max_batch
+
+
+def _fan_out(spec: PipelineSpec) -> int:
+    """Sequences the spec's thought strategy decodes together when nothing stops it early."""
+    where = Where(spec.lines, spec.source)
+    strategy = assemble_strategy(spec.thought, ("thought",), spec.verifiers, where, roles=spec.engines)
+    info = strategy_info(strategy.name)
+    return info.fan_out(strategy) if info.fan_out is not None else 1
+
+
+def _cpu_cores(spec: PipelineSpec, skip: Collection[str]) -> dict[str, str]:
+    """Cores for each embedded vLLM engine to build, when there are several, none sets its own and this is a CPU."""
+    roles = [r for r, e in spec.engines.items() if r in ENGINE_ROLES and r not in skip and e.backend == "vllm"]
+    if len(roles) < 2 or any("cpu_cores" in spec.engines[r].options for r in roles):
+        return {}
+    roles.sort(key=lambda r: r != "policy")
+    split = split_cpu_cores(len(roles))
+    return dict(zip(roles, split, strict=True)) if split else {}
 
 
 def build_engine(spec: EngineSpec, *, runtime: RuntimeSpec | None = None) -> Engine:

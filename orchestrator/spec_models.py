@@ -62,7 +62,7 @@ packaged all-MiniLM-L6-v2)."""
 Role = Literal["policy", "judge", "draft", "speculator", "embedder"]
 EngineRole = Literal["policy", "judge", "speculator"]
 """Roles served by an engine (that a step scorer or verifier can name)."""
-DRAFT_FIELDS = ("method", "num_speculative_tokens", "prompt_lookup_max", "prompt_lookup_min")
+DRAFT_FIELDS = ("method", "num_speculative_tokens", "prompt_lookup_max", "prompt_lookup_min", "max_batch")
 
 
 class SectionModel(BaseModel):
@@ -130,6 +130,13 @@ class EngineSpec(SectionModel):
     prompt_lookup_max: int | None = Field(None, ge=1, le=64, description="draft role, ngram: longest n-gram.")
     prompt_lookup_min: int | None = Field(
         None, ge=1, le=64, description="draft role, ngram: shortest n-gram looked up."
+    )
+    max_batch: int | None = Field(
+        None,
+        ge=1,
+        le=1024,
+        description="draft role: speculate only when the thought decodes at most this many sequences together (its "
+        "fan-out); a wider strategy runs the policy without speculation. None: always speculate.",
     )
 
     def speculative_config(self) -> dict[str, Any]:

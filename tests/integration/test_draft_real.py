@@ -26,3 +26,7 @@ async def test_draft_model_speculative_decoding_runs_a_pipeline() -> None:
         assert config is not None and config.num_speculative_tokens == 2
         assert config.method == "draft_model"
         assert result.usage.completion_tokens > 0 and result.result.candidates
+        # vLLM's speculative-decoding counters reach the engine state: proposals made, some of them accepted.
+        state = await policy.engine_state()  # type: ignore[attr-defined]
+        assert state.spec_draft_tokens > 0
+        assert 0 <= state.spec_accepted_tokens <= state.spec_draft_tokens

@@ -1,4 +1,5 @@
-"""The draft (speculative decoding) and embedder (embedding redundancy judge) roles of a pipeline spec."""
+"""The draft (speculative decoding), speculator (step-level speculation) and embedder (embedding redundancy judge)
+roles of a pipeline spec."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from branchwise.engine.vllm_engine import VLLMEngine
+from branchwise.errors import ConfigError
 from branchwise.orchestrator.pipeline import Pipeline, build_engines
 from branchwise.orchestrator.spec import SpecError, load_spec
 from branchwise.verifiers.redundancy import EmbeddingRedundancy
@@ -107,3 +109,71 @@ def test_embedder_options_are_checked() -> None:
 def test_embedding_judge_rejects_a_missing_model_folder(tmp_path: Path) -> None:
     with pytest.raises(Exception, match="not a local model folder"):
         EmbeddingRedundancy(model=str(tmp_path / "nope"))
+
+
+@pytest.mark.parametrize(("cores", "expected"), [({0, 1}, ["1", "0"]), ({0, 1, 2, 3, 4}, ["2-4", "0-1"]), ({5}, None)])
+def test_two_embedded_engines_on_a_cpu_get_disjoint_cores_the_policy_the_larger_share(
+    monkeypatch: pytest.MonkeyPatch, cores: set[int], expected: list[str] | None
+) -> None:
+    from branchwise.engine import vllm_engine
+
+    monkeypatch.setattr(vllm_engine, "_on_cpu", lambda: True)
+    monkeypatch.setattr(vllm_engine.os, "sched_getaffinity", lambda pid: cores)
+    assert vllm_engine.split_cpu_cores(2) == expected
+    assert vllm_engine.split_cpu_cores(1) is None
+    spec = load_spec(
+        "engines:\n"
+        "  speculator: {backend: vllm, model: qwen2.5-coder-0.5b-instruct}\n"
+        "  policy: {backend: vllm, model: qwen2.5-coder-1.5b-instruct}\n"
+        "thought: {strategy: spec_reason}\n"
+    )
+    engines = build_engines(spec.resolved())
+    assert isinstance(engines["policy"], VLLMEngine) and isinstance(engines["speculator"], VLLMEngine)
+    bound = [engines["policy"].cpu_cores, engines["speculator"].cpu_cores]
+    assert bound == (expected or [None, None])
+    # A spec that binds its engines itself is left alone.
+    spec = load_spec(
+        "engines:\n"
+        "  policy: {backend: vllm, cpu_cores: '0-1'}\n"
+        "  speculator: {backend: vllm, cpu_cores: '0-1'}\n"
+        "thought: {strategy: spec_reason}\n"
+    )
+    assert [e.cpu_cores for e in build_engines(spec.resolved()).values()] == ["0-1", "0-1"]  # type: ignore[attr-defined]
+
+
+def test_an_engines_cores_reach_vllm_only_while_its_core_process_starts(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    from branchwise.engine import vllm_engine
+
+    monkeypatch.delenv("VLLM_CPU_OMP_THREADS_BIND", raising=False)
+    assert VLLMEngine(cpu_cores="1")._cpu_environment(on_cpu=True) == {"VLLM_CPU_OMP_THREADS_BIND": "1"}
+    assert VLLMEngine(cpu_cores="1")._cpu_environment(on_cpu=False) == {}
+    with vllm_engine._environment({"VLLM_CPU_OMP_THREADS_BIND": "1"}):
+        assert vllm_engine.os.environ["VLLM_CPU_OMP_THREADS_BIND"] == "1"
+    assert "VLLM_CPU_OMP_THREADS_BIND" not in vllm_engine.os.environ
+    with pytest.raises(ConfigError, match="cpu_cores"):
+        VLLMEngine(cpu_cores="one")
+    # Two engines left to vLLM's automatic binding in one process: the second is warned about.
+    first, second = VLLMEngine(), VLLMEngine()
+    assert first._cpu_environment(on_cpu=True) == {}
+    first._llm = object()  # type: ignore[assignment]
+    try:
+        with caplog.at_level("WARNING", logger="branchwise.engine.vllm_engine"):
+            assert second._cpu_environment(on_cpu=True) == {}
+        assert "without cpu_cores" in caplog.text
+    finally:
+        first._llm = None
+
+
+@pytest.mark.parametrize(("n", "speculates"), [(2, True), (4, True), (8, False)])
+def test_a_draft_with_max_batch_speculates_only_for_narrow_strategies(n: int, speculates: bool) -> None:
+    spec = load_spec(
+        VLLM_POLICY + "  draft: {method: ngram, max_batch: 4}\n" + f"thought: {{strategy: self_consistency, n: {n}}}\n"
+    )
+    policy = build_engines(spec.resolved())["policy"]
+    assert isinstance(policy, VLLMEngine)
+    config = policy._options["speculative_config"]
+    assert (config is not None) is speculates
+    if config is not None:
+        assert "max_batch" not in config  # branchwise's rule, not a vLLM field
