@@ -102,3 +102,28 @@ def test_eval_throughput_full_counts_prompt_and_completion_tokens_per_problem() 
     cells = script.full_row(figures)
     assert cells[2:5] == ["100", "300", "400"]  # prompt, completion, total per problem
     assert figures["mean_total_tokens"] == 400
+
+
+def test_speculation_summary_ratios_and_the_rule_pick() -> None:
+    script = load("speculation")
+    work = script.workloads(16)
+    assert [(w.name, w.batch) for w in work] == [("greedy", 1), ("sc8", 8), ("refine", 1), ("judge", 4)]
+
+    def cell(tok_s: float) -> dict[str, float | None]:
+        return {"tok_s": tok_s, "acceptance": 0.5, "rss_mb": 100.0, "tokens": 0, "seconds": 0.0}
+
+    rounds = [
+        {
+            "off": {w.name: cell(10.0) for w in work},
+            "ngram": {w.name: cell(12.0 if w.batch == 1 else 8.0) for w in work},
+        },
+        {
+            "off": {w.name: cell(20.0) for w in work},
+            "ngram": {w.name: cell(22.0 if w.batch == 1 else 16.0) for w in work},
+        },
+    ]
+    figures = script.summarize(rounds, work, max_batch=2)
+    assert figures["greedy"]["ngram"]["speedup"] == pytest.approx(17.0 / 15.0)  # medians over rounds
+    assert figures["greedy"]["auto"] == "ngram" and figures["greedy"]["auto_vs_best"] == 1.0
+    assert figures["sc8"]["auto"] == "off" and figures["sc8"]["best"] == "off"
+    assert figures["judge"]["auto"] == "off"  # 4 sequences: above the rule's max_batch of 2
