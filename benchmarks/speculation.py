@@ -19,7 +19,8 @@ together) and how far it is from the best measured setting.
     python benchmarks/speculation.py [--quick] [--model qwen2.5-coder-1.5b-instruct]
         [--draft qwen2.5-coder-0.5b-instruct] [--ks 2,3,5] [--rounds 2]
 
-``--quick``: SmolLM2-135M with n-gram only, one round, short outputs. Prints a table, then one JSON line.
+``--quick``: SmolLM2-135M with n-gram only, short outputs (two rounds, as always). Prints a table, then one JSON
+line.
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ from branchwise.engine import GenerationRequest
 from branchwise.engine.types import ChatMessage
 from branchwise.engine.vllm_engine import VLLMEngine
 from branchwise.orchestrator.build import speculation_pays
+from branchwise.orchestrator.spec_models import DRAFT_MAX_BATCH
 
 PROBLEM = (
     "Janet's ducks lay 16 eggs per day. She eats three for breakfast every morning and bakes muffins for her "
@@ -152,17 +154,17 @@ def summarize(rounds: list[dict[str, dict[str, Any]]], work: list[Workload], max
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="SmolLM2-135M, n-gram only, one round")
+    parser.add_argument("--quick", action="store_true", help="SmolLM2-135M, n-gram only, short outputs")
     parser.add_argument("--model", default=None)
     parser.add_argument("--draft", default=None, help="draft model (default: the 0.5B for the 1.5B; none --quick)")
     parser.add_argument("--ks", default="2,3,5", help="draft tokens per step to compare")
     parser.add_argument("--rounds", type=int, default=None)
     parser.add_argument("--tokens", type=int, default=None, help="tokens per greedy / SC sample")
-    parser.add_argument("--max-batch", type=int, default=4, help="the rule's largest batch that speculates")
+    parser.add_argument("--max-batch", type=int, default=DRAFT_MAX_BATCH, help="the rule's largest speculating batch")
     args = parser.parse_args()
     model = args.model or ("smollm2-135m-instruct" if args.quick else "qwen2.5-coder-1.5b-instruct")
     draft = args.draft or (None if args.quick else "qwen2.5-coder-0.5b-instruct")
-    rounds = args.rounds or (1 if args.quick else 2)
+    rounds = args.rounds or 2  # two rounds at least: the order alternates (A B, then B A)
     work = workloads(args.tokens or (32 if args.quick else 128))
     configs = settings([int(k) for k in args.ks.split(",")], draft)
     results: list[dict[str, dict[str, Any]]] = []
@@ -179,7 +181,9 @@ def main() -> None:
     for w, row in figures.items():
         for name in configs:
             cell = row[name]
-            accepted = "" if cell["acceptance"] is None else f"{cell['acceptance']:.0%}"
+            accepted = f"{cell['acceptance']:.0%}" if cell["acceptance"] is not None else ""
+            if name != "off" and cell["acceptance"] is None:
+                accepted = "nothing proposed"
             pick = f"{row['auto']} ({row['auto_vs_best']:.2f} of best)" if name == "off" else ""
             table.add_row(w, str(row["batch"]), name, f"{cell['tok_s']:.1f}", f"{cell['speedup']:.2f}x", accepted,
                           f"{cell['rss_mb']:.0f}", pick)  # fmt: skip

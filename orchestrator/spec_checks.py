@@ -105,7 +105,7 @@ def check_roles(engines: Mapping[Role, EngineSpec], verifiers: VerifiersSpec, wh
 
 def _check_role(role: Role, engine: EngineSpec, engines: Mapping[Role, EngineSpec], where: Where) -> None:
     here = ("engines", role)
-    used = [f for f in DRAFT_FIELDS if getattr(engine, f) is not None]
+    used = [f for f in DRAFT_FIELDS if f in engine.model_fields_set]
     if role == "draft":
         _check_draft(engine, engines["policy"], where)
     elif used:

@@ -62,6 +62,9 @@ packaged all-MiniLM-L6-v2)."""
 Role = Literal["policy", "judge", "draft", "speculator", "embedder"]
 EngineRole = Literal["policy", "judge", "speculator"]
 """Roles served by an engine (that a step scorer or verifier can name)."""
+DRAFT_MAX_BATCH = 1
+"""The draft role's default ``max_batch``: on these CPUs n-gram speculation sped single sequences up (1.0-2.2x) and
+slowed batches of 4 and 8 down (0.6-0.7x) in benchmarks/speculation.py."""
 DRAFT_FIELDS = ("method", "num_speculative_tokens", "prompt_lookup_max", "prompt_lookup_min", "max_batch")
 
 
@@ -132,11 +135,12 @@ class EngineSpec(SectionModel):
         None, ge=1, le=64, description="draft role, ngram: shortest n-gram looked up."
     )
     max_batch: int | None = Field(
-        None,
+        DRAFT_MAX_BATCH,
         ge=1,
         le=1024,
         description="draft role: speculate only when the thought decodes at most this many sequences together (its "
-        "fan-out); a wider strategy runs the policy without speculation. None: always speculate.",
+        "fan-out); a wider strategy runs the policy without speculation. null: always speculate. The default, 1, is "
+        "what benchmarks/speculation.py measured on CPU (see BENCHMARKS.md); a GPU may gain at larger batches.",
     )
 
     def speculative_config(self) -> dict[str, Any]:

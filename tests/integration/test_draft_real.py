@@ -11,7 +11,7 @@ pytestmark = [pytest.mark.engine, pytest.mark.slow, pytest.mark.timeout(300)]
 SPEC = """
 engines:
   policy: {backend: vllm, model: smollm2-135m-instruct, max_model_len: 1024}
-  draft: {model: smollm2-135m-instruct, num_speculative_tokens: 2}
+  draft: {model: smollm2-135m-instruct, num_speculative_tokens: 2, max_batch: 2}
 thought: {strategy: self_consistency, n: 2, max_tokens: 24}
 runtime: {seed: 0}
 """

@@ -177,3 +177,17 @@ def test_a_draft_with_max_batch_speculates_only_for_narrow_strategies(n: int, sp
     assert (config is not None) is speculates
     if config is not None:
         assert "max_batch" not in config  # branchwise's rule, not a vLLM field
+
+
+def test_by_default_a_draft_speculates_for_one_sequence_only_and_null_means_always() -> None:
+    def speculative_config(draft: str, n: int) -> object:
+        spec = load_spec(VLLM_POLICY + draft + f"thought: {{strategy: self_consistency, n: {n}}}\n")
+        policy = build_engines(spec.resolved())["policy"]
+        assert isinstance(policy, VLLMEngine)
+        return policy._options["speculative_config"]
+
+    assert speculative_config("  draft: {method: ngram}\n", 1) is not None
+    assert speculative_config("  draft: {method: ngram}\n", 2) is None
+    assert speculative_config("  draft: {method: ngram, max_batch: null}\n", 64) is not None
+    err = error_of(VLLM_POLICY.replace("max_model_len: 1024", "max_model_len: 1024, max_batch: 2"))
+    assert err.path == "engines.policy.max_batch" and "draft role" in str(err)
