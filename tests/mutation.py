@@ -38,7 +38,12 @@ MUTMUT = Path(sys.executable).with_name("mutmut")
 
 # The module to mutate -> the unit test files that test it (the fast selection run against each mutant).
 MODULES: dict[str, list[str]] = {
-    "search/sampling.py": ["test_strategies_basic.py", "test_branch_failures.py", "test_mutation_sampling.py"],
+    "search/sampling.py": [
+        "test_strategies_basic.py",
+        "test_branch_failures.py",
+        "test_mutation_sampling.py",
+        "test_mutation_search.py",
+    ],
     "search/self_consistency.py": [
         "test_strategies_basic.py",
         "test_branch_failures.py",
