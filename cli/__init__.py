@@ -10,6 +10,7 @@ Subcommands:
     eval PIPELINE.yaml --benchmark NAME   evaluate a pipeline on a benchmark (see `branchwise.cli.evaluate`)
     report RESULTS.db [OTHER.db]          Markdown + HTML report of evaluation results
     sample PIPELINE.yaml --benchmark NAME --n N --out BANK   draw a trace bank (see `branchwise.cli.sample`)
+    serve PIPELINE.yaml...       serve pipelines behind an OpenAI-compatible endpoint (see `branchwise.cli.serve`)
 
 Exit codes, the same for every command:
 
@@ -48,7 +49,7 @@ from collections.abc import Iterator, Sequence
 from types import FrameType
 
 from ..errors import BranchwiseError, ConfigError
-from . import evaluate, models, run, sample
+from . import evaluate, models, run, sample, serve
 
 __all__ = ["EXIT_BAD_INPUT", "EXIT_FAILED", "EXIT_INTERRUPTED", "EXIT_OK", "VLLM_LOG_ENV", "build_parser", "main"]
 
@@ -75,6 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     models.add_commands(sub)
     evaluate.add_commands(sub)
     sample.add_commands(sub)
+    serve.add_commands(sub)
     return parser
 
 

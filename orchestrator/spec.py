@@ -152,11 +152,12 @@ class PipelineSpec(SectionModel):
         masked: dict[str, Any] = redact(self.raw())
         return masked
 
-    def with_overrides(self, overrides: Mapping[str, Any]) -> PipelineSpec:
+    def with_overrides(self, overrides: Mapping[str, Any], *, parse_strings: bool = True) -> PipelineSpec:
         """A new spec with dotted-path overrides applied, e.g. ``{"thought.n": "8", "budget.max_tokens": 4000}``.
 
         String values are parsed as YAML ("8" -> 8, "true" -> True, "null" -> None, "[1, 2]" -> list), within
-        the reader's bounds.
+        the reader's bounds, unless ``parse_strings`` is False (values that are already typed, such as JSON from
+        an API request, where a string is a string).
 
         Raises:
             SpecError: a path runs through something that is not a mapping, a value is not YAML, or the result
@@ -164,7 +165,7 @@ class PipelineSpec(SectionModel):
         """
         data = self.raw()
         for dotted, given in overrides.items():
-            _override(data, str(dotted), given)
+            _override(data, str(dotted), given, parse=parse_strings)
         # lines of overridden paths no longer describe their values: errors there point at the parent
         overridden = [tuple(str(k).split(".")) for k in overrides]
         lines = {path: line for path, line in self._lines.items() if not any(path[: len(o)] == o for o in overridden)}
@@ -249,11 +250,12 @@ def validate_spec(data: Any, lines: Lines, *, source: str) -> PipelineSpec:
     return spec
 
 
-def _override(data: dict[str, Any], dotted: str, given: Any) -> None:
+def _override(data: dict[str, Any], dotted: str, given: Any, *, parse: bool) -> None:
     parts = dotted.split(".")
     if not dotted or any(not p for p in parts):
         raise SpecError(f"bad override path {dotted!r}", path=dotted, source="<override>")
-    value = parse_value(given, f"<override {dotted}>") if isinstance(given, str) and given.strip() else given
+    parsed = parse and isinstance(given, str) and given.strip()
+    value = parse_value(given, f"<override {dotted}>") if parsed else given
     node: dict[str, Any] = data
     policy = _policy_mapping(data)
     for i, part in enumerate(parts[:-1]):
