@@ -22,6 +22,7 @@ from types import TracebackType
 from typing import Self
 
 from ..events import LiveRef, emit
+from .seeding import seeded
 from .types import CallUsage, Capabilities, Completion, Delta, FinishReason, Generation, GenerationRequest, TokenLogprob
 
 __all__ = ["CHAT_TEMPLATE_ALLOWANCE", "CallMeter", "Engine", "UsageHook", "assemble", "estimate_prompt_tokens"]
@@ -135,7 +136,9 @@ class Engine(ABC):
         return lambda: self._usage_hooks.remove(hook) if hook in self._usage_hooks else None
 
     async def generate(self, request: GenerationRequest) -> Generation:
-        """Run ``request`` to completion and return all its samples."""
+        """Run ``request`` to completion and return all its samples (seeded from the run's seed, see
+        `branchwise.engine.seeding`, unless it has its own)."""
+        request = seeded(request)
         meter = CallMeter()
         try:
             completions = await self._generate(request, meter)
@@ -157,8 +160,10 @@ class Engine(ABC):
         """Yield `Delta` increments of every sample as they are generated.
 
         Deltas of different samples interleave; each sample's last delta carries its ``finish_reason``.
-        Cancelling the consumer, or closing the generator early, aborts the request in the backend.
+        Cancelling the consumer, or closing the generator early, aborts the request in the backend. Seeded as
+        `generate` is.
         """
+        request = seeded(request)
         meter = CallMeter()
         try:
             # aclosing: an early close of this generator must close the backend's at once (that is the abort),

@@ -33,6 +33,7 @@ from typing import IO, Any, Literal, TypeVar
 
 from ..budget import Budget, UsageSnapshot
 from ..engine.base import Engine
+from ..engine.seeding import MAX_SEED, run_seed
 from ..errors import ConfigError, UnknownNameError
 from ..events import use_sink
 from ..executors.agent import AgentResult, run_agent
@@ -311,6 +312,7 @@ class Pipeline:
         budget: Budget | None = None,
         trace: str | Path | None = None,
         listeners: list[EventListener] | None = None,
+        seed: int | None = None,
     ) -> RunResult:
         """Answer ``query``.
 
@@ -319,18 +321,22 @@ class Pipeline:
             budget: the budget for this run (default: a fresh one with the pipeline's caps).
             trace: a trace path for this run instead of the pipeline's.
             listeners: extra event listeners for this run.
+            seed: make the run's sampling reproducible: every engine call gets a seed derived from this one
+                (`branchwise.engine.seeding`). Every engine must honour per-request seeds.
 
         Returns:
             The `RunResult`. A budget cap reached mid-run is not an error: the result is marked.
 
         Raises:
-            ConfigError: the pipeline is closed or the query is empty.
+            ConfigError: the pipeline is closed, the query is empty, or the seed is invalid or cannot be honoured.
             BranchwiseError: a runtime failure (also recorded in the trace as an "error" event).
         """
         if self._closed:
             raise ConfigError("Pipeline is closed")
         if not isinstance(query, str) or not query.strip():
             raise ConfigError("Pipeline.run: the query must be a non-empty string")
+        if seed is not None:
+            self.check_seed(seed)
         await self.start()  # load models before the run's clock (and its wall-clock budget) starts
         run_id = uuid.uuid4().hex[:12]
         owned = budget is None
@@ -343,8 +349,8 @@ class Pipeline:
             live.start()
         outcome: Result | AgentResult | None = None
         try:
-            with use_sink(recording.sink), _current(budget):
-                recording.record("run_start", self._describe(query, budget))
+            with use_sink(recording.sink), _current(budget), run_seed(seed):
+                recording.record("run_start", {**self._describe(query, budget), "seed": seed})
                 budget.start()
                 outcome = await self._execute(query, budget, recording)
         except (asyncio.CancelledError, KeyboardInterrupt):
@@ -363,6 +369,21 @@ class Pipeline:
             query, end.answer, outcome, end.usage, path, end.pruned, end.budget_exhausted, end.seconds, run_id,
             recording.events,
         )  # fmt: skip
+
+    def check_seed(self, seed: int) -> None:
+        """Check that runs of this pipeline can be seeded with ``seed`` (see `run`).
+
+        Raises:
+            ConfigError: ``seed`` is not an integer in [0, `MAX_SEED`], or an engine cannot honour per-request seeds.
+        """
+        if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
+            raise ConfigError(f"Pipeline.run: seed must be an integer in [0, {MAX_SEED}], got {seed!r}")
+        for role, engine in self.engines.items():
+            if not engine.capabilities.per_request_seed:
+                raise ConfigError(
+                    f"Pipeline.run: a seeded run needs engines that honour per-request seeds; the {role} engine "
+                    f"({engine.backend}) does not"
+                )
 
     async def _execute(self, query: str, budget: Budget, recording: RunRecording) -> Result | AgentResult:
         s = self.settings
@@ -400,11 +421,13 @@ class Pipeline:
         for engine in _distinct(self.engines.values()):
             await engine.start()
 
-    def run_sync(self, query: str, *, budget: Budget | None = None) -> RunResult:
+    def run_sync(self, query: str, *, budget: Budget | None = None, seed: int | None = None) -> RunResult:
         """`run` from synchronous code (starts an event loop; not from inside a running loop)."""
-        return asyncio.run(self.run(query, budget=budget))
+        return asyncio.run(self.run(query, budget=budget, seed=seed))
 
-    async def stream(self, query: str, *, budget: Budget | None = None) -> AsyncIterator[Event]:
+    async def stream(
+        self, query: str, *, budget: Budget | None = None, seed: int | None = None
+    ) -> AsyncIterator[Event]:
         """Run ``query`` and yield its events as they happen (the last one is "run_end").
 
         Leaving the loop early cancels the run (its engine requests are aborted). A run failure is raised after
@@ -412,7 +435,7 @@ class Pipeline:
         """
         queue: asyncio.Queue[Event | None] = asyncio.Queue()
         task = asyncio.get_running_loop().create_task(
-            self.run(query, budget=budget, listeners=[queue.put_nowait]), name="branchwise-pipeline-stream"
+            self.run(query, budget=budget, listeners=[queue.put_nowait], seed=seed), name="branchwise-pipeline-stream"
         )
         task.add_done_callback(lambda _: queue.put_nowait(None))
         try:
