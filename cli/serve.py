@@ -38,8 +38,9 @@ _LIMIT_HELP = {
     "max_queued": "requests waiting for a slot; beyond it 429 with Retry-After",
     "max_runs_per_key": "runs running or waiting per API key; beyond it 429",
     "drain_timeout_s": "on SIGTERM / Ctrl-C, seconds runs in flight get before they are cancelled",
+    "max_traces": "run traces kept (the oldest deleted beyond it)",
 }
-_FLAGS = {"drain_timeout_s": "--drain-timeout"}
+_FLAGS = {"drain_timeout_s": "--drain-timeout", "max_traces": "--keep-traces"}
 
 
 def add_commands(subparsers: Any) -> None:
@@ -59,7 +60,9 @@ def add_commands(subparsers: Any) -> None:
         "comma-separated); required to bind an address other than loopback",
     )
     serve.add_argument(
-        "--trace-dir", type=Path, help="keep each run's JSONL trace here (default: a temporary folder, removed at exit)"
+        "--trace-dir",
+        type=Path,
+        help="write each run's JSONL trace here (default: a temporary folder, removed at exit); see --keep-traces",
     )
     defaults = ServerLimits()
     for f in fields(ServerLimits):

@@ -38,13 +38,15 @@ from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from ..errors import BranchwiseError, EngineTimeout, EngineUnavailable, RateLimited
+from ..engine.base import Engine
+from ..errors import BranchwiseError, ConfigError, EngineTimeout, EngineUnavailable, RateLimited
 from ..orchestrator.pipeline import RunResult
 from .admission import Admission, Draining, Overloaded, Ticket
-from .metrics import Metrics
+from .metrics import EngineGauges, Metrics
 from .pipelines import Lease, PipelineSet, Served
 from .protocol import (
     APIError,
+    ChatRequest,
     Query,
     completion_body,
     completion_chunk,
@@ -56,16 +58,16 @@ from .protocol import (
     usage_of,
 )
 
-__all__ = ["OPEN_PATHS", "TRACE_OWNERS", "RunJob", "ServerState", "create_app"]
+__all__ = ["OPEN_PATHS", "RunJob", "ServerState", "create_app"]
 
 logger = logging.getLogger(__name__)
 
 OPEN_PATHS = frozenset({"/health"})
 """Routes answered without an API key (load balancers' probes); they say nothing about the pipelines."""
-TRACE_OWNERS = 100_000
-"""Runs whose trace owner is remembered (the oldest are forgotten: their files stay, unserved)."""
 ANONYMOUS = "anonymous"
 """The key of every request when the server has no API keys."""
+ENGINE_STATE_TIMEOUT_S = 5.0
+"""How long ``/metrics`` waits for an engine's own state."""
 _TRACE_ID = re.compile(r"[0-9a-f]{24}")
 _CLIENT_CLOSED = 499  # nginx's status for a request whose client went away; recorded, never received
 
@@ -120,8 +122,9 @@ class ServerState:
 
     def record_owner(self, trace_id: str, key: str) -> None:
         self.trace_owners[trace_id] = key
-        while len(self.trace_owners) > TRACE_OWNERS:
-            self.trace_owners.popitem(last=False)
+        while len(self.trace_owners) > self.limits.max_traces:  # the oldest run's trace goes, file and owner
+            oldest, _ = self.trace_owners.popitem(last=False)
+            (self.trace_dir / f"{oldest}.jsonl").unlink(missing_ok=True)
 
 
 class RunJob:
@@ -131,7 +134,15 @@ class RunJob:
     """
 
     def __init__(
-        self, state: ServerState, served: Served, *, lease: Lease, ticket: Ticket, query: Query, trace_id: str
+        self,
+        state: ServerState,
+        served: Served,
+        *,
+        lease: Lease,
+        ticket: Ticket,
+        query: Query,
+        trace_id: str,
+        seed: int | None = None,
     ) -> None:
         self.state = state
         self.served = served
@@ -141,7 +152,7 @@ class RunJob:
         self.budget = lease.pipeline.new_budget()
         self.cancel_reason: str | None = None
         trace = state.trace_dir / f"{trace_id}.jsonl"
-        run = lease.pipeline.run(query.text, budget=self.budget, trace=trace)
+        run = lease.pipeline.run(query.text, budget=self.budget, trace=trace, seed=seed)
         self.task: asyncio.Task[RunResult] = asyncio.get_running_loop().create_task(
             self._run(run), name=f"branchwise-serve-{trace_id}"
         )
@@ -204,9 +215,7 @@ def create_app(pipelines: PipelineSet, *, trace_dir: Path, api_keys: Sequence[st
             model = served.name
             query = query_of(chat.messages, max_chars=state.limits.max_query_chars)
             lease = await state.pipelines.lease(served, chat, query)
-            response = await _run_request(state, request, served, lease, query, stream=chat.stream, usage=bool(
-                chat.stream_options and chat.stream_options.include_usage
-            ))  # fmt: skip
+            response = await _run_request(state, request, served, lease, query, chat=chat)
         except APIError as err:
             state.metrics.request(model, err.status)
             raise
@@ -230,7 +239,8 @@ def create_app(pipelines: PipelineSet, *, trace_dir: Path, api_keys: Sequence[st
 
     @app.get("/metrics", response_class=PlainTextResponse)
     async def metrics() -> PlainTextResponse:
-        return PlainTextResponse(state.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+        text = state.metrics.render(await _engine_gauges(state.pipelines.engines))
+        return PlainTextResponse(text, media_type="text/plain; version=0.0.4; charset=utf-8")
 
     @app.get("/health")
     async def health() -> JSONResponse:
@@ -242,9 +252,16 @@ def create_app(pipelines: PipelineSet, *, trace_dir: Path, api_keys: Sequence[st
 
 
 async def _run_request(
-    state: ServerState, request: Request, served: Served, lease: Lease, query: Query, *, stream: bool, usage: bool
+    state: ServerState, request: Request, served: Served, lease: Lease, query: Query, *, chat: ChatRequest
 ) -> Response:
     """Wait for a slot, start the run, and answer with its result (JSON) or its stream (SSE)."""
+    seed = chat.run_seed
+    if seed is not None:
+        try:
+            lease.pipeline.check_seed(seed)
+        except ConfigError as err:
+            await lease.release()
+            raise APIError(400, str(err), param="seed", code="unsupported_parameter") from None
     key = request.state.key
     admitted = asyncio.ensure_future(state.admission.acquire(key))
     try:
@@ -270,9 +287,10 @@ async def _run_request(
     state.metrics.waited(ticket.waited)
     trace_id = uuid.uuid4().hex[:24]
     state.record_owner(trace_id, key)
-    job = RunJob(state, served, lease=lease, ticket=ticket, query=query, trace_id=trace_id)
+    job = RunJob(state, served, lease=lease, ticket=ticket, query=query, trace_id=trace_id, seed=seed)
     completion_id, created = f"chatcmpl-{trace_id}", now()
-    if stream:
+    if chat.stream:
+        usage = bool(chat.stream_options and chat.stream_options.include_usage)
         events = _sse(state, job, completion_id, created, usage=usage)
         return StreamingResponse(
             events,
@@ -323,6 +341,25 @@ async def _sse(
     finally:
         if not job.task.done():
             job.cancel("shutdown" if state.draining else "disconnected")
+
+
+async def _engine_gauges(engines: Sequence[Engine]) -> list[EngineGauges]:
+    """The state of every engine that reports one (`VLLMEngine.engine_state`); one that cannot answer within
+    `ENGINE_STATE_TIMEOUT_S` (busy loading, stopped) is left out."""
+    out = []
+    for index, engine in enumerate(engines):
+        probe = getattr(engine, "engine_state", None)
+        if probe is None:
+            continue
+        try:
+            state = await asyncio.wait_for(probe(), ENGINE_STATE_TIMEOUT_S)
+        except (BranchwiseError, TimeoutError):
+            continue
+        labels = (("engine", str(index)), ("model", engine.model))
+        out.append(
+            EngineGauges(labels, state.unfinished_requests, state.num_running, state.num_waiting, state.kv_cache_usage)
+        )
+    return out
 
 
 async def _abandon(state: ServerState, admitted: asyncio.Future[Ticket], lease: Lease) -> None:

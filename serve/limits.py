@@ -29,6 +29,8 @@ class ServerLimits:
         max_queued: requests waiting for a run slot; one more gets 429 with ``Retry-After``.
         max_runs_per_key: runs running or waiting for one API key (all clients share one key when no keys are set).
         drain_timeout_s: after SIGTERM or Ctrl-C, seconds in-flight runs get to finish before they are cancelled.
+        max_traces: run traces kept in the trace folder (and served by ``/v1/traces``); the oldest run's is deleted
+            when a run beyond it starts, so the folder's size is bounded.
         keepalive_s: seconds between SSE comments on a stream whose run is still working (keeps proxies from timing
             out the connection, and finds a client that left).
     """
@@ -43,6 +45,7 @@ class ServerLimits:
     max_queued: int = 32
     max_runs_per_key: int = 8
     drain_timeout_s: float = 30.0
+    max_traces: int = 10_000
     keepalive_s: float = 15.0
 
     def __post_init__(self) -> None:

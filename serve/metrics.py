@@ -14,7 +14,14 @@ metric                                                   type       labels
 ``branchwise_budget_exhausted_total``                    counter    ``model``
 ``branchwise_run_seconds``                               histogram  ``model``: run time, from start to its end
 ``branchwise_queue_wait_seconds``                        histogram  time from arrival to a run slot
+``branchwise_engine_requests``                           gauge      ``engine`` (its index), ``model``, ``state``:
+                                                                    unfinished (tracked by the engine's front
+                                                                    end), running, waiting (its scheduler)
+``branchwise_engine_kv_cache_usage``                     gauge      ``engine``, ``model``: fraction in use
 =======================================================  =========  =============================================
+
+The engine gauges are read from engines that report their own state (the embedded vLLM engine) when the metrics
+are asked for.
 """
 
 from __future__ import annotations
@@ -26,7 +33,7 @@ from dataclasses import dataclass, field
 
 from ..budget import UsageSnapshot
 
-__all__ = ["BUCKETS", "Histogram", "Metrics"]
+__all__ = ["BUCKETS", "EngineGauges", "Histogram", "Metrics"]
 
 BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0)
 """Histogram bucket bounds in seconds (``+Inf`` is added)."""
@@ -44,6 +51,17 @@ class Histogram:
     def observe(self, value: float) -> None:
         self.counts[bisect.bisect_left(BUCKETS, value)] += 1
         self.total += value
+
+
+@dataclass(frozen=True)
+class EngineGauges:
+    """One engine's own view of its work, as the metrics show it."""
+
+    labels: Labels
+    unfinished: int
+    running: int
+    waiting: int
+    kv_cache_usage: float
 
 
 class Metrics:
@@ -87,8 +105,8 @@ class Metrics:
             self.budget_exhausted[(("model", model),)] += 1
         self.run_seconds.setdefault((("model", model),), Histogram()).observe(seconds)
 
-    def render(self) -> str:
-        """Everything, in the Prometheus text exposition format (version 0.0.4)."""
+    def render(self, engines: Iterable[EngineGauges] = ()) -> str:
+        """Everything, with ``engines``' gauges, in the Prometheus text exposition format (version 0.0.4)."""
         lines: list[str] = []
         _counter(lines, "branchwise_requests_total", "HTTP requests answered, by model and status.", self.requests)
         _counter(lines, "branchwise_runs_total", "Pipeline runs ended, by model and outcome.", self.runs)
@@ -99,6 +117,16 @@ class Metrics:
         _counter(lines, "branchwise_budget_exhausted_total", "Runs a budget cap cut short.", self.budget_exhausted)
         _histogram(lines, "branchwise_run_seconds", "Run time in seconds.", self.run_seconds)
         _histogram(lines, "branchwise_queue_wait_seconds", "Wait for a run slot in seconds.", self.queue_wait)
+        engines = list(engines)
+        if engines:
+            requests = {
+                (*e.labels, ("state", state)): float(value)
+                for e in engines
+                for state, value in (("unfinished", e.unfinished), ("running", e.running), ("waiting", e.waiting))
+            }
+            _gauges(lines, "branchwise_engine_requests", "Requests an engine holds, by state.", requests)
+            usage = {e.labels: e.kv_cache_usage for e in engines}
+            _gauges(lines, "branchwise_engine_kv_cache_usage", "Fraction of an engine's KV cache in use.", usage)
         return "\n".join(lines) + "\n"
 
 
@@ -120,6 +148,11 @@ def _counter(lines: list[str], name: str, help_text: str, values: Counter[Labels
 
 def _gauge(lines: list[str], name: str, help_text: str, value: float) -> None:
     lines += [f"# HELP {name} {help_text}", f"# TYPE {name} gauge", f"{name} {value}"]
+
+
+def _gauges(lines: list[str], name: str, help_text: str, values: dict[Labels, float]) -> None:
+    lines += [f"# HELP {name} {help_text}", f"# TYPE {name} gauge"]
+    lines += [f"{name}{_labels(labels)} {value:g}" for labels, value in sorted(values.items())]
 
 
 def _histogram(lines: list[str], name: str, help_text: str, values: dict[Labels, Histogram]) -> None:

@@ -14,6 +14,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from ..engine.seeding import MAX_SEED
 from ..orchestrator.pipeline import RunResult
 from ..orchestrator.spec_models import did_you_mean
 
@@ -106,12 +107,14 @@ class BranchwiseOptions(_Strict):
         overrides: dotted spec paths and values for this request, e.g. ``{"thought.n": 8}``; checked by the spec
             loader like ``--set`` (values are taken as typed: a string stays a string).
         budget: caps of this run's budget, e.g. ``{"max_tokens": 4000}`` (short for ``budget.*`` overrides).
-        seed: refused: sampling is seeded per engine (``runtime.seed``), fixed when the server starts.
+        seed: the run's seed (the same as the request's ``seed``): every engine call of the run gets a seed derived
+            from it, so the same request on the same server gives the same answer and usage
+            (`branchwise.engine.seeding`).
     """
 
     overrides: dict[str, Any] = Field(default_factory=dict)
     budget: dict[str, Any] = Field(default_factory=dict)
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=0, le=MAX_SEED)
 
 
 class ChatRequest(_Strict):
@@ -126,12 +129,17 @@ class ChatRequest(_Strict):
     top_p: float | None = Field(None, gt=0, le=1)
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=0, le=MAX_SEED)
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
     logprobs: bool | None = None
     user: str | None = None
     branchwise: BranchwiseOptions = Field(default_factory=lambda: BranchwiseOptions())
+
+    @property
+    def run_seed(self) -> int | None:
+        """The run's seed, from ``seed`` or ``branchwise.seed``."""
+        return self.seed if self.seed is not None else self.branchwise.seed
 
 
 _UNSUPPORTED_WHEN_SET = {
@@ -139,10 +147,6 @@ _UNSUPPORTED_WHEN_SET = {
     "frequency_penalty": "frequency_penalty is not supported: a pipeline samples with its own settings",
     "logprobs": "logprobs are not returned: the content is the pipeline's answer, not one sampled text",
 }
-_SEED_REFUSED = (
-    "per-request seeds are not supported: sampling is seeded per engine (the spec's runtime.seed), fixed when the "
-    "server starts"
-)
 
 
 def parse_chat_request(data: Any) -> ChatRequest:
@@ -168,9 +172,10 @@ def parse_chat_request(data: Any) -> ChatRequest:
             param="n",
             code="unsupported_parameter",
         )
-    for param, seed in (("seed", request.seed), ("branchwise.seed", request.branchwise.seed)):
-        if seed is not None:
-            raise APIError(400, _SEED_REFUSED, param=param, code="unsupported_parameter")
+    if None not in (request.seed, request.branchwise.seed) and request.seed != request.branchwise.seed:
+        raise APIError(
+            400, f"seed {request.seed} and branchwise.seed {request.branchwise.seed} differ: give one", param="seed"
+        )
     return request
 
 

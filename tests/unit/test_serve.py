@@ -5,13 +5,9 @@ bound, and SIGTERM on a `branchwise serve` subprocess."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
-import os
 import signal
 import socket
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -21,6 +17,7 @@ from typing import Any
 import httpx
 import openai
 import pytest
+from serve_process import serve_process
 
 from branchwise.cli import main
 from branchwise.engine.testing import FunctionEngine
@@ -174,6 +171,29 @@ async def test_the_async_client_runs_requests_concurrently_with_their_overrides(
     assert all(c.messages is not None and c.messages[0].content == "Use digits." for c in calls)
     assert server.metric('branchwise_runs_total{model="sc",outcome="ok"}') == 4
     await client.close()
+
+
+def test_a_seeded_request_seeds_every_engine_call_of_its_run(serve: Callable[..., Running]) -> None:
+    server = serve(SC)
+    client = openai.OpenAI(base_url=server.base_url, api_key="unused", max_retries=0)
+    for seed in (7, 7, 8):
+        client.chat.completions.create(model="sc", messages=Q, seed=seed)  # type: ignore[arg-type]
+    client.chat.completions.create(model="sc", messages=Q, extra_body={"branchwise": {"seed": 8}})  # type: ignore[arg-type]
+    client.chat.completions.create(model="sc", messages=Q)  # type: ignore[arg-type]
+    seeds = [call.seed for call in server.engine("sc").calls]
+    assert seeds[0] == seeds[1] != seeds[2] == seeds[3] and None not in seeds[:4] and seeds[4] is None
+
+
+def test_only_the_newest_traces_are_kept(serve: Callable[..., Running]) -> None:
+    server = serve(SC, max_traces=2)
+    client = openai.OpenAI(base_url=server.base_url, api_key="unused", max_retries=0)
+    ids = []
+    for _ in range(3):
+        reply = client.chat.completions.create(model="sc", messages=Q)  # type: ignore[arg-type]
+        ids.append((reply.model_extra or {})["branchwise"]["trace_id"])
+    folder = server.server.state.trace_dir
+    assert sorted(p.stem for p in folder.iterdir()) == sorted(ids[1:])
+    assert [httpx.get(f"{server.base_url}/traces/{i}").status_code for i in ids] == [404, 200, 200]
 
 
 def test_streaming_sends_chunks_then_usage_then_done(serve: Callable[..., Running]) -> None:
@@ -363,31 +383,6 @@ def test_the_per_key_limit(serve: Callable[..., Running]) -> None:
 
 
 # -- stopping ------------------------------------------------------------------------------------------------------
-_SERVE = (
-    "import signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
-    "from branchwise.cli import main; sys.exit(main(sys.argv[1:]))"
-)
-
-
-@contextlib.contextmanager
-def serve_process(spec: Path, *args: str) -> Iterator[tuple[subprocess.Popen[str], str]]:
-    proc = subprocess.Popen(
-        [sys.executable, "-c", _SERVE, "serve", str(spec), "--port", "0", *args],
-        stderr=subprocess.PIPE,
-        text=True,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    )
-    try:
-        assert proc.stderr is not None
-        line = proc.stderr.readline()
-        assert "branchwise: serving" in line, line + proc.stderr.read()
-        yield proc, line.split(" at ", 1)[1].split(" ", 1)[0]
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-
-
 def stream_in_thread(base_url: str, model: str, out: list[list[str]], started: threading.Event) -> threading.Thread:
     def run() -> None:
         lines: list[str] = []
@@ -414,7 +409,8 @@ def test_sigterm_drains_runs_in_flight_then_stops(tmp_path: Path, deadline: str)
     spec.write_text(SLOW.replace(SLOW_WORDS, " ".join(f"w{i}" for i in range(words))))
     trace_dir = tmp_path / "traces"
     drain = "20" if deadline == "finished" else "1"
-    with serve_process(spec, "--drain-timeout", drain, "--trace-dir", str(trace_dir)) as (proc, base_url):
+    with serve_process(spec, "--drain-timeout", drain, "--trace-dir", str(trace_dir)) as served:
+        proc, base_url = served.proc, served.base_url
         out: list[list[str]] = []
         threads = []
         for _ in range(2):
@@ -424,9 +420,8 @@ def test_sigterm_drains_runs_in_flight_then_stops(tmp_path: Path, deadline: str)
         proc.send_signal(signal.SIGTERM)
         for thread in threads:
             thread.join(40)
-        assert proc.stderr is not None
-        err = proc.stderr.read()
-        assert proc.wait(WAIT) == 130, err
+        assert proc.wait(WAIT) == 130, served.stderr()
+        err = served.stderr()
     assert "branchwise: interrupted" in err
     for lines in out:
         assert lines[-1] == "data: [DONE]", lines

@@ -12,6 +12,7 @@ import pytest
 from branchwise.budget import UsageSnapshot
 from branchwise.errors import ConfigError, SpecError
 from branchwise.serve import Admission, APIError, Draining, Metrics, Overloaded, PipelineSet, ServerLimits, query_of
+from branchwise.serve.metrics import EngineGauges
 from branchwise.serve.protocol import Message, parse_chat_request
 
 SC = """\
@@ -52,8 +53,9 @@ def test_a_plain_request_parses_and_unknown_fields_are_named() -> None:
     ("fields", "param"),
     [
         ({"n": 2}, "n"),
-        ({"seed": 1}, "seed"),
-        ({"branchwise": {"seed": 1}}, "branchwise.seed"),
+        ({"seed": -1}, "seed"),
+        ({"branchwise": {"seed": 2**32}}, "branchwise.seed"),
+        ({"seed": 1, "branchwise": {"seed": 2}}, "seed"),
         ({"logprobs": True}, "logprobs"),
         ({"presence_penalty": 0.5}, "presence_penalty"),
         ({"temperature": 3}, "temperature"),
@@ -67,6 +69,13 @@ def test_fields_a_pipeline_cannot_honour_are_refused_naming_them(fields: dict[st
     err = refused(chat(**fields))
     assert err.status == 400 and err.param is not None and err.param.startswith(param), err.body()
     assert set(err.body()["error"]) == {"message", "type", "param", "code"}
+
+
+def test_a_seed_is_the_runs_from_either_field() -> None:
+    assert parse_chat_request(chat(seed=7)).run_seed == 7
+    assert parse_chat_request(chat(branchwise={"seed": 7})).run_seed == 7
+    assert parse_chat_request(chat(seed=7, branchwise={"seed": 7})).run_seed == 7
+    assert parse_chat_request(chat()).run_seed is None
 
 
 def test_a_body_that_is_not_an_object_is_refused() -> None:
@@ -301,7 +310,12 @@ def test_metrics_render_prometheus_text() -> None:
     metrics.rejection("queue_full")
     metrics.run("sc", "ok", UsageSnapshot(prompt_tokens=10, completion_tokens=5, aborted_tokens=1), 0.3, exhausted=True)
     metrics.waited(0.0)
-    text = metrics.render()
+    engine = EngineGauges((("engine", "0"), ("model", "m")), unfinished=3, running=2, waiting=1, kv_cache_usage=0.25)
+    assert "branchwise_engine" not in metrics.render()  # no engine reports its state: no engine gauges
+    text = metrics.render([engine])
+    assert 'branchwise_engine_requests{engine="0",model="m",state="unfinished"} 3' in text
+    assert 'branchwise_engine_requests{engine="0",model="m",state="waiting"} 1' in text
+    assert 'branchwise_engine_kv_cache_usage{engine="0",model="m"} 0.25' in text
     assert 'branchwise_requests_total{model="sc",status="429"} 1' in text
     assert "branchwise_runs_in_flight 2" in text and "branchwise_queue_depth 1" in text
     assert 'branchwise_tokens_total{model="sc",kind="prompt"} 10' in text
