@@ -258,7 +258,7 @@ def run_section(result: RunResult, strategy: str, trace_id: str | None) -> dict[
         "budget_exhausted": result.budget_exhausted,
         "llm_calls": result.usage.calls,
         "aborted_tokens": result.usage.aborted_tokens,
-        "seconds": round(result.seconds, 3),
+        "seconds": round(result.seconds, 6),
         "run_id": result.run_id,
         "trace_id": trace_id,
     }

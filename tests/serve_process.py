@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -56,12 +57,23 @@ def serve_process(
         stderr=subprocess.PIPE,
         text=True,
         env={**(env if env is not None else os.environ), "PYTHONUNBUFFERED": "1"},
+        start_new_session=True,  # its own process group: the engine's processes go with it
     )
     served = ServeProcess(proc)
     try:
         assert served.ready.wait(ready_timeout) and served.base_url, served.stderr()[-4000:]
         yield served
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        stop(proc)
+
+
+def stop(proc: subprocess.Popen[str]) -> None:
+    """Stop a server that is still up: SIGTERM (it drains, then closes its engines), then SIGKILL to its whole
+    process group (a killed server would leave its engine's processes behind)."""
+    if proc.poll() is None:
+        proc.terminate()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(60)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
