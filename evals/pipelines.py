@@ -6,26 +6,33 @@ runs them on a benchmark, building each distinct engine section once, and record
 
 from __future__ import annotations
 
+import contextlib
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from ..budget import Budget
+from ..engine.base import Engine
 from ..engine.replay import ReplayEngine
 from ..errors import ConfigError
 from ..orchestrator.pipeline import Pipeline, RunResult, build_engines
 from ..orchestrator.spec import PipelineSpec
 from .datasets import Benchmark, Problem
 from .repro import reproducibility_record
-from .runner import EvalConfig, EvalSummary, ProgressSink, Solve, parse_sweep, run_eval
+from .runner import Dispatch, EvalConfig, EvalSummary, ProgressSink, Solve, parse_sweep, run_eval
 from .store import ResultsStore
 
 __all__ = [
     "EvalSettings",
+    "GroupBuild",
+    "GroupDispatcher",
     "PipelineConfig",
+    "RemoteGroup",
     "benchmark_overrides",
+    "built_group",
     "evaluate_pipelines",
+    "group_params",
     "pipeline_configs",
     "pipeline_solver",
 ]
@@ -106,9 +113,82 @@ def _engine_key(spec: PipelineSpec) -> str:
 
 
 @dataclass
+class GroupBuild:
+    """The engines of a group of configurations (started) and the group's runner configurations over them."""
+
+    engines: dict[str, Engine]
+    configs: list[EvalConfig]
+
+
+def group_params(config: PipelineConfig) -> dict[str, Any]:
+    """What identifies a configuration in the store (its config id is a hash of this)."""
+    return {"spec": config.spec.redacted(), "sweep": config.sweep}
+
+
+@contextlib.asynccontextmanager
+async def built_group(group: Sequence[PipelineConfig]) -> AsyncIterator[GroupBuild]:
+    """Build and start the engines the configurations of ``group`` share (their engine sections are equal) and
+    one pipeline per configuration; close them all on exit. Used in the evaluating process, and by workers that
+    solve problems for it elsewhere (`branchwise.distributed`)."""
+    resolved = group[0].spec.resolved()
+    engines = build_engines(resolved)
+    pipelines: list[Pipeline] = []
+    try:
+        for engine in engines.values():
+            await engine.start()
+        eval_configs = []
+        replays = [engine for engine in engines.values() if isinstance(engine, ReplayEngine)]
+
+        scales = {engine.time_scale for engine in replays} or {1.0}
+        if len(scales) > 1:
+            raise ConfigError(f"the replay engines of one pipeline must pace at one speedup, got {sorted(scales)}")
+        (time_scale,) = scales
+
+        async def start_over() -> None:
+            for engine in replays:  # every configuration draws the same banked samples, in the same order
+                engine.reset()
+
+        for config in group:
+            pipeline = Pipeline.from_spec(config.spec, engines=engines)
+            pipelines.append(pipeline)
+            prepare = start_over if replays else None
+            solver = pipeline_solver(pipeline)
+            eval_configs.append(
+                EvalConfig(config.label, solver, group_params(config), prepare=prepare, time_scale=time_scale)
+            )
+        yield GroupBuild(engines, eval_configs)
+    finally:
+        for pipeline in pipelines:
+            await pipeline.aclose()
+        for engine in engines.values():
+            await engine.aclose()
+
+
+@dataclass(frozen=True)
+class RemoteGroup:
+    """A group's configurations solved elsewhere: the `Dispatch` that solves them and the records of the engines
+    (`branchwise.evals.repro.engine_record`, by role) that its workers built."""
+
+    dispatch: Dispatch
+    engines: dict[str, dict[str, Any]]
+
+
+class GroupDispatcher(Protocol):
+    """Solves the problems of each group of configurations somewhere else (e.g. on Ray actors, one per engine
+    replica); the evaluating process stays the only writer of the results store."""
+
+    def open(
+        self, benchmark: Benchmark, group: Sequence[PipelineConfig], *, hash_weights: bool
+    ) -> contextlib.AbstractAsyncContextManager[RemoteGroup]:
+        """Start the workers of ``group`` (each builds its engines from the specs) and stop them on exit."""
+        ...
+
+
+@dataclass
 class EvalSettings:
     """How `evaluate_pipelines` runs: concurrency, resuming, progress, and what goes into the reproducibility
-    record (``record``: extra settings, e.g. the command-line sweep; ``seed``: the benchmark generator's seed)."""
+    record (``record``: extra settings, e.g. the command-line sweep; ``seed``: the benchmark generator's seed).
+    With ``dispatcher`` the problems are solved by its workers (``concurrency`` at a time on each), not here."""
 
     concurrency: int = 4
     resume: bool = False
@@ -117,6 +197,7 @@ class EvalSettings:
     seed: int = 0
     record: dict[str, Any] = field(default_factory=dict)
     argv: list[str] | None = None
+    dispatcher: GroupDispatcher | None = None
 
 
 async def evaluate_pipelines(
@@ -147,62 +228,64 @@ async def _evaluate_group(
     budget: Budget,
     settings: EvalSettings,
 ) -> EvalSummary:
+    if settings.dispatcher is not None:
+        remote = [EvalConfig(config.label, None, group_params(config)) for config in group]
+        async with settings.dispatcher.open(benchmark, group, hash_weights=settings.hash_weights) as opened:
+            repro = _repro(benchmark, group, budget, settings, {})
+            repro["engines"] = opened.engines
+            return await _run(benchmark, remote, store, budget, settings, repro=repro, dispatch=opened.dispatch)
+    async with built_group(group) as built:
+        repro = _repro(benchmark, group, budget, settings, built.engines)
+        return await _run(benchmark, built.configs, store, budget, settings, repro=repro, dispatch=None)
+
+
+def _repro(
+    benchmark: Benchmark,
+    group: Sequence[PipelineConfig],
+    budget: Budget,
+    settings: EvalSettings,
+    engines: Mapping[str, Engine],
+) -> dict[str, Any]:
     resolved = group[0].spec.resolved()
-    engines = build_engines(resolved)
-    pipelines: list[Pipeline] = []
-    try:
-        for engine in engines.values():
-            await engine.start()
-        eval_configs = []
-        replays = [engine for engine in engines.values() if isinstance(engine, ReplayEngine)]
-
-        scales = {engine.time_scale for engine in replays} or {1.0}
-        if len(scales) > 1:
-            raise ConfigError(f"the replay engines of one pipeline must pace at one speedup, got {sorted(scales)}")
-        (time_scale,) = scales
-
-        async def start_over() -> None:
-            for engine in replays:  # every configuration draws the same banked samples, in the same order
-                engine.reset()
-
-        for config in group:
-            pipeline = Pipeline.from_spec(config.spec, engines=engines)
-            pipelines.append(pipeline)
-            params = {"spec": config.spec.redacted(), "sweep": config.sweep}
-            prepare = start_over if replays else None
-            solver = pipeline_solver(pipeline)
-            eval_configs.append(EvalConfig(config.label, solver, params, prepare=prepare, time_scale=time_scale))
-        repro = reproducibility_record(
-            engines=engines,
-            seeds={"runtime.seed": resolved.runtime.seed, "benchmark.seed": settings.seed},
-            settings={
-                "benchmark": benchmark.name,
-                "data": benchmark.source,
-                "data_sha256": benchmark.sha256,
-                "problems": len(benchmark.problems),
-                "concurrency": settings.concurrency,
-                "max_num_seqs": resolved.runtime.max_num_seqs,
-                "dtype": resolved.runtime.dtype,
-                "eval_budget": {
-                    k: getattr(budget, k) for k in ("max_tokens", "max_completion_tokens", "max_calls", "wall_clock_s")
-                },
-                **settings.record,
+    return reproducibility_record(
+        engines=engines,
+        seeds={"runtime.seed": resolved.runtime.seed, "benchmark.seed": settings.seed},
+        settings={
+            "benchmark": benchmark.name,
+            "data": benchmark.source,
+            "data_sha256": benchmark.sha256,
+            "problems": len(benchmark.problems),
+            "concurrency": settings.concurrency,
+            "max_num_seqs": resolved.runtime.max_num_seqs,
+            "dtype": resolved.runtime.dtype,
+            "eval_budget": {
+                k: getattr(budget, k) for k in ("max_tokens", "max_completion_tokens", "max_calls", "wall_clock_s")
             },
-            hash_weights=settings.hash_weights,
-        )
-        return await run_eval(
-            benchmark,
-            eval_configs,
-            store,
-            concurrency=settings.concurrency,
-            budget=budget,
-            resume=settings.resume,
-            progress=settings.progress,
-            repro=repro,
-            argv=settings.argv or (),
-        )
-    finally:
-        for pipeline in pipelines:
-            await pipeline.aclose()
-        for engine in engines.values():
-            await engine.aclose()
+            **settings.record,
+        },
+        hash_weights=settings.hash_weights,
+    )
+
+
+async def _run(
+    benchmark: Benchmark,
+    configs: Sequence[EvalConfig],
+    store: ResultsStore,
+    budget: Budget,
+    settings: EvalSettings,
+    *,
+    repro: Mapping[str, Any],
+    dispatch: Dispatch | None,
+) -> EvalSummary:
+    return await run_eval(
+        benchmark,
+        configs,
+        store,
+        concurrency=settings.concurrency,
+        budget=budget,
+        resume=settings.resume,
+        progress=settings.progress,
+        repro=repro,
+        argv=settings.argv or (),
+        dispatch=dispatch,
+    )

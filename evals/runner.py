@@ -57,14 +57,19 @@ from .datasets import Benchmark, Problem
 from .store import ConfigRecord, ResultRow, ResultsStore
 
 __all__ = [
+    "ConfigRun",
     "ConfigSummary",
+    "Deliver",
+    "Dispatch",
     "EvalConfig",
     "EvalSummary",
     "LineProgress",
+    "ProblemSolver",
     "ProgressSink",
     "RichProgress",
     "Solve",
     "config_id",
+    "failed_row",
     "make_progress",
     "parse_sweep",
     "run_eval",
@@ -87,7 +92,8 @@ class EvalConfig:
 
     Attributes:
         label: a short name for reports ("self_consistency n=8", "thought.n=4").
-        solve: the coroutine that solves one problem.
+        solve: the coroutine that solves one problem; None when a `Dispatch` given to `run_eval` solves the
+            configuration's problems elsewhere (e.g. on Ray actors that build their own engines).
         params: everything that defines the configuration (JSON-serialisable); its hash is the config id.
         prepare: awaited before the configuration's first problem runs (e.g. a replay engine starts its bank
             over, so every configuration sees the same samples).
@@ -97,7 +103,7 @@ class EvalConfig:
     """
 
     label: str
-    solve: Solve
+    solve: Solve | None
     params: Mapping[str, Any] = field(default_factory=dict)
     prepare: Callable[[], Awaitable[None]] | None = None
     time_scale: float = 1.0
@@ -375,6 +381,7 @@ async def run_eval(
     progress: ProgressSink | None = None,
     repro: Mapping[str, Any] | None = None,
     argv: Sequence[str] = (),
+    dispatch: Dispatch | None = None,
 ) -> EvalSummary:
     """Run every configuration on every problem of ``benchmark`` and store one row per (config, problem).
 
@@ -390,6 +397,8 @@ async def run_eval(
         progress: progress display (default: none).
         repro: the reproducibility record stored with this invocation.
         argv: the command line, stored with this invocation.
+        dispatch: where problems are solved (default: here, ``concurrency`` at a time, with ``config.solve``).
+            Whatever solves them, rows are committed here, one at a time, as they arrive.
 
     Raises:
         ConfigError: bad arguments, duplicate configuration labels, or existing rows without ``resume``.
@@ -416,7 +425,9 @@ async def run_eval(
     budget = budget if budget is not None else Budget(name="eval")
     grader = grader if grader is not None else benchmark.make_grader()
     run_id = await asyncio.to_thread(store.start_run, dict(repro or {}), argv)
-    runner = _Runner(benchmark, store, budget, grader, concurrency, progress, run_id, resume)
+    if dispatch is None:
+        dispatch = _LocalPool(ProblemSolver(budget, grader), concurrency)
+    runner = _Runner(benchmark, store, budget, dispatch, progress, run_id, resume)
     summaries: list[ConfigSummary] = []
     status = "failed"
     try:
@@ -443,6 +454,41 @@ def _first_leaf(group: BaseExceptionGroup[BaseException]) -> BaseException:
     return _first_leaf(first) if isinstance(first, BaseExceptionGroup) else first
 
 
+Deliver = Callable[[ResultRow | None], Awaitable[bool]]
+"""Hands one finished row to the run, which commits it and advances progress. None stands for a problem the global
+budget cut short; then it returns False: start no more problems."""
+
+
+@dataclass(frozen=True)
+class ConfigRun:
+    """A configuration's pending problems, handed to a `Dispatch`.
+
+    Attributes:
+        config: the configuration.
+        record: its record in the store (its ``config_id`` goes into every row).
+        pending: the problems to solve.
+        origin: the configuration's start (``time.time()``), from which ``config.time_scale`` stretches times.
+        run_id: the store's record of this invocation, written into every row.
+    """
+
+    config: EvalConfig
+    record: ConfigRecord
+    pending: Sequence[Problem]
+    origin: float
+    run_id: int
+
+
+class Dispatch(Protocol):
+    """Where a configuration's problems are solved: here (the default) or on other processes and machines.
+
+    ``run`` solves the problems of ``job`` (rows are built by a `ProblemSolver`, wherever it runs), awaits
+    ``deliver`` for each finished row as it arrives, and returns once every problem was delivered or ``deliver``
+    returned False. It returns True when the global budget stopped it early.
+    """
+
+    async def run(self, job: ConfigRun, deliver: Deliver) -> bool: ...
+
+
 @dataclass
 class _Runner:
     """The state shared by one `run_eval` call."""
@@ -450,8 +496,7 @@ class _Runner:
     benchmark: Benchmark
     store: ResultsStore
     budget: Budget
-    grader: BaseGrader
-    concurrency: int
+    dispatch: Dispatch
     progress: ProgressSink | None
     run_id: int
     resume: bool
@@ -469,25 +514,49 @@ class _Runner:
         summary.skipped = len(problems) - len(pending)
         if progress is not None:
             progress.start(config.label, len(problems), summary.skipped)
+        stop = asyncio.Event()
+
+        async def deliver(row: ResultRow | None) -> bool:
+            if row is None:  # cut short by the global budget: not a result of this configuration
+                summary.discarded += 1
+                stop.set()
+                return False
+            if await asyncio.to_thread(store.add, row):
+                summary.stored += 1
+                summary.errors += row.error is not None
+            if progress is not None:
+                progress.advance(row)
+            return True
+
+        origin = time.time()  # the configuration's start: modelled times are stretched from here
+        if pending and await self.dispatch.run(ConfigRun(config, record, pending, origin, self.run_id), deliver):
+            stop.set()
+        if stop.is_set():
+            logger.warning("global budget exhausted (%s): %s stopped early", budget.exhausted_cap, config.label)
+        return stop.is_set()
+
+
+@dataclass
+class _LocalPool:
+    """The default `Dispatch`: ``concurrency`` problems in flight in this event loop."""
+
+    solver: ProblemSolver
+    concurrency: int
+
+    async def run(self, job: ConfigRun, deliver: Deliver) -> bool:
+        config, record, pending, origin, run_id = job.config, job.record, job.pending, job.origin, job.run_id
         queue = iter(pending)
         stop = asyncio.Event()
-        origin = time.time()  # the configuration's start: modelled times are stretched from here
 
         async def worker() -> None:
             for problem in queue:
-                if stop.is_set() or budget.exhausted:
+                if stop.is_set() or self.solver.budget.exhausted:
                     stop.set()
                     return
-                row = await self.solve_one(problem, config, record, origin=origin)
-                if row is None:  # cut short by the global budget: not a result of this configuration
-                    summary.discarded += 1
+                row = await self.solver.solve_one(problem, config, record, origin=origin, run_id=run_id)
+                if not await deliver(row):
                     stop.set()
                     return
-                if await asyncio.to_thread(store.add, row):
-                    summary.stored += 1
-                    summary.errors += row.error is not None
-                if progress is not None:
-                    progress.advance(row)
 
         try:
             async with asyncio.TaskGroup() as group:
@@ -496,30 +565,53 @@ class _Runner:
         except ExceptionGroup as failed:
             # A fatal error (or a bug) in one worker cancelled the others: raise it as itself, not wrapped.
             raise _first_leaf(failed) from None
-        if stop.is_set():
-            logger.warning("global budget exhausted (%s): %s stopped early", budget.exhausted_cap, config.label)
         return stop.is_set()
 
+
+@dataclass
+class ProblemSolver:
+    """Solves, grades and builds the row of one problem: the per-problem work of a run, wherever it happens (in
+    `run_eval`'s own loop, or on a worker that sends its rows back to the process that stores them).
+
+    Attributes:
+        budget: the global budget; each problem runs under a child of it.
+        grader: grades answers and clusters candidates.
+    """
+
+    budget: Budget
+    grader: BaseGrader
+
     async def solve_one(
-        self, problem: Problem, config: EvalConfig, record: ConfigRecord, *, origin: float
+        self, problem: Problem, config: EvalConfig, record: ConfigRecord, *, origin: float, run_id: int
     ) -> ResultRow | None:
-        """Solve, grade and build the row of one problem; None when the global budget cut it short. ``origin``:
-        the configuration's start (``time.time()``), from which ``config.time_scale`` stretches its times."""
+        """Solve, grade and build the row of one problem for the store's run ``run_id``; None when the global
+        budget cut it short. ``origin``: the configuration's start (``time.time()``), from which
+        ``config.time_scale`` stretches its times."""
+        if config.solve is None:
+            raise ConfigError(f"configuration {config.label!r} has no solve here: run it with its own dispatch")
         child = self.budget.child(f"{record.config_id}/{problem.id}")
         try:
-            return await self._solve_under(child, problem, config, record, origin)
+            return await self._solve_under(child, config.solve, problem, config, record, origin=origin, run_id=run_id)
         finally:
             child.close()  # its usage is in the row and in the global budget; the run need not keep it
 
     async def _solve_under(
-        self, child: Budget, problem: Problem, config: EvalConfig, record: ConfigRecord, origin: float
+        self,
+        child: Budget,
+        solve: Solve,
+        problem: Problem,
+        config: EvalConfig,
+        record: ConfigRecord,
+        *,
+        origin: float,
+        run_id: int,
     ) -> ResultRow | None:
         started_at = time.time()
         clock = time.perf_counter()
         error: str | None = None
         cut = False
         try:
-            result = await config.solve(problem, child)
+            result = await solve(problem, child)
         except BudgetExhausted as err:
             if self.budget.exhausted:
                 return None
@@ -531,7 +623,7 @@ class _Runner:
             result, error = None, f"{type(err).__name__}: {err}"
         scale = config.time_scale
         latency = (time.perf_counter() - clock) * scale
-        started_at, finished_at = (origin + (t - origin) * scale for t in (started_at, time.time()))
+        times = (origin + (started_at - origin) * scale, origin + (time.time() - origin) * scale)
         outcome = _Outcome(None, [], {}, child.usage.to_dict(), cut) if result is None else _outcome(result, child)
         cap = self.budget.exhausted_cap
         if cap is not None and (cap != "max_calls" or outcome.budget_exhausted):
@@ -539,25 +631,48 @@ class _Runner:
             # run's budget rather than by its configuration, so it is no result of that configuration. (The
             # call cap only refuses new calls: a problem that got all of its calls is complete.)
             return None
-        correct, score, candidates = await _grade(self.grader, problem, outcome)
-        return ResultRow(
-            config_id=record.config_id,
-            problem_id=problem.id,
-            level=problem.level,
-            gold=problem.gold,
-            answer=outcome.answer,
-            correct=correct,
-            score=score,
-            candidates=candidates,
-            votes=outcome.votes,
-            usage=outcome.usage,
-            latency_s=latency,
-            budget_exhausted=outcome.budget_exhausted,
-            error=error,
-            started_at=started_at,
-            finished_at=finished_at,
-            run_id=self.run_id,
-        )
+        graded = await _grade(self.grader, problem, outcome)
+        return _row(problem, record, run_id, outcome, graded, error=error, latency_s=latency, times=times)
+
+
+def failed_row(problem: Problem, record: ConfigRecord, error: str, *, run_id: int) -> ResultRow:
+    """The row of a problem that gave no result at all (e.g. every worker that tried it died): wrong, with
+    ``error`` as the reason; a ``--resume`` runs it again, like any failed problem."""
+    now = time.time()
+    nothing = _Outcome(None, [], {}, {}, False)
+    return _row(problem, record, run_id, nothing, (False, 0.0, []), error=error, latency_s=0.0, times=(now, now))
+
+
+def _row(
+    problem: Problem,
+    record: ConfigRecord,
+    run_id: int,
+    outcome: _Outcome,
+    graded: tuple[bool, float, list[dict[str, Any]]],
+    *,
+    error: str | None,
+    latency_s: float,
+    times: tuple[float, float],
+) -> ResultRow:
+    correct, score, candidates = graded
+    return ResultRow(
+        config_id=record.config_id,
+        problem_id=problem.id,
+        level=problem.level,
+        gold=problem.gold,
+        answer=outcome.answer,
+        correct=correct,
+        score=score,
+        candidates=candidates,
+        votes=outcome.votes,
+        usage=outcome.usage,
+        latency_s=latency_s,
+        budget_exhausted=outcome.budget_exhausted,
+        error=error,
+        started_at=times[0],
+        finished_at=times[1],
+        run_id=run_id,
+    )
 
 
 def strategy_solver(
