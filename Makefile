@@ -25,7 +25,7 @@ setup: $(STAMP) $(LINKS) $(MODEL_STAMP)
 $(STAMP): pyproject.toml Makefile
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check --upgrade pip
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e ".[$(ENGINE_EXTRA),grading,retrieval,embeddings,reports,telemetry,serve,dev]"
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e ".[$(ENGINE_EXTRA),grading,retrieval,embeddings,reports,telemetry,serve,distributed,dev]"
 ifeq ($(HAS_GPU),)
 	$(BIN)/python -m pip uninstall --quiet --yes torchvision torchaudio torchcodec 2>/dev/null || true
 endif

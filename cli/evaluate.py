@@ -4,6 +4,7 @@
 branchwise eval PIPELINE.yaml [MORE.yaml ...] --benchmark gsm8k [--data PATH|URL --sha256 HEX] [--limit N]
                 [--offset K] [--seed S] [--concurrency K] [--sweep thought.n=1,2,4 ...] [--out results.db] [--resume]
                 [--max-tokens T --max-completion-tokens T --max-calls C --wall-clock S] [--progress auto|on|off]
+                [--ray [ADDRESS] --replicas K [--replica-cpus C] [--replica-gpus G] [--max-tries T]]
 branchwise report RESULTS.db [OTHER.db] [--out DIR] [--no-plots] [--json [--baseline LABEL]]
 ```
 
@@ -14,6 +15,13 @@ are applied. Configurations whose engines are the same share one engine, built o
 caps each problem; the ``--max-*`` flags cap the whole evaluation. With several pipelines, each one's
 configurations are labelled with its ``name`` (or file name); pipelines on one ``replay`` bank then compare their
 strategies on identical samples (the bank starts over for every configuration).
+
+With ``--ray`` the problems are solved on Ray actors (`branchwise.distributed`), one per engine replica, each
+building the pipeline's engines on its node and running ``--concurrency`` problems at a time; this process
+commits every row as it arrives (the store's only writer), so ``--resume`` and ``report`` work as usual. GPUs per
+replica come from ``--replica-gpus``, else from the spec's vLLM ``tensor_parallel_size`` x
+``pipeline_parallel_size``. The evaluation-wide ``--max-*`` caps are not available with ``--ray`` (the YAML's
+per-problem ``budget`` is).
 
 ``report --json`` prints one JSON object instead (`branchwise.evals.report.summary_json`): every configuration's
 figures and, in ``paired``, each other configuration against ``--baseline`` (default: the first stored).
@@ -30,6 +38,8 @@ from pathlib import Path
 from typing import Any
 
 from ..budget import Budget
+from ..distributed import RayDispatcher, ReplicaOptions, connect, replica_gpus, require_ray
+from ..distributed.pool import MAX_REPLICAS
 from ..errors import ConfigError
 from ..evals.datasets import Benchmark, load_benchmark
 from ..evals.metrics import ConfigMetrics, summarize
@@ -37,7 +47,7 @@ from ..evals.pipelines import EvalSettings, PipelineConfig, evaluate_pipelines, 
 from ..evals.report import summary_json, write_report
 from ..evals.runner import LineProgress, ProgressSink, RichProgress, make_progress
 from ..evals.store import ResultsStore
-from ..orchestrator.spec import load_spec_file
+from ..orchestrator.spec import PipelineSpec, load_spec_file
 from ..search.registry import MAX_CONCURRENCY
 from .args import bounded_int, existing_file
 
@@ -82,6 +92,26 @@ def add_commands(subparsers: Any) -> None:
         action="store_true",
         help="keep the YAML's outputs.trace (one JSONL trace per problem); off by default",
     )
+    dist = ev.add_argument_group("distributed (Ray; pip install 'branchwise[distributed]')")
+    dist.add_argument(
+        "--ray",
+        nargs="?",
+        const="",
+        metavar="ADDRESS",
+        help="solve problems on Ray actors, one per engine replica (ADDRESS: a cluster, e.g. ray://head:10001 or "
+        "auto; none: the local cluster, started if there is none)",
+    )
+    dist.add_argument(
+        "--replicas", type=bounded_int(1, MAX_REPLICAS), default=2, help="--ray: engine replicas (default 2)"
+    )
+    dist.add_argument("--replica-cpus", type=float, default=1.0, help="--ray: CPUs per replica (default 1)")
+    dist.add_argument("--replica-gpus", type=float, help="--ray: GPUs per replica (default: from the spec, else 0)")
+    dist.add_argument(
+        "--max-tries",
+        type=bounded_int(1, 100),
+        default=3,
+        help="--ray: a problem in flight on this many replicas that died is recorded as failed (default 3)",
+    )
     ev.set_defaults(func=_eval)
 
     rep = subparsers.add_parser("report", help="Markdown + HTML report of results (or a comparison of two)")
@@ -115,9 +145,35 @@ def _eval(args: argparse.Namespace) -> int:
         configs.extend(pipeline_configs(spec, benchmark, args.sweep, traces=args.traces, prefix=prefix))
     stem = "-".join(path.stem for path in args.pipelines[:3])
     out = Path(args.out) if args.out else Path("results") / f"{stem}-{benchmark.name}.db"
-    code = asyncio.run(_eval_async(args, benchmark, configs, out))
+    if args.ray is None:
+        code = asyncio.run(_eval_async(args, benchmark, configs, out, None))
+    else:
+        dispatcher = _ray_dispatcher(args, specs)
+        connected = connect(args.ray or None)  # blocking: before the event loop starts
+        try:
+            code = asyncio.run(_eval_async(args, benchmark, configs, out, dispatcher))
+        finally:
+            if connected:
+                require_ray().shutdown()
     print(out)
     return code
+
+
+def _ray_dispatcher(args: argparse.Namespace, specs: Sequence[PipelineSpec]) -> RayDispatcher:
+    require_ray()
+    caps = [flag for flag in ("max_tokens", "max_completion_tokens", "max_calls", "wall_clock") if getattr(args, flag)]
+    if caps:
+        flags = ", ".join("--" + flag.replace("_", "-") for flag in caps)
+        raise ConfigError(f"{flags}: evaluation-wide caps are not available with --ray (the YAML's budget is)")
+    gpus = args.replica_gpus if args.replica_gpus is not None else max(replica_gpus(spec) for spec in specs)
+    options = ReplicaOptions(
+        replicas=args.replicas,
+        num_cpus=args.replica_cpus,
+        num_gpus=gpus,
+        concurrency=args.concurrency,
+        max_tries=args.max_tries,
+    )
+    return RayDispatcher(options)
 
 
 def _progress(choice: str) -> ProgressSink:
@@ -128,7 +184,13 @@ def _progress(choice: str) -> ProgressSink:
     return make_progress()
 
 
-async def _eval_async(args: argparse.Namespace, benchmark: Benchmark, configs: list[PipelineConfig], out: Path) -> int:
+async def _eval_async(
+    args: argparse.Namespace,
+    benchmark: Benchmark,
+    configs: list[PipelineConfig],
+    out: Path,
+    dispatcher: RayDispatcher | None,
+) -> int:
     budget = Budget(
         max_tokens=args.max_tokens,
         max_completion_tokens=args.max_completion_tokens,
@@ -142,8 +204,9 @@ async def _eval_async(args: argparse.Namespace, benchmark: Benchmark, configs: l
         progress=_progress(args.progress),
         hash_weights=not args.no_hash,
         seed=args.seed,
-        record={"sweep": list(args.sweep), "pipelines": [str(p) for p in args.pipelines]},
+        record={"sweep": list(args.sweep), "pipelines": [str(p) for p in args.pipelines], **_ray_record(args)},
         argv=["branchwise", *sys.argv[1:]],
+        dispatcher=dispatcher,
     )
     with ResultsStore(out) as store:
         summaries = await evaluate_pipelines(benchmark, configs, store, budget, settings)
@@ -157,6 +220,12 @@ async def _eval_async(args: argparse.Namespace, benchmark: Benchmark, configs: l
         sys.stderr.write(f"[eval] the evaluation budget ran out ({budget.exhausted_cap}); --resume continues\n")
         return 1
     return 0
+
+
+def _ray_record(args: argparse.Namespace) -> dict[str, Any]:
+    if args.ray is None:
+        return {}
+    return {"ray": {"address": args.ray or None, "replicas": args.replicas, "max_tries": args.max_tries}}
 
 
 def summary_table(rows: Sequence[tuple[str, ConfigMetrics, int]]) -> str:
