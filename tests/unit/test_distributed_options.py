@@ -1,0 +1,74 @@
+"""`branchwise.distributed` without a cluster: the error without Ray, option checks, GPUs read from the spec."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from branchwise.cli import main
+from branchwise.distributed import INSTALL_HINT, ReplicaOptions, replica_gpus, run_batch
+from branchwise.distributed.replicas import _check_distributable
+from branchwise.errors import ConfigError
+from branchwise.orchestrator.spec import load_spec
+
+PIPELINE = "engine: {backend: test, default: 'The answer is 4.'}\nthought: {strategy: single}\n"
+
+
+@pytest.fixture
+def no_ray(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` raises ImportError, as when it is not installed
+
+
+@pytest.mark.usefixtures("no_ray")
+def test_ray_flag_without_ray_says_how_to_install_it(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    data = tmp_path / "data.jsonl"
+    data.write_text(json.dumps({"question": "Q1 What is 2+2?", "answer": "#### 4"}) + "\n")
+    spec = tmp_path / "p.yaml"
+    spec.write_text(PIPELINE)
+    out = tmp_path / "r.db"
+    argv = ["eval", str(spec), "--benchmark", "gsm8k", "--data", str(data), "--out", str(out), "--ray"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "need Ray, which is not installed" in err and "pip install 'branchwise[distributed]'" in err
+    assert not out.exists()  # refused before any work
+    assert main(argv[:-1]) == 0  # the same evaluation without --ray needs no Ray
+
+
+@pytest.mark.usefixtures("no_ray")
+def test_run_batch_without_ray_raises_config_error_naming_the_extra() -> None:
+    with pytest.raises(ConfigError, match=r"pip install 'branchwise\[distributed\]'"):
+        asyncio.run(run_batch(load_spec(PIPELINE), ["q"]))
+    assert INSTALL_HINT == "pip install 'branchwise[distributed]'"
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"replicas": 0}, "replicas must be in 1..4096"),
+        ({"num_gpus": -1}, "replica resources must be >= 0"),
+        ({"resources": {"accelerator": -0.5}}, "replica resources must be >= 0"),
+        ({"concurrency": 0}, "concurrency must be >= 1"),
+        ({"max_tries": 0}, "max_tries must be >= 1"),
+        ({"max_restarts": -1}, "max_restarts must be >= 0"),
+    ],
+)
+def test_replica_options_are_checked(options: dict[str, object], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        ReplicaOptions(**options)  # type: ignore[arg-type]
+
+
+def test_gpus_per_replica_come_from_the_spec_parallelism() -> None:
+    head = "engine: {backend: vllm, model: smollm2-135m-instruct"
+    assert replica_gpus(load_spec(head + ", tensor_parallel_size: 2}\nthought: {strategy: single}\n")) == 2
+    assert replica_gpus(load_spec(head + "}\nthought: {strategy: single}\n")) == 0
+    assert replica_gpus(load_spec(PIPELINE)) == 0
+
+
+def test_replay_pipelines_are_refused_with_ray(tmp_path: Path) -> None:
+    spec = load_spec(f"engine: {{backend: replay, bank: {tmp_path}}}\nthought: {{strategy: single}}\n")
+    with pytest.raises(ConfigError, match="evaluate replay pipelines without --ray"):
+        _check_distributable(spec)
