@@ -178,6 +178,8 @@ class Worker:
     async def work(self, item: str) -> str:
         if item == "poison":
             os._exit(1)  # what an out-of-memory kill or a crashing native library looks like from outside
+        if item == "slow":
+            await asyncio.sleep(600)
         await asyncio.sleep(0.01)
         return item.upper()
 
@@ -226,6 +228,38 @@ def test_every_replica_dead_and_no_restart_left_is_engine_unavailable(cluster: s
     with pytest.raises(EngineUnavailable, match="every Ray replica died"):
         asyncio.run(map_items(pool, ["poison", "a"]))
     assert pool.deaths == 2 and pool.actors == []
+
+
+def test_cancelling_the_driver_cancels_the_calls_and_keeps_what_finished(cluster: str) -> None:
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    options = ReplicaOptions(replicas=2, num_cpus=0.5, concurrency=2)
+    pool: ReplicaPool[str, str] = ReplicaPool(options, make_worker, lambda actor: actor.start.remote())
+    done: dict[str, str] = {}
+
+    async def go() -> None:
+        three = asyncio.Event()
+
+        async def on_result(item: str, result: str) -> bool:
+            done[item] = result
+            if len(done) == 3:
+                three.set()
+            return True
+
+        async def mapped() -> None:
+            async with pool:
+                items = ["slow", "a", "b", "c", "slow"]
+                await pool.map(items, lambda actor, item: actor.work.remote(item), on_result, on_result)
+
+        task = asyncio.create_task(mapped())
+        await three.wait()  # the fast items are in; both slow ones are running on the actors
+        task.cancel()  # what Ctrl-C does to the driver's main task
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    started = time.monotonic()
+    asyncio.run(go())
+    assert done == {"a": "A", "b": "B", "c": "C"}  # what finished is kept
+    assert pool.actors == [] and time.monotonic() - started < 120  # the 600 s calls did not hold anything up
 
 
 def test_run_batch_returns_pipeline_results_in_order(cluster: str, tmp_path: Path) -> None:
