@@ -33,6 +33,8 @@ T = TypeVar("T")
 R = TypeVar("R")
 
 MAX_REPLICAS = 4096
+STOP_TIMEOUT_S = 30.0
+"""Seconds the actors get to close their engines before they are killed."""
 
 
 def require_ray() -> Any:
@@ -117,6 +119,8 @@ class ReplicaPool(Generic[T, R]):
         make: creates one actor from Ray actor options (``num_cpus``, ``num_gpus``, ``resources``,
             ``runtime_env``); e.g. ``lambda **o: Worker.options(**o).remote()``.
         start: the call that readies an actor (builds its engines); awaited before the actor gets items.
+        stop: the call that lets a live actor release what it holds (closes its engines) before it is killed;
+            given ``STOP_TIMEOUT_S`` seconds.
     """
 
     def __init__(
@@ -124,9 +128,10 @@ class ReplicaPool(Generic[T, R]):
         options: ReplicaOptions,
         make: Callable[..., Any],
         start: Callable[[Any], Any],
+        stop: Callable[[Any], Any] | None = None,
     ) -> None:
         self.options = options
-        self._make, self._start = make, start
+        self._make, self._start, self._stop = make, start, stop
         self.actors: list[_Actor] = []
         self.started: list[Any] = []
         self.restarts_left = options.replicas if options.max_restarts is None else options.max_restarts
@@ -170,7 +175,13 @@ class ReplicaPool(Generic[T, R]):
         return actor
 
     async def close(self) -> None:
-        """Kill every actor (their engines go with their processes)."""
+        """Let the live actors close their engines (``stop``, bounded), then kill every actor."""
+        live = [actor for actor in self.actors if not actor.dead]
+        if self._stop is not None and live:
+            # Bounded and shielded: this also runs while Ctrl-C cancels the driver, and the kill follows anyway.
+            stops = asyncio.gather(*(_call(self._stop(a.handle)) for a in live), return_exceptions=True)
+            with contextlib.suppress(TimeoutError, asyncio.CancelledError):
+                await asyncio.wait_for(asyncio.shield(stops), STOP_TIMEOUT_S)
         for actor in self.actors:
             _kill(actor)
             actor.dead = True

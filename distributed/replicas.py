@@ -90,6 +90,10 @@ def _make_actor(**options: Any) -> Any:
     return _actor_class().options(**options).remote()
 
 
+def _stop(actor: Any) -> Any:
+    return actor.stop.remote()
+
+
 def replica_gpus(spec: PipelineSpec) -> float:
     """GPUs one replica of ``spec`` needs, read from its vLLM engines' parallelism (``tensor_parallel_size`` x
     ``pipeline_parallel_size``, summed over engines that set either); 0 when none does (then say ``--replica-gpus``
@@ -157,7 +161,7 @@ class RayDispatcher:
         shared = await asyncio.to_thread(ray.put, benchmark)  # sent to the object store once, not per actor
         configs = list(group)
         pool: ReplicaPool[Problem, ResultRow | None] = ReplicaPool(
-            self.options, _make_actor, lambda actor: actor.start_eval.remote(shared, configs, hash_weights)
+            self.options, _make_actor, lambda actor: actor.start_eval.remote(shared, configs, hash_weights), _stop
         )
         self.pools.append(pool)
         async with pool:
@@ -212,7 +216,7 @@ async def run_batch(
 
     frozen = spec
     pool: ReplicaPool[tuple[int, str], tuple[RunResult | None, str | None]] = ReplicaPool(
-        options, _make_actor, lambda actor: actor.start_pipeline.remote(frozen)
+        options, _make_actor, lambda actor: actor.start_pipeline.remote(frozen), _stop
     )
     async with pool:
         await pool.map(items, lambda actor, item: actor.run.remote(item[1], seed), on_result, on_lost)
