@@ -7,6 +7,7 @@ import pytest
 from branchwise.budget import Budget
 from branchwise.engine.vllm_engine import VLLMEngine
 from branchwise.evals.arithmetic import arithmetic_problems
+from branchwise.orchestrator.pipeline import Pipeline
 from branchwise.search import (
     Adaptive,
     BestOfN,
@@ -60,3 +61,12 @@ async def test_budget_cap_on_real_engine(vllm_engine: VLLMEngine) -> None:
     assert budget.usage.completion_tokens <= 150 + 8  # at most one delta per in-flight sample past the cap
     assert result.budget_exhausted or budget.usage.completion_tokens <= 150
     assert (await vllm_engine.wait_idle(timeout=30)).idle
+
+
+async def test_a_seeded_run_is_reproducible_on_real_engine(vllm_engine: VLLMEngine) -> None:
+    pipeline = Pipeline(vllm_engine, Adaptive(probe=2, stages=(4,)), max_tokens=64, temperature=1.0)
+    first, again, other = [await pipeline.run(PROBLEM.question, seed=s) for s in (11, 11, 12)]
+    texts = [sorted(n.text for n in r.result.trace.nodes) for r in (first, again, other)]  # type: ignore[union-attr]
+    assert texts[0] == texts[1] != texts[2]  # two stages of one prompt still drew different samples:
+    assert len(set(texts[0])) > 1
+    assert first.usage.completion_tokens == again.usage.completion_tokens
