@@ -74,7 +74,10 @@ def add_commands(subparsers: Any) -> None:
     )
     ev.add_argument("--seed", type=int, default=0, help="seed of generated benchmarks (default 0)")
     ev.add_argument(
-        "--concurrency", type=bounded_int(1, MAX_CONCURRENCY), default=4, help="problems in flight at once (default 4)"
+        "--concurrency",
+        type=bounded_int(1, MAX_CONCURRENCY),
+        default=4,
+        help="problems in flight at once (with --ray: on each replica; default 4)",
     )
     ev.add_argument(
         "--sweep", action="append", default=[], metavar="KEY=V1,V2", help="one configuration per value (repeatable)"
@@ -98,8 +101,8 @@ def add_commands(subparsers: Any) -> None:
         nargs="?",
         const="",
         metavar="ADDRESS",
-        help="solve problems on Ray actors, one per engine replica (ADDRESS: a cluster, e.g. ray://head:10001 or "
-        "auto; none: the local cluster, started if there is none)",
+        help="solve problems on Ray actors, one per engine replica (ADDRESS: a cluster's HEAD_IP:6379, or auto: the "
+        "one this node belongs to; none: this machine's, started if there is none)",
     )
     dist.add_argument(
         "--replicas", type=bounded_int(1, MAX_REPLICAS), default=2, help="--ray: engine replicas (default 2)"
