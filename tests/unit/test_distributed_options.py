@@ -1,4 +1,5 @@
-"""`branchwise.distributed` without a cluster: the error without Ray, option checks, GPUs read from the spec."""
+"""`branchwise.distributed` without a cluster: the error without Ray, option checks, GPUs read from the spec, and
+what the driver does with a problem its workers gave up on."""
 
 from __future__ import annotations
 
@@ -9,10 +10,14 @@ from pathlib import Path
 
 import pytest
 
+from branchwise.budget import Budget
 from branchwise.cli import main
 from branchwise.distributed import INSTALL_HINT, ReplicaOptions, replica_gpus, run_batch
 from branchwise.distributed.replicas import _check_distributable
 from branchwise.errors import ConfigError
+from branchwise.evals.datasets import Problem, load_benchmark
+from branchwise.evals.runner import ConfigRun, Deliver, EvalConfig, ProblemSolver, failed_row, run_eval
+from branchwise.evals.store import ResultsStore
 from branchwise.orchestrator.spec import load_spec
 
 PIPELINE = "engine: {backend: test, default: 'The answer is 4.'}\nthought: {strategy: single}\n"
@@ -72,3 +77,33 @@ def test_replay_pipelines_are_refused_with_ray(tmp_path: Path) -> None:
     spec = load_spec(f"engine: {{backend: replay, bank: {tmp_path}}}\nthought: {{strategy: single}}\n")
     with pytest.raises(ConfigError, match="evaluate replay pipelines without --ray"):
         _check_distributable(spec)
+
+
+def test_a_problem_given_up_is_stored_as_failed_and_resume_runs_it_again(tmp_path: Path) -> None:
+    benchmark = load_benchmark("arithmetic", None, 3)
+
+    async def solve(problem: Problem, budget: Budget) -> dict[str, object]:
+        return {"answer": problem.gold[0], "candidates": [], "usage": {"calls": 1}}
+
+    config = EvalConfig("c", solve, {"k": 1})
+    solver = ProblemSolver(Budget(), benchmark.make_grader())
+
+    class LoseTheFirst:
+        """A dispatch whose workers all died under the first problem (what `RayDispatcher` delivers then)."""
+
+        async def run(self, job: ConfigRun, deliver: Deliver) -> bool:
+            first, *rest = job.pending
+            await deliver(failed_row(first, job.record, "ReplicaLost: in flight on 3 Ray actors", run_id=job.run_id))
+            for problem in rest:
+                await deliver(await solver.solve_one(problem, config, job.record, origin=job.origin, run_id=job.run_id))
+            return False
+
+    with ResultsStore(tmp_path / "r.db") as store:
+        summary = asyncio.run(run_eval(benchmark, [config], store, dispatch=LoseTheFirst()))
+        assert (summary.configs[0].stored, summary.configs[0].errors) == (3, 1)
+        lost = next(r for r in store.rows() if r.error)
+        assert lost.problem_id == benchmark.problems[0].id and not lost.correct and lost.answer is None
+        assert lost.run_id == summary.run_id and lost.error.startswith("ReplicaLost")
+        again = asyncio.run(run_eval(benchmark, [config], store, resume=True))  # solved here this time
+        assert (again.configs[0].skipped, again.configs[0].stored, again.configs[0].errors) == (2, 1, 0)
+        assert all(r.correct and r.error is None for r in store.rows())
