@@ -20,8 +20,8 @@ With ``--ray`` the problems are solved on Ray actors (`branchwise.distributed`),
 building the pipeline's engines on its node and running ``--concurrency`` problems at a time; this process
 commits every row as it arrives (the store's only writer), so ``--resume`` and ``report`` work as usual. GPUs per
 replica come from ``--replica-gpus``, else from the spec's vLLM ``tensor_parallel_size`` x
-``pipeline_parallel_size``. The evaluation-wide ``--max-*`` caps are not available with ``--ray`` (the YAML's
-per-problem ``budget`` is).
+``pipeline_parallel_size``; CPUs from ``--replica-cpus``, else from the vLLM engines' ``cpu_cores``, else 1.
+The evaluation-wide ``--max-*`` caps are not available with ``--ray`` (the YAML's per-problem ``budget`` is).
 
 ``report --json`` prints one JSON object instead (`branchwise.evals.report.summary_json`): every configuration's
 figures and, in ``paired``, each other configuration against ``--baseline`` (default: the first stored).
@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from ..budget import Budget
-from ..distributed import RayDispatcher, ReplicaOptions, connect, replica_gpus, require_ray
+from ..distributed import RayDispatcher, ReplicaOptions, connect, replica_cpus, replica_gpus, require_ray
 from ..distributed.pool import MAX_REPLICAS
 from ..errors import ConfigError
 from ..evals.datasets import Benchmark, load_benchmark
@@ -107,7 +107,9 @@ def add_commands(subparsers: Any) -> None:
     dist.add_argument(
         "--replicas", type=bounded_int(1, MAX_REPLICAS), default=2, help="--ray: engine replicas (default 2)"
     )
-    dist.add_argument("--replica-cpus", type=float, default=1.0, help="--ray: CPUs per replica (default 1)")
+    dist.add_argument(
+        "--replica-cpus", type=float, help="--ray: CPUs per replica (default: the spec's vLLM cpu_cores, else 1)"
+    )
     dist.add_argument("--replica-gpus", type=float, help="--ray: GPUs per replica (default: from the spec, else 0)")
     dist.add_argument(
         "--max-tries",
@@ -169,9 +171,10 @@ def _ray_dispatcher(args: argparse.Namespace, specs: Sequence[PipelineSpec]) -> 
         flags = ", ".join("--" + flag.replace("_", "-") for flag in caps)
         raise ConfigError(f"{flags}: evaluation-wide caps are not available with --ray (the YAML's budget is)")
     gpus = args.replica_gpus if args.replica_gpus is not None else max(replica_gpus(spec) for spec in specs)
+    cpus = args.replica_cpus if args.replica_cpus is not None else max(replica_cpus(spec) for spec in specs)
     options = ReplicaOptions(
         replicas=args.replicas,
-        num_cpus=args.replica_cpus,
+        num_cpus=cpus,
         num_gpus=gpus,
         concurrency=args.concurrency,
         max_tries=args.max_tries,

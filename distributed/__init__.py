@@ -19,7 +19,7 @@ over the endpoints and stops sending to one that fails.
 from __future__ import annotations
 
 from .pool import INSTALL_HINT, ReplicaOptions, ReplicaPool, connect, require_ray
-from .replicas import BatchOutcome, RayDispatcher, Replica, replica_gpus, run_batch
+from .replicas import BatchOutcome, RayDispatcher, Replica, replica_cpus, replica_gpus, run_batch
 
 __all__ = [
     "INSTALL_HINT",
@@ -29,6 +29,7 @@ __all__ = [
     "ReplicaOptions",
     "ReplicaPool",
     "connect",
+    "replica_cpus",
     "replica_gpus",
     "require_ray",
     "run_batch",

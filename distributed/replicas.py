@@ -28,7 +28,7 @@ from ..orchestrator.pipeline import Pipeline, RunResult
 from ..orchestrator.spec import PipelineSpec, load_spec_file
 from .pool import ReplicaOptions, ReplicaPool, connect, require_ray
 
-__all__ = ["BatchOutcome", "RayDispatcher", "Replica", "replica_gpus", "run_batch"]
+__all__ = ["BatchOutcome", "RayDispatcher", "Replica", "replica_cpus", "replica_gpus", "run_batch"]
 
 
 class Replica:
@@ -104,6 +104,18 @@ def replica_gpus(spec: PipelineSpec) -> float:
         if engine.backend == "vllm" and ({"tensor_parallel_size", "pipeline_parallel_size"} & set(options)):
             total += int(options.get("tensor_parallel_size", 1)) * int(options.get("pipeline_parallel_size", 1))
     return total
+
+
+def replica_cpus(spec: PipelineSpec) -> float:
+    """CPUs one replica of ``spec`` needs: the cores its vLLM engines bind (``cpu_cores``, e.g. "0-3,6"), or 1
+    when none sets them (then say ``--replica-cpus`` or `ReplicaOptions.num_cpus`)."""
+    cores: set[int] = set()
+    for engine in spec.resolved().engines.values():
+        listed = engine.options.get("cpu_cores") if engine.backend == "vllm" else None
+        for part in str(listed).split(",") if listed else ():
+            first, _, last = part.partition("-")
+            cores.update(range(int(first), int(last or first) + 1))
+    return float(len(cores) or 1)
 
 
 def _check_distributable(spec: PipelineSpec) -> None:

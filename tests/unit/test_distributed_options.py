@@ -12,7 +12,7 @@ import pytest
 
 from branchwise.budget import Budget
 from branchwise.cli import main
-from branchwise.distributed import INSTALL_HINT, ReplicaOptions, replica_gpus, run_batch
+from branchwise.distributed import INSTALL_HINT, ReplicaOptions, replica_cpus, replica_gpus, run_batch
 from branchwise.distributed.replicas import _check_distributable
 from branchwise.errors import ConfigError
 from branchwise.evals.datasets import Problem, load_benchmark
@@ -71,6 +71,13 @@ def test_gpus_per_replica_come_from_the_spec_parallelism() -> None:
     assert replica_gpus(load_spec(head + ", tensor_parallel_size: 2}\nthought: {strategy: single}\n")) == 2
     assert replica_gpus(load_spec(head + "}\nthought: {strategy: single}\n")) == 0
     assert replica_gpus(load_spec(PIPELINE)) == 0
+
+
+def test_cpus_per_replica_come_from_the_cores_the_spec_binds() -> None:
+    head = "engine: {backend: vllm, model: smollm2-135m-instruct"
+    assert replica_cpus(load_spec(head + ", cpu_cores: '0-3,6'}\nthought: {strategy: single}\n")) == 5
+    assert replica_cpus(load_spec(head + "}\nthought: {strategy: single}\n")) == 1
+    assert replica_cpus(load_spec(PIPELINE)) == 1
 
 
 def test_replay_pipelines_are_refused_with_ray(tmp_path: Path) -> None:
