@@ -168,6 +168,11 @@ def _cpu_has_fast_bf16() -> bool:
 # vLLM ignores the per-request whitespace flag and takes the engine-wide one only with a named grammar backend. We
 # name llguidance: like vLLM's "auto" choice it compiles every JSON-schema feature (auto falls back to it when
 # xgrammar cannot), and it is told to refuse properties a schema does not list, as xgrammar's strict mode does.
+_CPU_SEED_NOTE = (
+    "vLLM on CPU stops with an error when a seeded request's prompt is prefilled in chunks; start the engine with "
+    "engine_args: {enable_chunked_prefill: false} to use seeds"
+)
+"""Why a CPU engine with chunked prefill (vLLM's default) reports no per-request seeds (`Capabilities.extra`)."""
 _COMPACT_JSON = {"backend": "guidance", "disable_any_whitespace": True, "disable_additional_properties": True}
 
 
@@ -440,18 +445,22 @@ class VLLMEngine(Engine):
         cfg = llm.model_config
         # What "auto" became (the model's own dtype, or float32 on CPUs without it): outputs depend on it.
         self._options["dtype"] = str(cfg.dtype).removeprefix("torch.")
+        # vLLM 0.32 on CPU rewinds a seeded request's random generator when its prompt is prefilled in chunks, which
+        # CPU generators cannot do: the engine core dies. Seeds are safe only with chunked prefill off there.
+        seeds = not on_cpu or not llm.vllm_config.scheduler_config.enable_chunked_prefill
+        seed_note = {} if seeds else {"per_request_seed": _CPU_SEED_NOTE}
         self._capabilities = Capabilities(
             streaming=True,
             logprobs=True,
             max_top_logprobs=int(getattr(cfg, "max_logprobs", 20) or 20),
             structured_output=True,
             chat=getattr(self._tokenizer, "chat_template", None) is not None,
-            per_request_seed=True,
+            per_request_seed=seeds,
             prefix_caching=bool(self._options.get("enable_prefix_caching")),
             abort=True,
             max_model_len=int(cfg.max_model_len),
             prompt_logprobs=True,
-            extra={"platform": "cpu" if on_cpu else "gpu", "model_path": self.model_path},
+            extra={"platform": "cpu" if on_cpu else "gpu", "model_path": self.model_path, **seed_note},
         )
 
     async def aclose(self) -> None:

@@ -379,10 +379,12 @@ class Pipeline:
         if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
             raise ConfigError(f"Pipeline.run: seed must be an integer in [0, {MAX_SEED}], got {seed!r}")
         for role, engine in self.engines.items():
-            if not engine.capabilities.per_request_seed:
+            caps = engine.capabilities
+            if not caps.per_request_seed:
+                why = caps.extra.get("per_request_seed")
                 raise ConfigError(
                     f"Pipeline.run: a seeded run needs engines that honour per-request seeds; the {role} engine "
-                    f"({engine.backend}) does not"
+                    f"({engine.backend}) does not" + (f": {why}" if why else "")
                 )
 
     async def _execute(self, query: str, budget: Budget, recording: RunRecording) -> Result | AgentResult:

@@ -18,7 +18,10 @@ from serve_process import ServeProcess, serve_process
 
 pytestmark = [pytest.mark.engine, pytest.mark.server, pytest.mark.timeout(600)]
 
-ENGINE = "engine: {backend: vllm, model: smollm2-135m-instruct, max_model_len: 2048}"
+ENGINE = (  # chunked prefill off: seeded requests need it on CPU
+    "engine: {backend: vllm, model: smollm2-135m-instruct, max_model_len: 2048, "
+    "engine_args: {enable_chunked_prefill: false}}"
+)
 SC = f"name: sc\n{ENGINE}\nthought: {{strategy: self_consistency, n: 4, temperature: 0.8, max_tokens: 96}}\n"
 LONG = f"name: long\n{ENGINE}\nthought: {{strategy: self_consistency, n: 16, temperature: 1.3, max_tokens: 1800}}\n"
 Q = [{"role": "user", "content": "Tom has 3 apples and buys 4 more. How many apples does he have?"}]

@@ -6,6 +6,7 @@ import pytest
 
 from branchwise.budget import Budget
 from branchwise.engine.vllm_engine import VLLMEngine
+from branchwise.errors import ConfigError
 from branchwise.evals.arithmetic import arithmetic_problems
 from branchwise.orchestrator.pipeline import Pipeline
 from branchwise.search import (
@@ -64,9 +65,16 @@ async def test_budget_cap_on_real_engine(vllm_engine: VLLMEngine) -> None:
 
 
 async def test_a_seeded_run_is_reproducible_on_real_engine(vllm_engine: VLLMEngine) -> None:
-    pipeline = Pipeline(vllm_engine, Adaptive(probe=2, stages=(4,)), max_tokens=64, temperature=1.0)
-    first, again, other = [await pipeline.run(PROBLEM.question, seed=s) for s in (11, 11, 12)]
+    on_cpu = vllm_engine.capabilities.extra["platform"] == "cpu"
+    assert vllm_engine.capabilities.per_request_seed is not on_cpu  # chunked prefill (the default) breaks seeds on CPU
+    engine = VLLMEngine("smollm2-135m-instruct", max_model_len=2048, engine_args={"enable_chunked_prefill": False})
+    async with engine:
+        pipeline = Pipeline(engine, Adaptive(probe=2, stages=(4,)), max_tokens=64, temperature=1.0)
+        first, again, other = [await pipeline.run(PROBLEM.question, seed=s) for s in (11, 11, 12)]
     texts = [sorted(n.text for n in r.result.trace.nodes) for r in (first, again, other)]  # type: ignore[union-attr]
-    assert texts[0] == texts[1] != texts[2]  # two stages of one prompt still drew different samples:
-    assert len(set(texts[0])) > 1
+    assert texts[0] == texts[1] != texts[2]
+    assert len(set(texts[0])) > 1  # the samples of one run differ, also those of one prompt in two stages
     assert first.usage.completion_tokens == again.usage.completion_tokens
+    if on_cpu:
+        with pytest.raises(ConfigError, match="enable_chunked_prefill: false"):
+            await Pipeline(vllm_engine, Single()).run(PROBLEM.question, seed=1)
