@@ -66,6 +66,8 @@ OPEN_PATHS = frozenset({"/health"})
 """Routes answered without an API key (load balancers' probes); they say nothing about the pipelines."""
 ANONYMOUS = "anonymous"
 """The key of every request when the server has no API keys."""
+PROGRESS_S = 1.0
+"""Seconds between the progress comments of a stream that asked for them."""
 ENGINE_STATE_TIMEOUT_S = 5.0
 """How long ``/metrics`` waits for an engine's own state."""
 _TRACE_ID = re.compile(r"[0-9a-f]{24}")
@@ -291,7 +293,7 @@ async def _run_request(
     completion_id, created = f"chatcmpl-{trace_id}", now()
     if chat.stream:
         usage = bool(chat.stream_options and chat.stream_options.include_usage)
-        events = _sse(state, job, completion_id, created, usage=usage)
+        events = _sse(state, job, completion_id, created, usage=usage, progress=chat.branchwise.progress)
         return StreamingResponse(
             events,
             media_type="text/event-stream",
@@ -311,22 +313,32 @@ async def _run_request(
 
 
 async def _sse(
-    state: ServerState, job: RunJob, completion_id: str, created: int, *, usage: bool
+    state: ServerState, job: RunJob, completion_id: str, created: int, *, usage: bool, progress: bool
 ) -> AsyncIterator[bytes]:
-    """The chunks of a streamed completion: the role at once, SSE comments while the run works, then the answer,
-    the finish reason with the ``branchwise`` section, the usage (if asked) and ``[DONE]``. A run that fails sends
-    an error object instead. Closing the stream (the client left) cancels the run."""
+    """The chunks of a streamed completion: the role at once, SSE comments while the run works (keep-alives, or
+    its progress every `PROGRESS_S` when asked), then the answer, the finish reason with the ``branchwise``
+    section, the usage (if asked) and ``[DONE]``. A run that fails sends an error object instead. Closing the
+    stream (the client left) cancels the run."""
     model = job.served.name
+    started = time.perf_counter()
 
     def chunk(delta: dict[str, Any] | None, **extra: Any) -> bytes:
         return _event(completion_chunk(completion_id, model, created, delta, **extra))
 
+    def comment() -> bytes:
+        if not progress:
+            return b": keep-alive\n\n"
+        spent = job.budget.usage.snapshot()
+        report = {"seconds": round(time.perf_counter() - started, 3), "calls": spent.calls}
+        report |= {"prompt_tokens": spent.prompt_tokens, "completion_tokens": spent.completion_tokens}
+        return b": progress " + json.dumps(report, separators=(",", ":")).encode() + b"\n\n"
+
     try:
         yield chunk({"role": "assistant", "content": ""})
         while not job.task.done():
-            await asyncio.wait({job.task}, timeout=state.limits.keepalive_s)
+            await asyncio.wait({job.task}, timeout=PROGRESS_S if progress else state.limits.keepalive_s)
             if not job.task.done():
-                yield b": keep-alive\n\n"
+                yield comment()
         try:
             result = _outcome(job)
         except APIError as err:

@@ -110,11 +110,15 @@ class BranchwiseOptions(_Strict):
         seed: the run's seed (the same as the request's ``seed``): every engine call of the run gets a seed derived
             from it, so the same request on the same server gives the same answer and usage
             (`branchwise.engine.seeding`).
+        progress: with ``stream``, send the run's progress every second while it works, as SSE comment lines
+            ``: progress {"seconds": ..., "calls": ..., "prompt_tokens": ..., "completion_tokens": ...}`` (clients
+            that do not look for them ignore comments, as the SSE format says).
     """
 
     overrides: dict[str, Any] = Field(default_factory=dict)
     budget: dict[str, Any] = Field(default_factory=dict)
     seed: int | None = Field(default=None, ge=0, le=MAX_SEED)
+    progress: bool = False
 
 
 class ChatRequest(_Strict):

@@ -221,6 +221,26 @@ def test_streaming_sends_chunks_then_usage_then_done(serve: Callable[..., Runnin
     assert events[-1] == "data: [DONE]" and all(e.startswith("data: ") for e in events)
 
 
+def test_a_stream_can_carry_progress_comments_that_clients_ignore(serve: Callable[..., Running]) -> None:
+    server = serve(SLOW.replace(SLOW_WORDS, " ".join(f"w{i}" for i in range(250))))  # 2.5 s of streaming
+    body = {"model": "slow", "messages": Q, "stream": True, "branchwise": {"progress": True}}
+    with httpx.stream("POST", f"{server.base_url}/chat/completions", json=body, timeout=WAIT) as response:
+        lines = [line for line in response.iter_lines() if line]
+    reports = [json.loads(line.removeprefix(": progress ")) for line in lines if line.startswith(": progress ")]
+    assert len(reports) >= 2 and set(reports[0]) == {"seconds", "calls", "prompt_tokens", "completion_tokens"}
+    tokens = [r["completion_tokens"] for r in reports]
+    assert tokens == sorted(tokens) and tokens[-1] > 0 and reports[-1]["calls"] == 1
+    assert lines[-1] == "data: [DONE]" and not any(line.startswith(": keep-alive") for line in lines)
+    client = openai.OpenAI(base_url=server.base_url, api_key="unused", max_retries=0)
+    stream = client.chat.completions.create(
+        model="slow",
+        messages=Q,
+        stream=True,
+        extra_body={"branchwise": {"progress": True}},  # type: ignore[arg-type]
+    )
+    assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == "1"
+
+
 def test_a_budget_cap_reached_is_finish_reason_length(serve: Callable[..., Running]) -> None:
     server = serve(SC)
     client = openai.OpenAI(base_url=server.base_url, api_key="unused", max_retries=0)
