@@ -27,7 +27,7 @@ import re
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Awaitable, Sequence
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -124,9 +124,10 @@ class ServerState:
 
     def record_owner(self, trace_id: str, key: str) -> None:
         self.trace_owners[trace_id] = key
+        loop = asyncio.get_running_loop()
         while len(self.trace_owners) > self.limits.max_traces:  # the oldest run's trace goes, file and owner
             oldest, _ = self.trace_owners.popitem(last=False)
-            (self.trace_dir / f"{oldest}.jsonl").unlink(missing_ok=True)
+            loop.run_in_executor(None, _remove, self.trace_dir / f"{oldest}.jsonl")  # off the event loop
 
 
 class RunJob:
@@ -153,10 +154,8 @@ class RunJob:
         self.trace_id = trace_id
         self.budget = lease.pipeline.new_budget()
         self.cancel_reason: str | None = None
-        trace = state.trace_dir / f"{trace_id}.jsonl"
-        run = lease.pipeline.run(query.text, budget=self.budget, trace=trace, seed=seed)
         self.task: asyncio.Task[RunResult] = asyncio.get_running_loop().create_task(
-            self._run(run), name=f"branchwise-serve-{trace_id}"
+            self._run(query.text, state.trace_dir / f"{trace_id}.jsonl", seed), name=f"branchwise-serve-{trace_id}"
         )
         state.jobs.add(self)
 
@@ -166,11 +165,14 @@ class RunJob:
             self.cancel_reason = self.cancel_reason or reason
             self.task.cancel()
 
-    async def _run(self, run: Awaitable[RunResult]) -> RunResult:
+    async def _run(self, query: str, trace: Path, seed: int | None) -> RunResult:
         started = time.perf_counter()
         outcome, result = "error", None
         try:
-            result = await run
+            # Creating a file can take a millisecond or more (seen: 0.5 ms in a crowded /tmp): not on the event loop.
+            # The run then opens the empty file it finds.
+            await asyncio.to_thread(trace.touch)
+            result = await self.lease.pipeline.run(query, budget=self.budget, trace=trace, seed=seed)
             outcome = "ok"
             return result
         except asyncio.CancelledError:
@@ -186,6 +188,10 @@ class RunJob:
             self.state.admission.release(self.ticket, seconds)
             self.state.jobs.discard(self)
             await self.lease.release()
+
+
+def _remove(path: Path) -> None:
+    path.unlink(missing_ok=True)
 
 
 # -- the application -----------------------------------------------------------------------------------------------

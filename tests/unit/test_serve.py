@@ -192,7 +192,7 @@ def test_only_the_newest_traces_are_kept(serve: Callable[..., Running]) -> None:
         reply = client.chat.completions.create(model="sc", messages=Q)  # type: ignore[arg-type]
         ids.append((reply.model_extra or {})["branchwise"]["trace_id"])
     folder = server.server.state.trace_dir
-    assert sorted(p.stem for p in folder.iterdir()) == sorted(ids[1:])
+    wait_for(lambda: sorted(p.stem for p in folder.iterdir()) == sorted(ids[1:]), "the oldest trace to be deleted")
     assert [httpx.get(f"{server.base_url}/traces/{i}").status_code for i in ids] == [404, 200, 200]
 
 
