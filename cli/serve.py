@@ -13,7 +13,6 @@ import os
 import shutil
 import sys
 import tempfile
-from collections.abc import Callable
 from dataclasses import fields
 from pathlib import Path
 from typing import Any
@@ -87,16 +86,6 @@ def _positive_float(text: str) -> float:
     return value
 
 
-def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
-    """uvloop's event loop when it is installed (it comes with vLLM and uvicorn's extras; it halves the time the
-    server's loop spends on each request), else asyncio's."""
-    try:
-        import uvloop  # noqa: PLC0415 - optional
-    except ImportError:
-        return None
-    return uvloop.new_event_loop
-
-
 def _api_keys(given: list[str]) -> list[str]:
     keys = [k.strip() for k in given] + [k.strip() for k in os.environ.get(API_KEYS_ENV, "").split(",")]
     return [k for k in dict.fromkeys(keys) if k]
@@ -124,8 +113,9 @@ def _serve(args: argparse.Namespace) -> int:
             access = f"{len(keys)} API key{'s' if len(keys) != 1 else ''}" if keys else "no API key"
             print(f"branchwise: serving {names} at {server.url}/v1 ({access})", file=sys.stderr, flush=True)
 
-        with asyncio.Runner(loop_factory=_loop_factory()) as runner:
-            runner.run(server.serve(on_ready=ready))
+        # asyncio's own loop: uvloop (installed with vLLM) measured slower here, 1.5-2.1 ms added per request and
+        # 352-464 requests/s against 1.3-1.6 ms and 482-490 (benchmarks/serve_load.py, BENCHMARKS.md)
+        asyncio.run(server.serve(on_ready=ready))
     finally:
         if args.trace_dir is None:
             shutil.rmtree(trace_dir, ignore_errors=True)
