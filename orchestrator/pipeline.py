@@ -50,7 +50,7 @@ from .recording import RunRecording, describe_strategy, strategy_records
 from .spec import PipelineSpec, load_spec
 from .spec_env import secret_values
 from .spec_strategy import Where, check_fan_out
-from .tracing import Event, EventListener, OTelSink, now_iso, otel_available
+from .tracing import Event, EventListener, OTelSink, TraceSpool, now_iso, otel_enabled
 
 __all__ = ["Pipeline", "RunResult", "build_engines", "run", "run_sync"]
 
@@ -152,7 +152,8 @@ class Pipeline:
         trace: path of the JSONL trace of each run (``{run_id}`` and ``{time}`` are filled in); None for none.
         progress: live progress: "on", "off" or "auto" (on when ``progress_file`` is a terminal).
         progress_file: where progress goes (default ``sys.stderr``).
-        otel: emit OpenTelemetry spans when opentelemetry is installed.
+        otel: emit OpenTelemetry spans when opentelemetry is installed and a tracer provider is given or set
+            globally.
         tracer_provider: the OpenTelemetry ``TracerProvider`` for those spans (default: the global one).
         owns_engines: `aclose` closes the engines (pipelines built from YAML own theirs).
         spec: the spec this pipeline was built from, recorded in trace headers (secrets masked).
@@ -313,6 +314,7 @@ class Pipeline:
         trace: str | Path | None = None,
         listeners: list[EventListener] | None = None,
         seed: int | None = None,
+        trace_spool: TraceSpool | None = None,
     ) -> RunResult:
         """Answer ``query``.
 
@@ -323,6 +325,8 @@ class Pipeline:
             listeners: extra event listeners for this run.
             seed: make the run's sampling reproducible: every engine call gets a seed derived from this one
                 (`branchwise.engine.seeding`). Every engine must honour per-request seeds.
+            trace_spool: write the trace file through this `TraceSpool` (a thread of its own) instead of on the
+                event loop; for servers running many runs at once.
 
         Returns:
             The `RunResult`. A budget cap reached mid-run is not an error: the result is marked.
@@ -342,7 +346,7 @@ class Pipeline:
         owned = budget is None
         budget = budget if budget is not None else self.new_budget()
         path = _trace_path(trace if trace is not None else self.trace, run_id)
-        recording = self._recording(query, run_id, budget, path, listeners or [])
+        recording = self._recording(query, run_id, budget, path, listeners or [], spool=trace_spool)
         live = self._progress_listener()
         if live is not None:
             recording.add(live)
@@ -478,7 +482,14 @@ class Pipeline:
 
     # -- helpers -----------------------------------------------------------------------------------------------
     def _recording(
-        self, query: str, run_id: str, budget: Budget, path: Path | None, listeners: list[EventListener]
+        self,
+        query: str,
+        run_id: str,
+        budget: Budget,
+        path: Path | None,
+        listeners: list[EventListener],
+        *,
+        spool: TraceSpool | None,
     ) -> RunRecording:
         header = {
             "run_id": run_id,
@@ -493,8 +504,9 @@ class Pipeline:
             budget=budget,
             engines=self.engines,
             trace=(path, header) if path is not None else None,
+            spool=spool,
         )
-        if self.otel and otel_available():
+        if self.otel and otel_enabled(self.tracer_provider):
             recording.add(OTelSink(self.tracer_provider))
         return recording
 

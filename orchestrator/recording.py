@@ -20,7 +20,7 @@ from ..engine.base import Engine
 from ..events import LiveRef
 from ..executors.agent import AgentResult
 from ..search.base import Result, Strategy, TraceNode
-from .tracing import Event, EventListener, Recorder, TraceWriter
+from .tracing import Event, EventListener, Recorder, TraceSpool, TraceWriter
 
 __all__ = ["RunEnd", "RunRecording", "describe_strategy", "strategy_records"]
 
@@ -46,6 +46,7 @@ class RunRecording:
         budget: the run's budget (only its own ``budget_charge`` events are recorded).
         engines: the run's engines by role, to name the role of each engine call.
         trace: the trace file to write, with its header fields; None for none.
+        spool: write the trace file through this spool (a thread of its own) instead of on the caller's thread.
     """
 
     def __init__(
@@ -56,12 +57,13 @@ class RunRecording:
         budget: Budget,
         engines: Mapping[str, Engine],
         trace: tuple[Path, Mapping[str, Any]] | None = None,
+        spool: TraceSpool | None = None,
     ) -> None:
         self.recorder = Recorder(listeners, secrets=secrets, budget_path=budget.path)
         self.writer: TraceWriter | None = None
         if trace is not None:
             path, header = trace
-            self.writer = TraceWriter(path, self.recorder.redact(dict(header)))
+            self.writer = TraceWriter(path, self.recorder.redact(dict(header)), spool=spool)
             self.recorder.listeners.insert(0, self.writer)
         # the first role wins when one engine plays several (the policy also judging)
         self._roles = {id(engine): role for role, engine in reversed(list(engines.items()))}

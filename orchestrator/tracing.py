@@ -44,15 +44,19 @@ fields and kinds are kept, for newer writers) and refuses NaN and Infinity, so a
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import importlib
 import importlib.util
 import json
 import logging
 import math
+import queue
+import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, field, is_dataclass
+from functools import partial
 from pathlib import Path
 from typing import IO, Any
 
@@ -68,8 +72,9 @@ __all__ = [
     "Recorder",
     "TraceFile",
     "TraceFormatError",
+    "TraceSpool",
     "TraceWriter",
-    "otel_available",
+    "otel_enabled",
     "read_trace",
 ]
 
@@ -123,6 +128,19 @@ def jsonable(value: Any) -> Any:
     return str(value)
 
 
+def _encode(record: Mapping[str, Any]) -> str:
+    return json.dumps(record, ensure_ascii=False, separators=(",", ":")) + "\n"
+
+
+def _create(path: Path) -> IO[str]:
+    """``path`` opened for writing, its folder made if missing (asked only then: a server creates many traces)."""
+    try:
+        return path.open("w", encoding="utf-8", errors="backslashreplace")
+    except FileNotFoundError:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return path.open("w", encoding="utf-8", errors="backslashreplace")
+
+
 class TraceWriter:
     """Writes a trace: the header, then one event a line, flushed after each line.
 
@@ -133,31 +151,184 @@ class TraceWriter:
     Args:
         path: the file to create (parent folders are made).
         header: extra header fields (run_id, query, spec...).
+        spool: write through this `TraceSpool` (a thread of its own) instead of on the caller's thread; the file
+            is then complete once the spool has written it (`TraceSpool.written`).
+
+    Raises:
+        ConfigError: the file cannot be created (without a spool; a spool logs the failure instead).
     """
 
-    def __init__(self, path: str | Path, header: Mapping[str, Any]) -> None:
+    def __init__(self, path: str | Path, header: Mapping[str, Any], *, spool: TraceSpool | None = None) -> None:
         self.path = Path(path)
-        try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._file: IO[str] | None = self.path.open("w", encoding="utf-8", errors="backslashreplace")
-        except OSError as err:
-            raise ConfigError(f"cannot write trace file {self.path}: {err.strerror or err}") from None
-        first = {"format": TRACE_FORMAT, "version": TRACE_VERSION, **jsonable(dict(header))}
-        self._line(first)
+        self._spool = spool
+        self._file: IO[str] | None = None
+        self._open = True
+        if spool is not None:
+            spool.open(self.path)
+        else:
+            try:
+                self._file = _create(self.path)
+            except OSError as err:
+                raise ConfigError(f"cannot write trace file {self.path}: {err.strerror or err}") from None
+        self._line({"format": TRACE_FORMAT, "version": TRACE_VERSION, **jsonable(dict(header))})
 
     def _line(self, record: Mapping[str, Any]) -> None:
-        if self._file is None:
+        if not self._open:
             return
-        self._file.write(json.dumps(record, ensure_ascii=False, separators=(",", ":")) + "\n")
-        self._file.flush()
+        if self._spool is not None:
+            self._spool.write(self.path, record)
+        elif self._file is not None:
+            self._file.write(_encode(record))
+            self._file.flush()
 
     def __call__(self, event: Event) -> None:
         self._line(event.to_json())
 
     def close(self) -> None:
-        if self._file is not None:
+        if not self._open:
+            return
+        self._open = False
+        if self._spool is not None:
+            self._spool.close(self.path)
+        elif self._file is not None:
             self._file.close()
             self._file = None
+
+
+class TraceSpool:
+    """Writes trace files on a thread of its own, so that the event loop of a server running many runs at once
+    never waits on the disk (creating a file took 0.5 ms in a crowded ``/tmp`` here) nor encodes JSON lines.
+
+    Writes, closes and deletions happen in the order they were asked for; lines are flushed whenever the queue
+    runs dry, so a reader sees a running trace at most one batch behind. A file that cannot be created or
+    written is logged once and its lines dropped: a trace is a record, never a reason for a run to fail.
+
+    Use one spool per process that wants it (`branchwise serve` has one), pass it to `Pipeline.run`'s
+    ``trace_spool``, and `stop` it when done (everything asked for before is written).
+    """
+
+    def __init__(self) -> None:
+        self._queue: queue.SimpleQueue[tuple[str, Path, Any]] = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._pending: dict[Path, threading.Event] = {}  # files opened, not yet closed and written
+        self._stopped = False
+        self._thread = threading.Thread(target=self._work, name="branchwise-trace-spool", daemon=True)
+        self._thread.start()
+
+    def open(self, path: Path) -> None:
+        """Start writing a new file at ``path`` (replacing one there)."""
+        with self._lock:
+            if self._stopped:
+                raise ConfigError("the trace spool is stopped")
+            self._pending.setdefault(path, threading.Event())
+        self._queue.put(("open", path, None))
+
+    def write(self, path: Path, record: Mapping[str, Any]) -> None:
+        """Append ``record`` as a line of ``path`` (opened with `open`); the record must not change afterwards."""
+        self._queue.put(("line", path, record))
+
+    def close(self, path: Path) -> None:
+        """Finish the file at ``path``."""
+        self._queue.put(("close", path, None))
+
+    def remove(self, path: Path) -> None:
+        """Delete ``path`` once everything asked for before is done (missing is fine)."""
+        self._queue.put(("remove", path, None))
+
+    def sync(self) -> threading.Event:
+        """An event set once everything asked for before has been written and flushed."""
+        done = threading.Event()
+        self._queue.put(("sync", Path(), done))
+        return done
+
+    def written(self, path: Path) -> threading.Event | None:
+        """An event set once ``path`` is closed and written; None when the spool has nothing of it left to write."""
+        with self._lock:
+            return self._pending.get(path)
+
+    def stop(self, timeout: float | None = None) -> None:
+        """Write everything asked for so far, then end the thread (blocks up to ``timeout`` seconds; idempotent)."""
+        with self._lock:
+            if not self._stopped:
+                self._stopped = True
+                self._queue.put(("stop", Path(), None))
+        self._thread.join(timeout)
+
+    def _work(self) -> None:
+        files: dict[Path, IO[str] | None] = {}  # None: the file failed; its lines are dropped
+        while True:
+            batch = [self._queue.get()]
+            while True:
+                try:
+                    batch.append(self._queue.get_nowait())
+                except queue.Empty:
+                    break
+            touched: set[Path] = set()
+            synced: list[threading.Event] = []
+            for op, path, record in batch:
+                if op == "stop":
+                    for handle in files.values():
+                        if handle is not None:
+                            handle.close()
+                    for done in synced:
+                        done.set()
+                    return
+                if op == "sync":
+                    synced.append(record)
+                else:
+                    try:
+                        self._do(files, op, path, record, touched)
+                    except Exception:  # e.g. a record JSON cannot encode: the spool goes on with the rest
+                        logger.exception("trace spool: %s of %s failed", op, path)
+            for path in touched:
+                handle = files.get(path)
+                if handle is not None:
+                    self._guard(files, path, handle.flush)
+            for done in synced:
+                done.set()
+
+    def _do(self, files: dict[Path, IO[str] | None], op: str, path: Path, record: Any, touched: set[Path]) -> None:
+        if op == "open":
+            old = files.pop(path, None)
+            if old is not None:
+                old.close()
+            files[path] = None
+            try:
+                files[path] = _create(path)
+            except OSError as err:
+                logger.warning("cannot write trace file %s: %s", path, err.strerror or err)
+        elif op == "line":
+            out = files.get(path)
+            if out is not None:
+                self._guard(files, path, partial(out.write, _encode(record)))
+                touched.add(path)
+        elif op == "close":
+            handle = files.pop(path, None)
+            if handle is not None:
+                self._guard(files, path, handle.close)
+            touched.discard(path)
+            with self._lock:
+                done = self._pending.pop(path, None)
+            if done is not None:
+                done.set()
+        elif op == "remove":
+            try:
+                path.unlink(missing_ok=True)
+            except OSError as err:
+                logger.warning("cannot delete trace file %s: %s", path, err.strerror or err)
+
+    @staticmethod
+    def _guard(files: dict[Path, IO[str] | None], path: Path, act: Callable[[], object]) -> None:
+        """Run a file operation; a failure is logged and the file's further lines dropped."""
+        try:
+            act()
+        except (OSError, ValueError) as err:
+            logger.warning("cannot write trace file %s: %s", path, getattr(err, "strerror", None) or err)
+            handle = files.get(path)
+            if handle is not None:
+                files[path] = None
+                with contextlib.suppress(OSError, ValueError):
+                    handle.close()
 
 
 @dataclass
@@ -417,11 +588,17 @@ class Recorder:
         return value
 
 
-def otel_available() -> bool:
-    """True when the OpenTelemetry API can be imported."""
-    return importlib.util.find_spec("opentelemetry") is not None and (
-        importlib.util.find_spec("opentelemetry.trace") is not None
-    )
+def otel_enabled(tracer_provider: Any = None) -> bool:
+    """True when OpenTelemetry spans would go somewhere: the API can be imported, and a tracer provider is given or
+    one has been set globally (without one, the API's default provider drops every span, and recording them costs
+    a server running many runs at once a few percent of its time)."""
+    if importlib.util.find_spec("opentelemetry") is None or importlib.util.find_spec("opentelemetry.trace") is None:
+        return False
+    if tracer_provider is not None:
+        return True
+    from opentelemetry import trace
+
+    return not isinstance(trace.get_tracer_provider(), trace.ProxyTracerProvider)
 
 
 class OTelSink:

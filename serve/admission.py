@@ -65,28 +65,39 @@ class Admission:
     def queued(self) -> int:
         return len(self._waiting)
 
-    async def acquire(self, key: str) -> Ticket:
-        """Wait for a run slot.
+    def try_acquire(self, key: str) -> Ticket | None:
+        """A run slot if one is free now and nobody waits for one; None if the request has to queue (`acquire`).
 
         Raises:
-            Overloaded: the queue is full or ``key`` already has ``max_runs_per_key`` runs running or waiting.
-            Draining: the server is shutting down (also raised to requests already waiting when it starts).
+            Overloaded: ``key`` already has ``max_runs_per_key`` runs running or waiting.
+            Draining: the server is shutting down.
         """
         if self._draining:
             raise Draining("the server is shutting down")
-        limits = self.limits
-        if self._per_key[key] >= limits.max_runs_per_key:
+        if self._per_key[key] >= self.limits.max_runs_per_key:
             raise Overloaded(
                 "key_limit",
                 self._retry_after(1),
                 f"this API key already has {self._per_key[key]} runs running or waiting, the server's limit",
             )
-        arrived = time.perf_counter()
-        if self.running < limits.max_concurrent_runs and not self._waiting:
+        if self.running < self.limits.max_concurrent_runs and not self._waiting:
             self.running += 1
             self._per_key[key] += 1
             return Ticket(key, 0.0)
-        if len(self._waiting) >= limits.max_queued:
+        return None
+
+    async def acquire(self, key: str) -> Ticket:
+        """Wait for a run slot (`try_acquire` first, then in line).
+
+        Raises:
+            Overloaded: the queue is full or ``key`` already has ``max_runs_per_key`` runs running or waiting.
+            Draining: the server is shutting down (also raised to requests already waiting when it starts).
+        """
+        now = self.try_acquire(key)
+        if now is not None:
+            return now
+        arrived = time.perf_counter()
+        if len(self._waiting) >= self.limits.max_queued:
             raise Overloaded(
                 "queue_full",
                 self._retry_after(len(self._waiting) + 1),

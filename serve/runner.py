@@ -75,7 +75,7 @@ class BranchwiseServer:
             )
         self.pipelines = pipelines
         self.app = create_app(pipelines, trace_dir=trace_dir, api_keys=api_keys)
-        self.state: ServerState = self.app.state.server
+        self.state: ServerState = self.app.state
         self.host = host
         self.socket = _bind(host, port)
         drain = pipelines.limits.drain_timeout_s

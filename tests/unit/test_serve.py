@@ -225,7 +225,16 @@ def test_a_stream_can_carry_progress_comments_that_clients_ignore(serve: Callabl
     server = serve(SLOW.replace(SLOW_WORDS, " ".join(f"w{i}" for i in range(250))))  # 2.5 s of streaming
     body = {"model": "slow", "messages": Q, "stream": True, "branchwise": {"progress": True}}
     with httpx.stream("POST", f"{server.base_url}/chat/completions", json=body, timeout=WAIT) as response:
-        lines = [line for line in response.iter_lines() if line]
+        lines, checked = [], False
+        for line in response.iter_lines():
+            lines += [line] if line else []
+            if line.startswith(": progress ") and len(lines) == 2:  # the run is going: its trace so far
+                trace_id = json.loads(lines[0].removeprefix("data: "))["id"].removeprefix("chatcmpl-")
+                so_far = httpx.get(f"{server.base_url}/traces/{trace_id}", timeout=WAIT)
+                kinds = [json.loads(record).get("kind") for record in so_far.text.splitlines()]
+                assert so_far.status_code == 200 and "run_start" in kinds and "run_end" not in kinds, kinds
+                checked = True
+    assert checked
     reports = [json.loads(line.removeprefix(": progress ")) for line in lines if line.startswith(": progress ")]
     assert len(reports) >= 2 and set(reports[0]) == {"seconds", "calls", "prompt_tokens", "completion_tokens"}
     tokens = [r["completion_tokens"] for r in reports]
@@ -278,6 +287,9 @@ def test_bad_requests_get_openai_errors_naming_the_field(serve: Callable[..., Ru
     assert too_big.status_code == 413 and error_of(too_big)["code"] == "too_large"
     assert error_of(httpx.post(url, content=b"{not json"))["code"] == "invalid_json"
     assert httpx.get(f"{server.base_url}/nowhere").status_code == 404
+    wrong_method = httpx.get(url)
+    assert wrong_method.status_code == 405 and wrong_method.headers["allow"] == "POST"
+    assert error_of(wrong_method)["code"] == "method_not_allowed"
     client = openai.OpenAI(base_url=server.base_url, api_key="unused", max_retries=0)
     with pytest.raises(openai.NotFoundError):
         client.chat.completions.create(model="nope", messages=Q)  # type: ignore[arg-type]

@@ -270,6 +270,25 @@ async def test_admission_runs_queues_refuses_and_hands_slots_over_in_order() -> 
     assert admission.running == 0
 
 
+async def test_a_free_slot_is_taken_without_waiting_and_a_busy_server_says_to_queue() -> None:
+    admission = Admission(ServerLimits(max_concurrent_runs=1, max_queued=1, max_runs_per_key=1))
+    held = admission.try_acquire("a")
+    assert held is not None and held.waited == 0.0 and admission.running == 1
+    assert admission.try_acquire("b") is None and admission.queued == 0  # the caller queues with `acquire`
+    with pytest.raises(Overloaded) as caught:
+        admission.try_acquire("a")
+    assert caught.value.reason == "key_limit"
+    waiting = asyncio.create_task(admission.acquire("b"))
+    await asyncio.sleep(0)
+    admission.release(held)
+    assert admission.try_acquire("c") is None  # the freed slot went to the request in line, not to a newcomer
+    admission.release(await waiting)
+    admission.drain()
+    with pytest.raises(Draining):
+        admission.try_acquire("c")
+    assert admission.running == 0
+
+
 async def test_admission_limits_each_key_and_refuses_everyone_once_draining() -> None:
     admission = Admission(ServerLimits(max_concurrent_runs=1, max_queued=5, max_runs_per_key=1))
     held = await admission.acquire("a")

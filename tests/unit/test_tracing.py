@@ -10,6 +10,7 @@ import pytest
 from branchwise.budget import Budget
 from branchwise.engine.testing import ScriptedEngine, ScriptedResponse
 from branchwise.engine.types import GenerationRequest
+from branchwise.errors import ConfigError
 from branchwise.events import current_sink, emit, use_sink
 from branchwise.orchestrator.pipeline import Pipeline
 from branchwise.orchestrator.tracing import (
@@ -19,7 +20,9 @@ from branchwise.orchestrator.tracing import (
     OTelSink,
     Recorder,
     TraceFormatError,
+    TraceSpool,
     TraceWriter,
+    otel_enabled,
     read_trace,
 )
 from branchwise.search import DeepConf, SelfConsistency, TraceTree
@@ -43,6 +46,52 @@ def test_writer_flushes_every_line_and_reader_round_trips(tmp_path: Path) -> Non
     assert [e.seq for e in trace.events] == [0, 1]
     assert trace.run_end is not None and trace.run_end.data["status"] == "ok"
     assert not trace.truncated
+
+
+def test_a_spool_writes_traces_on_its_thread_in_order_and_says_when_each_is_written(tmp_path: Path) -> None:
+    spool = TraceSpool()
+    try:
+        first, second = tmp_path / "a" / "1.jsonl", tmp_path / "2.jsonl"
+        writers = [
+            TraceWriter(first, {"run_id": "r1"}, spool=spool),
+            TraceWriter(second, {"run_id": "r2"}, spool=spool),
+        ]
+        recorders = [Recorder([w]) for w in writers]
+        for i in range(50):
+            recorders[i % 2]("decision", {"i": i})
+        written = spool.written(first)
+        assert written is not None
+        assert spool.sync().wait(10)  # everything asked for so far is on disk, the files still open
+        assert len(first.read_text().splitlines()) == 26 and not written.is_set()
+        writers[0].close()
+        writers[0].close()  # idempotent
+        assert written.wait(10) and spool.written(first) is None
+        trace = read_trace(first)
+        assert trace.header["run_id"] == "r1" and [e.data["i"] for e in trace.events] == list(range(0, 50, 2))
+        recorders[1]("run_end", {"status": "ok"})
+        writers[1].close()
+        spool.remove(second)  # after its writes
+        assert spool.sync().wait(10) and not second.exists()
+    finally:
+        spool.stop(10)
+
+
+def test_a_spool_logs_a_trace_it_cannot_write_and_writes_the_others(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("")
+    spool = TraceSpool()
+    bad = TraceWriter(blocker / "t.jsonl", {"run_id": "bad"}, spool=spool)
+    good = TraceWriter(tmp_path / "t.jsonl", {"run_id": "good"}, spool=spool)
+    for writer in (bad, good):
+        writer(Event(0, 0.0, "run_end", {"status": "ok"}))
+        writer.close()
+    spool.stop(10)  # writes everything asked for first
+    assert read_trace(tmp_path / "t.jsonl").run_end is not None
+    assert "cannot write trace file" in caplog.text and "not-a-folder" in caplog.text
+    with pytest.raises(ConfigError, match="stopped"):
+        spool.open(tmp_path / "late.jsonl")
 
 
 def test_reader_rejects_other_formats_and_newer_versions(tmp_path: Path) -> None:
@@ -160,6 +209,15 @@ async def test_opentelemetry_spans_per_run_trace_and_engine_call() -> None:
     assert call.attributes is not None and call.attributes["gen_ai.usage.output_tokens"] > 0
     assert run.attributes is not None and run.attributes["answer"] == "42"
     assert run.attributes["gen_ai.usage.input_tokens"] > 0
+
+
+def test_spans_are_recorded_only_when_a_tracer_provider_would_keep_them() -> None:
+    from opentelemetry import trace
+    from opentelemetry.sdk.trace import TracerProvider
+
+    assert isinstance(trace.get_tracer_provider(), trace.ProxyTracerProvider)  # no global provider in the tests
+    assert not otel_enabled()  # the API's default provider drops every span: no sink
+    assert otel_enabled(TracerProvider())
 
 
 def test_otel_sink_spans_for_plan_nodes() -> None:
