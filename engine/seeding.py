@@ -8,6 +8,11 @@ same prompt) still get different seeds and so different samples.
 
 `Engine.stream` and `Engine.generate` apply it (`seeded`), so engine wrappers (budgets, speculation) and backends
 need nothing of their own; the backend must honour per-request seeds (`Capabilities.per_request_seed`).
+
+Same seeds give the same samples only if the engine computes the same logits. The embedded vLLM engine on CPU
+does not when a prompt is served from its prefix cache on some CPUs (seen with avx512_bf16: the logits differ in
+their last bits from a fresh prefill, and sampled texts drift apart after a few tokens); turn
+``enable_prefix_caching`` off where runs must repeat exactly.
 """
 
 from __future__ import annotations
