@@ -14,7 +14,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
@@ -31,6 +31,8 @@ MODEL = "smollm2-135m-instruct"
 QUESTION = [{"role": "user", "content": "What is 12 + 30? Answer briefly."}]
 # Starting takes 20-60 s on an idle machine; several minutes when other engines share the 2 cores.
 START_DEADLINE_S = 600.0
+# Each started server's log, by API root: a failing test shows its tail.
+_SERVER_LOGS: dict[str, Path] = {}
 
 
 def _free_port() -> int:
@@ -68,6 +70,7 @@ def vllm_server(tmp_path_factory: pytest.TempPathFactory, pristine_env: dict[str
         "uni",
     ]
     base = f"http://127.0.0.1:{port}/v1"
+    _SERVER_LOGS[base] = log_path
     with log_path.open("wb") as log:
         # Own session: the server's engine-core child can be stopped with it if it does not exit on its own.
         proc = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
@@ -107,6 +110,16 @@ async def _running_requests(base: str) -> float:
     ]
     assert values, "vllm:num_requests_running missing from /metrics"
     return sum(values)
+
+
+async def _poll_running(base: str, until: Callable[[float], bool], seconds: float) -> float:
+    """Poll the running-requests gauge every 0.2 s until ``until`` holds or ``seconds`` pass; the last value."""
+    deadline = time.monotonic() + seconds
+    running = await _running_requests(base)
+    while not until(running) and time.monotonic() < deadline:
+        await asyncio.sleep(0.2)
+        running = await _running_requests(base)
+    return running
 
 
 async def test_start_reads_the_served_model(vllm_server: str) -> None:
@@ -204,7 +217,9 @@ async def test_rejected_request_is_typed(vllm_server: str) -> None:
 
 async def test_cancelling_the_stream_aborts_the_request_on_the_server(vllm_server: str) -> None:
     req = GenerationRequest(prompt="Count: 1, 2, 3,", max_tokens=1500, ignore_eos=True, temperature=0.5)
-    async with OpenAIEngine(MODEL, vllm_server, api_key_env=None) as engine:
+    # The test is about the abort, not about a slow server: a CI machine shared with other jobs once paused this
+    # stream for over 30 s (the default idle limit), so the limit here is longer than the whole request.
+    async with OpenAIEngine(MODEL, vllm_server, api_key_env=None, idle_timeout_s=300.0) as engine:
         usages: list[CallUsage] = []
         engine.add_usage_hook(lambda r, u: usages.append(u))
         got_some = asyncio.Event()
@@ -222,14 +237,12 @@ async def test_cancelling_the_stream_aborts_the_request_on_the_server(vllm_serve
         waiter.cancel()
         if task.done():
             task.result()  # a failure of the stream itself shows here
-        assert got_some.is_set()
+        assert got_some.is_set(), f"no 5 tokens within 60 s; server log:\n{_tail(_SERVER_LOGS[vllm_server])}"
         # The gauge is the server's view and may lag the first tokens: wait until it shows the request.
-        running_before = 0.0
-        for _ in range(50):  # ~10 s; the request itself runs for about a minute
-            running_before = await _running_requests(vllm_server)
-            if running_before >= 1:
-                break
-            await asyncio.sleep(0.2)
+        running_before = await _poll_running(vllm_server, until=lambda running: running >= 1, seconds=10.0)
+        if task.done():
+            task.result()
+            pytest.fail("the 1500-token stream ended before it was cancelled")
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
@@ -237,9 +250,5 @@ async def test_cancelling_the_stream_aborts_the_request_on_the_server(vllm_serve
     assert usages[0].aborted and 5 <= usages[0].completion_tokens < 1500
     # The metric is the server's view, updated after its next engine step: poll it for a while. Without the
     # abort the request would keep running for the ~1 minute its 1500 tokens take.
-    for _ in range(75):  # ~15 s
-        running = await _running_requests(vllm_server)
-        if running == 0:
-            break
-        await asyncio.sleep(0.2)
-    assert running == 0
+    running = await _poll_running(vllm_server, until=lambda running: running == 0, seconds=15.0)
+    assert running == 0, f"the server still runs the request; its log:\n{_tail(_SERVER_LOGS[vllm_server])}"
