@@ -147,8 +147,11 @@ class _SimulatedEngine(Engine):
         prompt = tokenize(render_prompt(request))
         meter.prompt_tokens = len(prompt)
         if request.prompt_logprobs is not None and prompt:
-            rest = (TokenLogprob(_token_id(t), t, self.prompt_logprob(t)) for t in prompt[1:])
-            meter.prompt_logprobs = (None, *rest)
+            # Like a backend serving the rest from its prefix cache: only the last N positions when that is all
+            # the request needs.
+            skipped = len(prompt) - min(request.prompt_logprobs_last or len(prompt), len(prompt) - 1)
+            rest = (TokenLogprob(_token_id(t), t, self.prompt_logprob(t)) for t in prompt[skipped:])
+            meter.prompt_logprobs = (*(None,) * skipped, *rest)
         if response.error is not None:
             raise response.error
         delay = self.token_delay if response.token_delay is None else response.token_delay

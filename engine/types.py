@@ -146,6 +146,10 @@ class GenerationRequest:
             alternatives at every position.
         prompt_logprobs: the same for the prompt's own tokens (returned by `Engine.generate` as
             `Generation.prompt_logprobs`; only backends whose `Capabilities.prompt_logprobs` is set return them).
+        prompt_logprobs_last: with ``prompt_logprobs``, only the prompt's last N positions are needed (e.g. a
+            text appended to a context the engine has seen): `Engine.generate` returns those, and a backend may
+            serve the rest of the prompt from its prefix cache and return None for them (a full prefill, with
+            every position, otherwise).
         structured: constrain the output (JSON schema, regex or choice list).
         ignore_eos: keep generating past the end-of-sequence token (benchmarks, fixed-length workloads).
         presence_penalty, frequency_penalty, repetition_penalty: the usual penalties.
@@ -165,6 +169,7 @@ class GenerationRequest:
     seed: int | None = None
     logprobs: int | None = None
     prompt_logprobs: int | None = None
+    prompt_logprobs_last: int | None = None
     structured: StructuredOutput | None = None
     ignore_eos: bool = False
     presence_penalty: float = 0.0
@@ -237,6 +242,14 @@ class GenerationRequest:
                 _check_number(name, value, integer=True)
                 if not 0 <= value <= 20:
                     raise RequestValidationError(name, f"must be in [0, 20] or None, got {value}")
+        if self.prompt_logprobs_last is not None:
+            _check_number("prompt_logprobs_last", self.prompt_logprobs_last, integer=True)
+            if self.prompt_logprobs_last < 1:
+                raise RequestValidationError(
+                    "prompt_logprobs_last", f"must be >= 1 or None, got {self.prompt_logprobs_last}"
+                )
+            if self.prompt_logprobs is None:
+                raise RequestValidationError("prompt_logprobs_last", "needs prompt_logprobs")
         if self.structured is not None and not isinstance(self.structured, StructuredOutput):
             raise RequestValidationError("structured", "must be a StructuredOutput")
         for name in ("presence_penalty", "frequency_penalty"):

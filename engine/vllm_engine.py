@@ -513,7 +513,7 @@ class VLLMEngine(Engine):
             raise EngineRequestError(f"cannot render chat messages with the model's template: {err}") from err
         return str(rendered)
 
-    def _sampling_params(self, request: GenerationRequest, *, delta: bool) -> Any:
+    def _sampling_params(self, request: GenerationRequest, *, delta: bool, read_cache: bool = False) -> Any:
         from vllm.sampling_params import RequestOutputKind, SamplingParams, StructuredOutputsParams
 
         structured = None
@@ -542,9 +542,17 @@ class VLLMEngine(Engine):
             repetition_penalty=request.repetition_penalty,
             structured_outputs=structured,
             output_kind=RequestOutputKind.DELTA if delta else RequestOutputKind.FINAL_ONLY,
+            # vLLM does not read its prefix cache for a request with prompt logprobs (a cached position has none
+            # to return) unless told to; `read_cache` is set when only the prompt's last positions are needed.
+            # The cached positions' entries are then uninitialised, which vLLM's detokenizer cannot decode: this
+            # engine decodes the request's tokens itself (`_decoder`).
+            skip_reading_prefix_cache=False if read_cache else None,
+            detokenize=not read_cache,
         )
 
-    async def _submit(self, request: GenerationRequest, *, delta: bool) -> AsyncGenerator[Any, None]:
+    async def _submit(
+        self, request: GenerationRequest, *, delta: bool, read_cache: bool = False
+    ) -> AsyncGenerator[Any, None]:
         """Start a vLLM request and yield its RequestOutputs; aborts it if the consumer goes away."""
         await self.start()
         llm = self._llm
@@ -552,7 +560,7 @@ class VLLMEngine(Engine):
             raise EngineUnavailable("this VLLMEngine was closed")
         prompt: Any = {"prompt": self.render(request)}  # a vllm TextPrompt
         try:
-            params = self._sampling_params(request, delta=delta)
+            params = self._sampling_params(request, delta=delta, read_cache=read_cache)
         except Exception as err:  # vLLM's own validation of the parameters
             raise EngineRequestError(f"vLLM rejected the sampling parameters: {err}") from err
         request_id = uuid.uuid4().hex
@@ -608,34 +616,58 @@ class VLLMEngine(Engine):
     async def _generate(self, request: GenerationRequest, meter: CallMeter) -> tuple[Completion, ...]:
         want_lp = request.logprobs is not None
         top_k = request.logprobs or 0
-        final = None
-        async with contextlib.aclosing(self._submit(request, delta=False)) as outputs:
-            async for out in outputs:
-                final = out
-        if final is None:
-            raise EngineError("vLLM returned no output")
+        wanted = request.prompt_logprobs_last
+        # Stop strings need vLLM's own detokenizer, which a cache-reading prompt-logprobs request goes without.
+        read_cache = wanted is not None and not request.stop
+        final = await self._final(request, read_cache=read_cache)
         meter.prompt_tokens = len(final.prompt_token_ids or ())
+        discarded = 0
         if request.prompt_logprobs is not None:
-            meter.prompt_logprobs = _prompt_logprobs(final, request.prompt_logprobs)
+            meter.prompt_logprobs = _prompt_logprobs(final, request.prompt_logprobs, self._decoder(read_cache))
+            if wanted is not None and not _tail_complete(meter.prompt_logprobs, wanted):
+                # The cache also held part of the wanted tail (the same text seen before, or a tail starting on
+                # a cache block's boundary): the whole prompt again, without the cache. The usage counts both.
+                discarded = sum(len(c.token_ids) for c in final.outputs)
+                read_cache = False
+                final = await self._final(request, read_cache=False)
+                meter.prompt_tokens += len(final.prompt_token_ids or ())
+                meter.prompt_logprobs = _prompt_logprobs(final, request.prompt_logprobs)
+        decode = self._decoder(read_cache)
         completions = []
         for c in sorted(final.outputs, key=lambda c: c.index):
             ids = tuple(c.token_ids)
             completions.append(
                 Completion(
                     index=c.index,
-                    text=c.text,
+                    text=c.text if decode is None else self._tokenizer.decode(ids, skip_special_tokens=True),
                     token_ids=ids,
-                    logprobs=_map_logprobs(ids, c.logprobs, top_k) if want_lp else None,
+                    logprobs=_map_logprobs(ids, c.logprobs, top_k, decode) if want_lp else None,
                     finish_reason=_FINISH.get(c.finish_reason, "stop"),
                     stop_reason=c.stop_reason,
                 )
             )
-        meter.completion_tokens = sum(len(c.token_ids) for c in completions)
+        meter.completion_tokens = discarded + sum(len(c.token_ids) for c in completions)
         metrics = getattr(final, "metrics", None)
         first = getattr(metrics, "first_token_latency", None)
         if first:
             meter.first_token_at = meter.started_at + float(first)
         return tuple(completions)
+
+    def _decoder(self, read_cache: bool) -> Callable[[int], str] | None:
+        """Token-id decoding for a request vLLM did not detokenize (``read_cache``); None when it did."""
+        if not read_cache:
+            return None
+        tokenizer = self._tokenizer
+        return lambda token_id: str(tokenizer.decode([token_id]))
+
+    async def _final(self, request: GenerationRequest, *, read_cache: bool) -> Any:
+        final = None
+        async with contextlib.aclosing(self._submit(request, delta=False, read_cache=read_cache)) as outputs:
+            async for out in outputs:
+                final = out
+        if final is None:
+            raise EngineError("vLLM returned no output")
+        return final
 
     # -- introspection ----------------------------------------------------------------------------------------
     async def engine_state(self) -> EngineState:
@@ -722,8 +754,11 @@ class VLLMEngine(Engine):
         return len(self._tokenizer.encode(text, add_special_tokens=False))
 
 
-def _map_logprobs(ids: tuple[int, ...], raw: Any, top_k: int) -> tuple[TokenLogprob, ...]:
-    """vLLM gives one {token_id: Logprob(logprob, rank, decoded_token)} dict per position."""
+def _map_logprobs(
+    ids: tuple[int, ...], raw: Any, top_k: int, decode: Callable[[int], str] | None = None
+) -> tuple[TokenLogprob, ...]:
+    """vLLM gives one {token_id: Logprob(logprob, rank, decoded_token)} dict per position (``decode`` names the
+    tokens of a request vLLM did not detokenize)."""
     if not raw:
         return ()
     result = []
@@ -731,12 +766,15 @@ def _map_logprobs(ids: tuple[int, ...], raw: Any, top_k: int) -> tuple[TokenLogp
         chosen = options.get(tid)
         top: tuple[tuple[str, float], ...] = ()
         if top_k:
-            ranked = sorted((lp for lp in options.values() if lp.rank is not None and lp.rank <= top_k), key=_rank)
-            top = tuple((lp.decoded_token or "", float(lp.logprob)) for lp in ranked)
+            ranked = sorted(
+                ((t, lp) for t, lp in options.items() if lp.rank is not None and lp.rank <= top_k),
+                key=lambda item: _rank(item[1]),
+            )
+            top = tuple((_token_text(t, lp, decode), float(lp.logprob)) for t, lp in ranked)
         result.append(
             TokenLogprob(
                 token_id=tid,
-                token=(chosen.decoded_token or "") if chosen is not None else "",
+                token=_token_text(tid, chosen, decode) if chosen is not None else "",
                 logprob=float(chosen.logprob) if chosen is not None else float("-inf"),
                 top=top,
             )
@@ -744,12 +782,35 @@ def _map_logprobs(ids: tuple[int, ...], raw: Any, top_k: int) -> tuple[TokenLogp
     return tuple(result)
 
 
-def _prompt_logprobs(out: Any, top_k: int) -> tuple[TokenLogprob | None, ...] | None:
-    """A RequestOutput's prompt logprobs: None for the first token (it has no context), then one per token."""
+def _token_text(token_id: int, lp: Any, decode: Callable[[int], str] | None) -> str:
+    if lp.decoded_token is not None:
+        return str(lp.decoded_token)
+    return decode(token_id) if decode is not None else ""
+
+
+def _prompt_logprobs(
+    out: Any, top_k: int, decode: Callable[[int], str] | None = None
+) -> tuple[TokenLogprob | None, ...] | None:
+    """A RequestOutput's prompt logprobs: one per token, None where there is none.
+
+    The first token has no context. A prompt read partly from the prefix cache (``num_cached_tokens``) has no
+    logprobs for its cached tokens nor for the first token after them (its logits come from the last cached
+    position, which was not computed): vLLM leaves those entries uninitialised, so they are None here.
+    """
     raw, ids = getattr(out, "prompt_logprobs", None), tuple(out.prompt_token_ids or ())
     if not raw or not ids:
         return None
-    return (None, *_map_logprobs(ids[1:], raw[1:], top_k))
+    # Token j's logprob comes from the logits at position j - 1: tokens after the first computed one have them.
+    valid = min(int(getattr(out, "num_cached_tokens", 0) or 0) + 1, len(ids))
+    return (*(None,) * valid, *_map_logprobs(ids[valid:], raw[valid:], top_k, decode))
+
+
+def _tail_complete(logprobs: tuple[TokenLogprob | None, ...] | None, wanted: int) -> bool:
+    """Whether the last ``wanted`` prompt positions (all but the first token at most) all have logprobs."""
+    if logprobs is None:
+        return False
+    tail = logprobs[1:][-wanted:]
+    return all(t is not None for t in tail)
 
 
 def _rank(lp: Any) -> int:

@@ -339,9 +339,10 @@ class SpeculativeEngine(Engine):
             return await self.scorer.score_last(problem, [*steps, drafted.text])
         # The step appended to the solution so far, as a prompt whose last tokens are the step: the policy's
         # logprobs of those tokens, without generating anything of its own.
+        # Only the step's positions are needed, so the policy reads the solution so far from its prefix cache.
         scoring = request.replace(
             n=1, max_tokens=1, temperature=0.0, logprobs=None, stop=(), prompt_logprobs=0,
-            **_continued(request, text + drafted.text),
+            prompt_logprobs_last=max(drafted.tokens, 1), **_continued(request, text + drafted.text),
         )  # fmt: skip
         generation = await self.policy.generate(scoring)
         tail = [t.logprob for t in (generation.prompt_logprobs or ())[-max(drafted.tokens, 1) :] if t is not None]

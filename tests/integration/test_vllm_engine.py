@@ -265,6 +265,35 @@ async def test_prefix_cache_hit_for_shared_prompt(vllm_engine: VLLMEngine) -> No
     assert after.prefix_cache_hits > before.prefix_cache_hits
 
 
+async def test_prompt_logprobs_of_an_appended_step_read_the_rest_from_the_prefix_cache(
+    vllm_engine: VLLMEngine,
+) -> None:
+    context = "Here is a long shared context about apples and pears. " * 30
+    step = " So she has 12 apples left, and 7 pears."
+    seen = await vllm_engine.generate(GenerationRequest(prompt=context, max_tokens=1, temperature=0.0))
+    whole = GenerationRequest(prompt=context + step, max_tokens=1, temperature=0.0, prompt_logprobs=0)
+    full = await vllm_engine.generate(whole)  # every position: vLLM skips its cache for prompt logprobs
+    k = full.prompt_tokens - seen.prompt_tokens
+    assert full.prompt_logprobs is not None and all(t is not None for t in full.prompt_logprobs[1:])
+    tail = await vllm_engine.generate(whole.replace(prompt_logprobs_last=k))
+    assert tail.prompt_logprobs is not None and len(tail.prompt_logprobs) == full.prompt_tokens
+    assert tail.prompt_logprobs[1] is None  # the context came from the cache: no logprobs for it
+    assert tail.usage.prompt_tokens == full.prompt_tokens  # one prefill, counted once
+    got = [t.logprob for t in tail.prompt_logprobs[-k:] if t is not None]
+    want = [t.logprob for t in full.prompt_logprobs[-k:] if t is not None]
+    assert len(got) == len(want) == k
+    # A cached prefix changes the logits' last bits on some CPUs (see branchwise.engine.seeding).
+    assert got == pytest.approx(want, abs=0.05)
+    # A tail the cache also holds (this very prompt again, every position wanted): the prompt is run again
+    # without the cache, and both runs are counted.
+    again = await vllm_engine.generate(whole.replace(prompt_logprobs_last=full.prompt_tokens - 1))
+    assert again.prompt_logprobs is not None and all(t is not None for t in again.prompt_logprobs[1:])
+    assert again.usage.prompt_tokens == 2 * full.prompt_tokens
+    assert [t.logprob for t in again.prompt_logprobs[1:] if t is not None] == pytest.approx(
+        [t.logprob for t in full.prompt_logprobs[1:] if t is not None], abs=0.05
+    )
+
+
 async def test_prompt_too_long_is_typed_error(vllm_engine: VLLMEngine) -> None:
     with pytest.raises(EngineRequestError):
         await vllm_engine.generate(GenerationRequest(prompt="word " * 5000, max_tokens=4))

@@ -39,6 +39,8 @@ from branchwise.errors import ConfigError, RequestValidationError
         ({"prompt": "a", "logprobs": -1}, "logprobs"),
         ({"prompt": "a", "prompt_logprobs": 21}, "prompt_logprobs"),
         ({"prompt": "a", "prompt_logprobs": 1.5}, "prompt_logprobs"),
+        ({"prompt": "a", "prompt_logprobs": 0, "prompt_logprobs_last": 0}, "prompt_logprobs_last"),
+        ({"prompt": "a", "prompt_logprobs_last": 3}, "prompt_logprobs_last"),  # without prompt_logprobs
         ({"prompt": "a", "structured": {"regex": "a+"}}, "structured"),
         ({"prompt": "a", "presence_penalty": 3}, "presence_penalty"),
         ({"prompt": "a", "repetition_penalty": 0}, "repetition_penalty"),

@@ -201,3 +201,7 @@ async def test_prompt_logprobs_come_back_from_generate_through_a_budget() -> Non
             (" +", -0.5),
             (" 2?", -2.0),
         ]
+        # Only the last positions, as a backend reading the rest from its prefix cache returns them.
+        tail = await source.generate(_req(prompt_logprobs=0, prompt_logprobs_last=2))
+        assert tail.prompt_logprobs is not None and len(tail.prompt_logprobs) == len(generation.prompt_logprobs)
+        assert tail.prompt_logprobs[:-2] == (None,) * 3 and tail.prompt_logprobs[-2:] == tuple(rest[-2:])

@@ -120,6 +120,8 @@ async def test_logprob_mode_scores_a_step_by_the_policys_own_token_probabilities
     assert result.answer == "7"
     scoring = [r for r in policy.calls if r.prompt_logprobs is not None]
     assert len(scoring) == 3 and all(r.max_tokens == 1 for r in scoring)
+    # Only the step's own positions are asked for: the policy may read the solution so far from its cache.
+    assert all(r.prompt_logprobs_last is not None and 1 <= r.prompt_logprobs_last <= 8 for r in scoring)
     assert written(scoring[1]).endswith("She buys 5 more.")  # the drafted step is the end of the scored prompt
 
 
