@@ -9,10 +9,11 @@ same prompt) still get different seeds and so different samples.
 `Engine.stream` and `Engine.generate` apply it (`seeded`), so engine wrappers (budgets, speculation) and backends
 need nothing of their own; the backend must honour per-request seeds (`Capabilities.per_request_seed`).
 
-Same seeds give the same samples only if the engine computes the same logits. The embedded vLLM engine on CPU
-does not when a prompt is served from its prefix cache on some CPUs (seen with avx512_bf16: the logits differ in
-their last bits from a fresh prefill, and sampled texts drift apart after a few tokens); turn
-``enable_prefix_caching`` off where runs must repeat exactly.
+Same seeds give the same samples only if the engine computes the same logits, and the embedded vLLM engine does
+not always on some CPUs (seen with avx512_bf16): a prompt served from its prefix cache, or a sequence decoded in a
+batch of another size or makeup (concurrent samples arrive at varying times), gets logits that differ in their
+last bits, and sampled texts drift apart after a few tokens. Where runs must repeat exactly, turn
+``enable_prefix_caching`` off and decode one sequence at a time (``max_num_seqs: 1``).
 """
 
 from __future__ import annotations
