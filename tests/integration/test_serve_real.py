@@ -18,10 +18,10 @@ from serve_process import ServeProcess, serve_process
 
 pytestmark = [pytest.mark.engine, pytest.mark.server, pytest.mark.timeout(600)]
 
-ENGINE = (  # chunked prefill off: seeded requests need it on CPU; prefix caching off: a cached prompt changes the
-    # logits' last bits on some CPUs, and seeded samples then drift apart
+ENGINE = (  # chunked prefill off: seeded requests need it on CPU; prefix caching off and one sequence at a time: a
+    # cached prompt or another batch makeup changes the logits' last bits on some CPUs, and seeded samples drift apart
     "engine: {backend: vllm, model: smollm2-135m-instruct, max_model_len: 2048, enable_prefix_caching: false, "
-    "engine_args: {enable_chunked_prefill: false}}"
+    "engine_args: {enable_chunked_prefill: false, max_num_seqs: 1}}"
 )
 SC = f"name: sc\n{ENGINE}\nthought: {{strategy: self_consistency, n: 4, temperature: 0.8, max_tokens: 96}}\n"
 LONG = f"name: long\n{ENGINE}\nthought: {{strategy: self_consistency, n: 16, temperature: 1.3, max_tokens: 1800}}\n"
