@@ -16,6 +16,9 @@ runs). Over ``--orders`` seeded random orders of each problem's traces it report
 - **confidence-weighted SC@k**: the same first k traces, each vote weighted by its trace confidence (DeepConf's
   lowest group confidence over ``--window`` tokens, from the banked top-k logprobs): whether a better vote than
   the plain majority lets fewer traces match SC@N.
+- **a perfect selector over k traces** (pass@k in that order): right when any of the first k traces is right. No
+  verifier, reward model or vote over those k traces can do better, and its own tokens are not counted, so it is
+  the ceiling of every selector that spends k traces.
 - **paired against SC@N**: each random order, taken across all problems, is one run of the rule; for each run the
   accuracy difference to SC@N (in banked order) and its 95% paired interval (the harness's Newcombe interval).
   Reported: the mean difference, the median interval, and the share of runs whose interval lies above
@@ -176,7 +179,8 @@ def analyse(
         raise ValueError(f"every k must be between 1 and {n}, the traces of each problem: got {list(ks)}")
     ks = sorted({*(ks if ks is not None else (2**i for i in range(n.bit_length()) if 2**i <= n)), n})
     weighted = all(r.confidence for r in runs)
-    rules = [("sc", k) for k in ks] + ([("weighted", k) for k in ks] if weighted else [])
+    kinds = ("sc", "oracle", "weighted") if weighted else ("sc", "oracle")
+    rules = [(kind, k) for kind in kinds for k in ks]
     rng = random.Random(seed)
     right = dict.fromkeys(rules, 0.0)
     sc_tokens = dict.fromkeys(ks, 0.0)
@@ -193,8 +197,11 @@ def analyse(
             labels = [run.clusters[i] for i in order]
             weights = [run.confidence[i] for i in order] if weighted else None
             for kind, k in rules:
-                pick = majority(labels[:k], weights[:k] if kind == "weighted" and weights else None)
-                ok = pick >= 0 and run.correct[pick]
+                if kind == "oracle":
+                    ok = any(c >= 0 and run.correct[c] for c in labels[:k])
+                else:
+                    pick = majority(labels[:k], weights[:k] if kind == "weighted" and weights else None)
+                    ok = pick >= 0 and run.correct[pick]
                 right[kind, k] += ok / orders
                 tables[kind, k][o][(not ok) * 2 + (not full_right)] += 1
             for k in ks:
@@ -222,6 +229,7 @@ def analyse(
         "margin": margin,
         "sc": summary("sc"),
         "weighted": summary("weighted") if weighted else None,
+        "oracle": summary("oracle"),
         "exact_stop": {
             "traces_per_problem": exact_traces / problems,
             "tokens": exact_tokens,
@@ -263,7 +271,11 @@ def main() -> None:
     table = Table(title=f"{args.bank}: {figures['problems']} problems x {n} traces, {orders} orders")
     for column in ("rule", "accuracy", "tokens", "tokens vs SC@N", "diff vs SC@N (median interval)", "runs above"):
         table.add_column(column, justify="left" if column == "rule" else "right")
-    for kind, label in (("sc", "SC@{}"), ("weighted", "SC@{} weighted")):
+    for kind, label in (
+        ("sc", "SC@{}"),
+        ("weighted", "SC@{} weighted"),
+        ("oracle", "any of {} right (selector ceiling)"),
+    ):
         rows = figures[kind] or {}
         assert isinstance(rows, dict)
         for k, row in rows.items():

@@ -87,3 +87,16 @@ def test_chosen_vote_sizes_always_include_n_and_stay_within_the_bank(limits: Mod
     assert sorted(limits.analyse([run], orders=2, target=0.6, ks=[2])["sc"]) == [2, 3]
     with pytest.raises(ValueError, match="between 1 and 3"):
         limits.analyse([run], orders=2, target=0.6, ks=[4])
+
+
+def test_the_selector_ceiling_is_right_whenever_any_of_the_first_k_traces_is(limits: ModuleType) -> None:
+    # one right trace of four: a vote of four loses it (the wrong answer has three), a perfect selector finds it
+    lone = limits.BankedRun("p1", 10, (0, 0, 1, 0), (False, True), (5, 5, 5, 5))
+    none = limits.BankedRun("p2", 10, (0, -1, 0, -1), (False,), (5, 5, 5, 5))
+    figures = limits.analyse([lone, none], orders=400, target=0.6)
+    oracle, sc = figures["oracle"], figures["sc"]
+    assert oracle[4]["accuracy"] == pytest.approx(0.5) and sc[4]["accuracy"] == 0.0  # p2 has no right trace at all
+    assert oracle[1]["accuracy"] == pytest.approx(0.5 * 1 / 4, abs=0.04)  # p1's right trace comes first 1 time in 4
+    assert oracle[2]["accuracy"] == pytest.approx(0.5 * 2 / 4, abs=0.05)
+    assert oracle[4]["tokens"] == sc[4]["tokens"]  # the selector's own tokens are not counted
+    assert oracle[4]["accuracy_diff"] == pytest.approx(0.5)  # against SC@4, which gets neither problem
